@@ -1,0 +1,21 @@
+"""discrnn: discrete-activation units, bit-packed codecs and memory-lean recurrent layers."""
+
+from .codec import PackedTensor, decode, encode, pack, quantize_pack, unpack, unpack_dequantize
+from .modules import DiscreteSigmoid, DiscreteTanh
+from .units import discrete_sigmoid, discrete_tanh
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DiscreteSigmoid",
+    "DiscreteTanh",
+    "PackedTensor",
+    "decode",
+    "discrete_sigmoid",
+    "discrete_tanh",
+    "encode",
+    "pack",
+    "quantize_pack",
+    "unpack",
+    "unpack_dequantize",
+]

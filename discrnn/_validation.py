@@ -1,0 +1,147 @@
+"""Argument checks shared by the public API.
+
+Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (right kind, bad
+value) with the argument's name, what was expected and what was given, before any kernel launch.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+KINDS = ("tanh", "sigmoid")
+GRAD_MODES = ("exact", "code")
+BACKENDS = ("torch", "triton")
+MIN_LEVELS, MAX_LEVELS = 2, 256
+
+
+def _as_int(name: str, value) -> int:
+    # bool is an int subclass, but levels=True is certainly a mistake.
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an integer, got {type(value).__name__} {value!r}"
+        ) from None
+
+
+def check_levels(levels) -> int:
+    levels = _as_int("levels", levels)
+    if not MIN_LEVELS <= levels <= MAX_LEVELS:
+        raise ValueError(f"levels must be in [{MIN_LEVELS}, {MAX_LEVELS}], got {levels}")
+    return levels
+
+
+def default_bits(levels: int) -> int:
+    """Fewest bits that hold ``levels`` codes: ceil(log2(levels))."""
+    return max(1, math.ceil(math.log2(levels)))
+
+
+def check_bits(bits, levels: int | None = None) -> int:
+    if bits is None:
+        if levels is None:
+            raise TypeError("bits must be an integer in [1, 8], got None")
+        return default_bits(levels)
+    bits = _as_int("bits", bits)
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in [1, 8], got {bits}")
+    if levels is not None and (1 << bits) < levels:
+        raise ValueError(
+            f"bits={bits} holds only {1 << bits} codes, too few for levels={levels}; "
+            f"expected bits >= {default_bits(levels)}"
+        )
+    return bits
+
+
+def check_kind(kind) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def check_grad_mode(grad) -> str:
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+    return grad
+
+
+def check_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float_tensor(name: str, x) -> torch.Tensor:
+    check_tensor(name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (one of float16, bfloat16, float32, float64), "
+            f"got {x.dtype}"
+        )
+    return x
+
+
+def check_float_dtype(name: str, dtype) -> torch.dtype:
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be one of torch.float16, bfloat16, float32, float64, got {dtype!r}"
+        )
+    return dtype
+
+
+def check_code_tensor(name: str, codes, bits: int) -> torch.Tensor:
+    """Integer codes, each in [0, 2**bits). The range check reads the data (one device sync)."""
+    check_tensor(name, codes)
+    if codes.dtype not in INTEGER_DTYPES:
+        raise TypeError(
+            f"{name} must have an integer dtype (uint8 preferred), got {codes.dtype}"
+        )
+    if codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= (1 << bits):
+            raise ValueError(
+                f"{name} must lie in [0, {(1 << bits) - 1}] for bits={bits}, "
+                f"got values in [{lo}, {hi}]"
+            )
+    return codes
+
+
+def check_packed_bytes(name: str, packed, numel: int, bits: int) -> torch.Tensor:
+    check_tensor(name, packed)
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"{name} must have dtype torch.uint8, got {packed.dtype}")
+    if packed.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(packed.shape)}")
+    expected = packed_nbytes(numel, bits)
+    if packed.numel() != expected:
+        raise ValueError(
+            f"{name} must hold ceil({numel} * {bits} / 8) = {expected} bytes for numel={numel} "
+            f"at bits={bits}, got {packed.numel()}"
+        )
+    return packed
+
+
+def check_numel(numel) -> int:
+    numel = _as_int("numel", numel)
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    return numel
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        described = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"expected all tensors on one device, got {described}")
+    return next(iter(devices.values()))
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes of a dense stream of ``numel`` codes of ``bits`` bits: ceil(numel * bits / 8)."""
+    return (numel * bits + 7) // 8
