@@ -18,13 +18,14 @@ CODE_POISON = 0xA5  # a byte pattern no correct codec writes by accident everywh
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:
-    if t.is_floating_point():
-        return t.fill_(float("nan"))
-    if t.dtype == torch.uint8:
-        return t.fill_(CODE_POISON)
-    if t.dtype == torch.bool:
-        return t
-    return t.fill_(-7)
+    with torch.no_grad():  # an empty(..., requires_grad=True) leaf may be poisoned too
+        if t.is_floating_point() or t.is_complex():
+            t.fill_(float("nan"))
+        elif t.dtype == torch.uint8:
+            t.fill_(CODE_POISON)
+        elif t.dtype != torch.bool:
+            t.fill_(-7)
+    return t
 
 
 @pytest.fixture(autouse=True)
