@@ -2,11 +2,14 @@
 
 from .codec import PackedTensor, decode, encode, pack, quantize_pack, unpack, unpack_dequantize
 from .modules import DiscreteSigmoid, DiscreteTanh
+from .rnn import DiscreteGRU, DiscreteLSTM
 from .units import discrete_sigmoid, discrete_tanh
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DiscreteGRU",
+    "DiscreteLSTM",
     "DiscreteSigmoid",
     "DiscreteTanh",
     "PackedTensor",

@@ -1,0 +1,293 @@
+"""DiscreteLSTM and DiscreteGRU: drop-in relatives of torch.nn.LSTM / torch.nn.GRU whose gates are
+discrete units and whose backward-pass memory is bit-packed level codes.
+
+Parameters have the names, shapes, gate order and initialisation of torch.nn.LSTM/GRU, so state
+dicts load both ways. ``levels=None`` runs torch's own continuous LSTM/GRU (for comparison).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import _validation as V
+from .backend import resolve_backend
+from .kernels import rnn_torch
+from .rnn_function import GRULayerFunction, LayerConfig, LSTMLayerFunction
+
+__all__ = ["DiscreteLSTM", "DiscreteGRU"]
+
+
+class _TorchSteps:
+    """Step math on any device (discrnn.kernels.rnn_torch)."""
+
+    lstm_step_forward = staticmethod(rnn_torch.lstm_step_forward)
+    lstm_recompute_cell = staticmethod(rnn_torch.lstm_recompute_cell)
+    lstm_output = staticmethod(rnn_torch.lstm_output)
+    lstm_step_backward = staticmethod(rnn_torch.lstm_step_backward)
+    gru_step_forward = staticmethod(rnn_torch.gru_step_forward)
+    gru_step_backward = staticmethod(rnn_torch.gru_step_backward)
+
+
+def _step_ops(backend: str):
+    # The Triton step kernels are not written yet: the torch step math serves every device. This is
+    # a documented limitation, not a fallback: backend="triton" is refused below.
+    return _TorchSteps
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return int(value)
+
+
+class _DiscreteRNNBase(nn.RNNBase):
+    _mode: str
+    _n_states: int  # 2 for LSTM (h, c), 1 for GRU
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        levels: int | None = 256,
+        *,
+        chunk_size: int = 32,
+        check_finite: bool = True,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ):
+        _check_positive_int("input_size", input_size)
+        _check_positive_int("hidden_size", hidden_size)
+        _check_positive_int("num_layers", num_layers)
+        self_levels = None if levels is None else V.check_levels(levels)
+        chunk_size = _check_positive_int("chunk_size", chunk_size)
+        if backend is not None and backend not in V.BACKENDS:
+            raise ValueError(f"backend must be one of {V.BACKENDS} or None, got {backend!r}")
+        if backend == "triton":
+            raise ValueError(
+                "backend='triton' is not available for the recurrent layers yet (their step "
+                "kernels are torch code on every device); use backend=None or 'torch'"
+            )
+        super().__init__(
+            self._mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, proj_size, device=device, dtype=dtype,
+        )
+        self.levels = self_levels
+        self.bits = None if self_levels is None else V.default_bits(self_levels)
+        self.chunk_size = chunk_size
+        self.check_finite = check_finite
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + f", levels={self.levels}" + (
+            f", chunk_size={self.chunk_size}" if self.chunk_size != 32 else ""
+        )
+
+    # -- input handling -------------------------------------------------------------------------
+
+    def _parse_input(self, input, hx):
+        """-> x_data [N, I], batch_sizes, hx tuple of [L*D, B, *] tensors or None, restore info."""
+        name = type(self).__name__
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_idx, unsorted_idx = input
+            V.check_float_tensor("input", data)
+            batch_sizes = [int(b) for b in batch_sizes]
+            info = ("packed", input, sorted_idx, unsorted_idx)
+            if hx is not None and sorted_idx is not None:
+                hx = tuple(h.index_select(1, sorted_idx) for h in self._as_tuple(hx))
+            return data, batch_sizes, hx, info
+        V.check_float_tensor("input", input)
+        if input.dim() not in (2, 3):
+            raise ValueError(
+                f"{name}: input must be 2-D (unbatched) or 3-D, got shape {tuple(input.shape)}"
+            )
+        batched = input.dim() == 3
+        if not batched:
+            input = input.unsqueeze(1)
+            if hx is not None:
+                hx = tuple(self._check_state_dim(h, 2, "unbatched").unsqueeze(1) for h in self._as_tuple(hx))
+        elif hx is not None:
+            hx = tuple(self._check_state_dim(h, 3, "batched") for h in self._as_tuple(hx))
+        if self.batch_first and batched:
+            input = input.transpose(0, 1)
+        T, B = input.shape[0], input.shape[1]
+        if T == 0:
+            raise ValueError(f"{name}: input has a zero-length sequence (shape {tuple(input.shape)})")
+        if B == 0:
+            raise ValueError(f"{name}: input has an empty batch (shape {tuple(input.shape)})")
+        x_data = input.reshape(T * B, input.shape[2])
+        return x_data, [B] * T, hx, ("padded", batched, T, B)
+
+    def _as_tuple(self, hx):
+        if self._n_states == 2:
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise TypeError(f"hx must be a tuple (h_0, c_0) for {type(self).__name__}, got {type(hx).__name__}")
+            return tuple(hx)
+        if not isinstance(hx, torch.Tensor):
+            raise TypeError(f"hx must be a tensor for {type(self).__name__}, got {type(hx).__name__}")
+        return (hx,)
+
+    @staticmethod
+    def _check_state_dim(h, dim, what):
+        V.check_tensor("hx", h)
+        if h.dim() != dim:
+            raise ValueError(f"hx must be {dim}-D for {what} input, got shape {tuple(h.shape)}")
+        return h
+
+    def _initial_states(self, hx, batch, dtype, device):
+        D = 2 if self.bidirectional else 1
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        shapes = [(self.num_layers * D, batch, out_size)]
+        if self._n_states == 2:
+            shapes.append((self.num_layers * D, batch, self.hidden_size))
+        if hx is None:
+            return [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
+        names = ["h_0", "c_0"]
+        for h, shape, name in zip(hx, shapes, names):
+            V.check_float_tensor(f"hx ({name})", h)
+            if tuple(h.shape) != shape:
+                raise ValueError(f"hx ({name}) must have shape {shape}, got {tuple(h.shape)}")
+            if h.dtype != dtype:
+                raise TypeError(f"hx ({name}) must have dtype {dtype} like the input, got {h.dtype}")
+            if h.device != device:
+                raise ValueError(f"hx ({name}) must be on {device} like the input, got {h.device}")
+        return list(hx)
+
+    def _validate(self, x_data, states):
+        name = type(self).__name__
+        w = self.weight_ih_l0
+        if x_data.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{name}: input must have {self.input_size} features (input_size), got {x_data.shape[-1]}"
+            )
+        if x_data.dtype != w.dtype:
+            raise TypeError(f"input must have dtype {w.dtype} like the parameters, got {x_data.dtype}")
+        if x_data.device != w.device:
+            raise ValueError(f"input must be on {w.device} like the parameters, got {x_data.device}")
+        if self.check_finite:
+            tensors = [x_data, *states, *self._flat_weights]
+            finite = torch.stack([torch.isfinite(t).all() for t in tensors if t is not None])
+            if not bool(finite.all()):  # one device sync for all of them
+                bad = [n for n, t, ok in zip(["input", "hx", "cx"][: 1 + len(states)] + self._flat_weights_names,
+                                               tensors, finite.tolist()) if not ok]
+                raise ValueError(
+                    f"{name}: expected finite values, got NaN or Inf in {', '.join(bad)} "
+                    "(codes cannot hold NaN; pass check_finite=False to map NaN to code 0 instead)"
+                )
+
+    def _layer_weights(self, layer, direction):
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        w_ih = getattr(self, "weight_ih" + suffix)
+        w_hh = getattr(self, "weight_hh" + suffix)
+        b_ih = getattr(self, "bias_ih" + suffix) if self.bias else None
+        b_hh = getattr(self, "bias_hh" + suffix) if self.bias else None
+        w_hr = getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None
+        return w_ih, w_hh, b_ih, b_hh, w_hr
+
+    def _restore(self, y_data, finals, info):
+        if info[0] == "packed":
+            _, packed, sorted_idx, unsorted_idx = info
+            out = PackedSequence(y_data, packed.batch_sizes, sorted_idx, unsorted_idx)
+            if unsorted_idx is not None:
+                finals = [f.index_select(1, unsorted_idx) for f in finals]
+            return out, finals
+        _, batched, T, B = info
+        y = y_data.view(T, B, -1)
+        if self.batch_first and batched:
+            y = y.transpose(0, 1)
+        if not batched:
+            y = y.squeeze(1)
+            finals = [f.squeeze(1) for f in finals]
+        return y, finals
+
+    def forward(self, input, hx=None):
+        if self.levels is None:
+            torch_rnn = nn.LSTM if self._n_states == 2 else nn.GRU
+            return torch_rnn.forward(self, input, hx)
+        x_data, batch_sizes, hx, info = self._parse_input(input, hx)
+        dtype, device = x_data.dtype, x_data.device
+        states = self._initial_states(hx, batch_sizes[0], dtype, device)
+        self._validate(x_data, states)
+        backend = resolve_backend(self.backend, device)
+        ops = _step_ops(backend)
+        D = 2 if self.bidirectional else 1
+        finals = [[] for _ in states]
+        layer_input = x_data
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(D):
+                idx = layer * D + direction
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, direction)
+                cfg = LayerConfig(batch_sizes, self.levels, self.bits, self.chunk_size, bool(direction), ops)
+                if self._n_states == 2:
+                    b = b_ih + b_hh if self.bias else None
+                    y, h_n, c_n = LSTMLayerFunction.apply(
+                        layer_input, states[0][idx], states[1][idx], w_ih, w_hh, b, w_hr, cfg
+                    )
+                    finals[0].append(h_n)
+                    finals[1].append(c_n)
+                else:
+                    y, h_n = GRULayerFunction.apply(
+                        layer_input, states[0][idx], w_ih, w_hh, b_ih, b_hh, cfg
+                    )
+                    finals[0].append(h_n)
+                outputs.append(y)
+            layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
+        finals = [torch.stack(f) for f in finals]
+        y, finals = self._restore(layer_input, finals, info)
+        return (y, tuple(finals)) if self._n_states == 2 else (y, finals[0])
+
+
+class DiscreteLSTM(_DiscreteRNNBase):
+    """LSTM with discrete gates: i, f, o = discrete_sigmoid, g = discrete_tanh,
+    c_t = f * c_{t-1} + i * g, h_t = o * discrete_tanh(c_t) (times weight_hr when proj_size > 0).
+
+    Args are those of :class:`torch.nn.LSTM` plus:
+        levels: L in [2, 256] (default 256), or None for torch's continuous LSTM.
+        chunk_size: time steps per input-projection / weight-gradient chunk and per float32 cell-state
+            checkpoint (default 32).
+        check_finite: raise ValueError on NaN/Inf in input, states or weights (one device sync per
+            call); with False, non-finite pre-activations encode as code 0.
+        backend: None (by device) or "torch".
+
+    Kept for backward per time step, batch row and hidden unit: 5 codes of ceil(log2 L) bits
+    (i, f, g, o and tanh(c)) plus 4 / chunk_size bytes of cell-state checkpoint.
+    """
+
+    _mode = "LSTM"
+    _n_states = 2
+
+
+class DiscreteGRU(_DiscreteRNNBase):
+    """GRU with discrete gates: r, z = discrete_sigmoid, n = discrete_tanh(x W_in + b_in +
+    r * (h W_hn + b_hn)), h_t = snap((1 - z) * n + z * h_{t-1}) on the tanh level grid, with a
+    straight-through gradient through snap. The whole state is one code per unit.
+
+    Args as :class:`DiscreteLSTM` (no proj_size). Kept for backward per time step, batch row and
+    hidden unit: 4 codes (r, z, n, h) of ceil(log2 L) bits.
+    """
+
+    _mode = "GRU"
+    _n_states = 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, levels=256, **kwargs):
+        if "proj_size" in kwargs:
+            raise TypeError("DiscreteGRU has no proj_size (torch.nn.GRU has none either)")
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, levels, **kwargs)

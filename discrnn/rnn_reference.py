@@ -1,0 +1,80 @@
+"""Plain-autograd references of the discrete LSTM and GRU cells: the test oracle.
+
+Written step by step with the public discrete units (``grad="code"``, the straight-through rule the
+layers use), on padded [T, B, I] input, one direction, one layer. Slow and memory-hungry on purpose:
+autograd keeps everything, and every gradient comes from autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .units import discrete_sigmoid, discrete_tanh
+
+
+def _units(levels):
+    if levels is None:
+        return torch.sigmoid, torch.tanh
+    return (
+        lambda v: discrete_sigmoid(v, levels, grad="code", backend="torch"),
+        lambda v: discrete_tanh(v, levels, grad="code", backend="torch"),
+    )
+
+
+class _SnapStraightThrough(torch.autograd.Function):
+    """Round a value of [-1, 1] to the tanh level grid; identity gradient."""
+
+    @staticmethod
+    def forward(ctx, v, levels):
+        from .kernels.codec_torch import torch_decode, torch_encode
+
+        return torch_decode(torch_encode(v, levels, "tanh"), levels, "tanh", v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def reference_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, levels, reverse=False):
+    """x [T, B, I], h0 [B, P or H], c0 [B, H] -> (y [T, B, P or H], h_T, c_T)."""
+    sig, tanh = _units(levels)
+    H = w_hh.shape[0] // 4
+    h, c, ys = h0, c0, []
+    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    for t in steps:
+        gates = x[t] @ w_ih.t() + h @ w_hh.t()
+        if b_ih is not None:
+            gates = gates + b_ih + b_hh
+        i, f = sig(gates[:, :H]), sig(gates[:, H : 2 * H])
+        g, o = tanh(gates[:, 2 * H : 3 * H]), sig(gates[:, 3 * H :])
+        c = f * c + i * g
+        h = o * tanh(c)
+        if w_hr is not None:
+            h = h @ w_hr.t()
+        ys.append(h)
+    if reverse:
+        ys.reverse()
+    return torch.stack(ys), h, c
+
+
+def reference_gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, levels, reverse=False):
+    """x [T, B, I], h0 [B, H] -> (y [T, B, H], h_T)."""
+    sig, tanh = _units(levels)
+    H = w_hh.shape[0] // 3
+    h, ys = h0, []
+    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    for t in steps:
+        gx = x[t] @ w_ih.t()
+        gh = h @ w_hh.t()
+        if b_ih is not None:
+            gx, gh = gx + b_ih, gh + b_hh
+        r = sig(gx[:, :H] + gh[:, :H])
+        z = sig(gx[:, H : 2 * H] + gh[:, H : 2 * H])
+        n = tanh(gx[:, 2 * H :] + r * gh[:, 2 * H :])
+        h = (1 - z) * n + z * h
+        if levels is not None:
+            h = _SnapStraightThrough.apply(h, levels)
+        ys.append(h)
+    if reverse:
+        ys.reverse()
+    return torch.stack(ys), h
