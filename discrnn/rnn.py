@@ -271,6 +271,10 @@ class DiscreteLSTM(_DiscreteRNNBase):
 
     _mode = "LSTM"
     _n_states = 2
+    # levels=None runs nn.LSTM.forward, which calls these LSTM-specific helpers.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
 
 
 class DiscreteGRU(_DiscreteRNNBase):

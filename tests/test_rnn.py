@@ -1,0 +1,366 @@
+"""DiscreteLSTM / DiscreteGRU: output, final state and every gradient against a plain-autograd
+reference of the same discrete cell; torch.nn parity with levels=None; memory actually kept."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from discrnn import DiscreteGRU, DiscreteLSTM
+from discrnn.rnn_reference import reference_gru_layer, reference_lstm_layer
+
+# (atol, rtol) per dtype for outputs and gradients against the float64-free reference in the
+# same dtype. float32: the reference sums gate terms in another order, which moves results by ulps
+# and, rarely, a pre-activation across a level boundary; the loss is random, so grads are O(1).
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-4, 2e-4)}
+
+
+def report_worst(name, got, expected, k=3):
+    diff = (got.double() - expected.double()).abs().flatten()
+    idx = diff.topk(min(k, diff.numel())).indices
+    return f"{name}: worst |diff| {[f'{float(diff[i]):.3g}' for i in idx]} at {idx.tolist()}"
+
+
+def assert_close_all(names, got, expected, dtype):
+    atol, rtol = TOL[dtype]
+    for name, a, b in zip(names, got, expected):
+        assert (a is None) == (b is None), name
+        if a is None:
+            continue
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        ok = torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol)
+        assert ok, report_worst(name, a, b)
+
+
+def reference_stack(module, x, hx, levels):
+    """Multi-layer, bidirectional reference built from the single-layer references."""
+    is_lstm = isinstance(module, DiscreteLSTM)
+    D = 2 if module.bidirectional else 1
+    finals_h, finals_c = [], []
+    layer_input = x
+    for layer in range(module.num_layers):
+        outs = []
+        for d in range(D):
+            idx = layer * D + d
+            w_ih, w_hh, b_ih, b_hh, w_hr = module._layer_weights(layer, d)
+            if is_lstm:
+                y, h, c = reference_lstm_layer(layer_input, hx[0][idx], hx[1][idx], w_ih, w_hh,
+                                               b_ih, b_hh, w_hr, levels, reverse=bool(d))
+                finals_c.append(c)
+            else:
+                y, h = reference_gru_layer(layer_input, hx[idx], w_ih, w_hh, b_ih, b_hh, levels,
+                                           reverse=bool(d))
+            finals_h.append(h)
+            outs.append(y)
+        layer_input = torch.cat(outs, dim=2)
+    if is_lstm:
+        return layer_input, (torch.stack(finals_h), torch.stack(finals_c))
+    return layer_input, torch.stack(finals_h)
+
+
+def make_inputs(module, T, B, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = (2 if module.bidirectional else 1) * module.num_layers
+    P = module.proj_size or module.hidden_size
+    x = torch.randn(T, B, module.input_size, generator=g, dtype=dtype).requires_grad_()
+    h0 = (0.5 * torch.randn(D, B, P, generator=g, dtype=dtype)).requires_grad_()
+    if isinstance(module, DiscreteLSTM):
+        c0 = torch.randn(D, B, module.hidden_size, generator=g, dtype=dtype).requires_grad_()
+        return x, (h0, c0), [x, h0, c0]
+    return x, h0, [x, h0]
+
+
+def one_loss(y, hx_out, seed=1):
+    """(y * dy).sum() + (h_T * dh_T).sum() [+ (c_T * dc_T).sum()] with fixed random weights."""
+    g = torch.Generator().manual_seed(seed)
+    outs = [y, *(hx_out if isinstance(hx_out, tuple) else (hx_out,))]
+    return sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+
+
+def check_against_reference(module, T, B, dtype, levels):
+    module = module.to(dtype)
+    x, hx, leaves = make_inputs(module, T, B, dtype)
+    params = list(module.parameters())
+    y, hx_out = module(x, hx)
+    grads = torch.autograd.grad(one_loss(y, hx_out), leaves + params)
+    y_ref, hx_ref = reference_stack(module, x, hx, levels)
+    grads_ref = torch.autograd.grad(one_loss(y_ref, hx_ref), leaves + params)
+    outs = [y, *(hx_out if isinstance(hx_out, tuple) else (hx_out,))]
+    outs_ref = [y_ref, *(hx_ref if isinstance(hx_ref, tuple) else (hx_ref,))]
+    names = ["output", "h_n", "c_n"][: len(outs)]
+    assert_close_all(names, outs, outs_ref, dtype)
+    grad_names = ["d_input", "d_h0", "d_c0"][: len(leaves)] + [n for n, _ in module.named_parameters()]
+    assert_close_all(grad_names, grads, grads_ref, dtype)
+    assert all(float(g.abs().sum()) > 0 for g in grads), "a gradient is identically zero"
+
+
+@pytest.mark.parametrize("levels", [2, 64, 256])
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_lstm_matches_reference_float64(levels, proj_size):
+    module = DiscreteLSTM(5, 7, proj_size=proj_size, levels=levels, chunk_size=4)
+    check_against_reference(module, T=11, B=3, dtype=torch.float64, levels=levels)
+
+
+@pytest.mark.parametrize("levels", [2, 64, 256])
+def test_gru_matches_reference_float64(levels):
+    module = DiscreteGRU(5, 7, levels=levels, chunk_size=4)
+    check_against_reference(module, T=11, B=3, dtype=torch.float64, levels=levels)
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_multilayer_bidirectional_float64(cls):
+    module = cls(4, 6, num_layers=3, bidirectional=True, levels=64, chunk_size=3)
+    check_against_reference(module, T=9, B=2, dtype=torch.float64, levels=64)
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_float32_matches_reference(cls):
+    torch.manual_seed(0)
+    module = cls(6, 16, num_layers=2, levels=256, chunk_size=8)
+    check_against_reference(module, T=20, B=4, dtype=torch.float32, levels=256)
+
+
+def test_lstm_proj_bidirectional_multilayer_float64():
+    module = DiscreteLSTM(4, 6, num_layers=2, bidirectional=True, proj_size=2, levels=16, chunk_size=5)
+    check_against_reference(module, T=7, B=3, dtype=torch.float64, levels=16)
+
+
+@pytest.mark.parametrize("cls, torch_cls", [(DiscreteLSTM, nn.LSTM), (DiscreteGRU, nn.GRU)])
+def test_levels_none_is_torch(cls, torch_cls):
+    torch.manual_seed(0)
+    ours = cls(5, 8, num_layers=2, bidirectional=True, levels=None)
+    theirs = torch_cls(5, 8, num_layers=2, bidirectional=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(6, 3, 5)
+    y1, h1 = ours(x)
+    y2, h2 = theirs(x)
+    torch.testing.assert_close(y1, y2, atol=0, rtol=0)
+    (y1.sum()).backward()
+    (y2.sum()).backward()
+    for (n, p1), p2 in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, atol=0, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("cls, torch_cls", [(DiscreteLSTM, nn.LSTM), (DiscreteGRU, nn.GRU)])
+def test_state_dict_and_init_like_torch(cls, torch_cls):
+    kwargs = dict(num_layers=2, bidirectional=True)
+    if cls is DiscreteLSTM:
+        kwargs["proj_size"] = 3
+    ours = cls(5, 8, levels=64, **kwargs)
+    theirs = torch_cls(5, 8, **kwargs)
+    assert list(ours.state_dict().keys()) == list(theirs.state_dict().keys())
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert n1 == n2 and p1.shape == p2.shape
+        assert float(p1.detach().abs().max()) <= 1 / 8**0.5  # uniform(-1/sqrt(H), 1/sqrt(H)) as torch
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_batch_first_and_unbatched(cls):
+    torch.manual_seed(0)
+    module = cls(4, 6, levels=32)
+    bf = cls(4, 6, levels=32, batch_first=True)
+    bf.load_state_dict(module.state_dict())
+    x = torch.randn(5, 3, 4)
+    y, hx = module(x)
+    y_bf, hx_bf = bf(x.transpose(0, 1))
+    torch.testing.assert_close(y_bf.transpose(0, 1), y, atol=0, rtol=0)
+    y1, hx1 = module(x[:, 1])  # unbatched [T, I]
+    torch.testing.assert_close(y1, y[:, 1], atol=0, rtol=0)
+    h_one = hx1[0] if isinstance(hx1, tuple) else hx1
+    h_all = hx[0] if isinstance(hx, tuple) else hx
+    assert h_one.shape == (1, 6)
+    torch.testing.assert_close(h_one, h_all[:, 1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_sequence_matches_per_sequence_runs(cls, bidirectional):
+    torch.manual_seed(0)
+    module = cls(3, 5, num_layers=2, bidirectional=bidirectional, levels=64, chunk_size=2).double()
+    lengths = [4, 7, 2, 7, 5]
+    T, B = max(lengths), len(lengths)
+    x = torch.randn(T, B, 3, dtype=torch.float64, requires_grad=True)
+    packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+    out, hx = module(packed)
+    y, out_lengths = pad_packed_sequence(out)
+    assert out_lengths.tolist() == lengths
+    loss = one_loss(y, hx)
+    (gx,) = torch.autograd.grad(loss, x)
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(y.shape, generator=g, dtype=y.dtype)
+    dh = torch.randn((hx[0] if isinstance(hx, tuple) else hx).shape, generator=g, dtype=y.dtype)
+    dc = torch.randn(hx[1].shape, generator=g, dtype=y.dtype) if isinstance(hx, tuple) else None
+    for b, n in enumerate(lengths):
+        xb = x[:n, b].detach().requires_grad_()
+        yb, hxb = module(xb)
+        torch.testing.assert_close(yb, y[:n, b], atol=1e-12, rtol=0)
+        assert (y[n:, b] == 0).all()
+        hb = hxb[0] if isinstance(hxb, tuple) else hxb
+        h_all = hx[0] if isinstance(hx, tuple) else hx
+        torch.testing.assert_close(hb, h_all[:, b], atol=1e-12, rtol=0)
+        loss_b = (yb * dy[:n, b]).sum() + (hb * dh[:, b]).sum()
+        if dc is not None:
+            loss_b = loss_b + (hxb[1] * dc[:, b]).sum()
+        (gb,) = torch.autograd.grad(loss_b, xb)
+        torch.testing.assert_close(gb, gx[:n, b], atol=1e-10, rtol=1e-10)
+        assert (gx[n:, b] == 0).all()
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_dropout_between_layers(cls):
+    torch.manual_seed(0)
+    module = cls(4, 6, num_layers=2, dropout=0.5, levels=64)
+    x = torch.randn(5, 2, 4, requires_grad=True)
+    module.eval()
+    y_eval, _ = module(x)
+    torch.testing.assert_close(module(x)[0], y_eval, atol=0, rtol=0)
+    module.train()
+    torch.manual_seed(1)
+    y1, _ = module(x)
+    torch.manual_seed(1)
+    y2, _ = module(x)
+    torch.testing.assert_close(y1, y2, atol=0, rtol=0)  # reproducible under a seed
+    assert not torch.equal(y1, y_eval)
+    y1.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # p = 1 drops everything: the second layer sees zeros
+    module.dropout = 1.0
+    y, _ = module(x)
+    single = cls(6, 6, levels=64)
+    single.load_state_dict({k.replace("_l1", "_l0"): v for k, v in module.state_dict().items() if "_l1" in k})
+    torch.testing.assert_close(y, single(torch.zeros(5, 2, 6))[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_half_precision_runs_and_tracks_float32(cls, dtype):
+    torch.manual_seed(0)
+    module = cls(8, 16, levels=64)
+    x = torch.randn(12, 4, 8)
+    y32, _ = module(x)
+    half = cls(8, 16, levels=64).to(dtype)
+    half.load_state_dict(module.state_dict())
+    xh = x.to(dtype).requires_grad_()
+    y, hx = half(xh)
+    assert y.dtype == dtype
+    one_loss(y, hx).backward()
+    assert xh.grad.dtype == dtype and torch.isfinite(xh.grad).all()
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in half.parameters())
+    # a few pre-activations land on other levels in half precision; the bulk agrees
+    agree = ((y.float() - y32).abs() <= 2 / 63 + 1e-2).float().mean()
+    assert agree > 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def kept_bytes(module, x, hx):
+    """Bytes of every distinct storage autograd keeps for backward, minus the input x and the
+    parameters (which exist anyway)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = module(x, hx)
+    excluded = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in module.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in excluded), y
+
+
+@pytest.mark.parametrize(
+    "cls, levels, budget",
+    [(DiscreteLSTM, 64, 4.0), (DiscreteLSTM, 256, 5.25), (DiscreteGRU, 64, 3.5), (DiscreteGRU, 256, 4.5)],
+)
+def test_bytes_kept_per_step_and_unit(cls, levels, budget):
+    T, B, H = 256, 8, 64
+    module = cls(16, H, levels=levels)
+    x = torch.randn(T, B, 16, requires_grad=True)
+    kept, y = kept_bytes(module, x, None)
+    per_unit = kept / (T * B * H)
+    assert per_unit <= budget, f"{cls.__name__} at L={levels} keeps {per_unit:.3f} B per step x unit"
+    # and more than the codes alone: the test counts real storage
+    codes_only = (5 if cls is DiscreteLSTM else 4) * (levels - 1).bit_length() / 8
+    assert per_unit >= codes_only
+
+
+def test_torch_lstm_keeps_far_more():
+    T, B, H = 64, 8, 64
+    x = torch.randn(T, B, 16, requires_grad=True)
+    kept_torch, _ = kept_bytes(nn.LSTM(16, H), x, None)
+    kept_ours, _ = kept_bytes(DiscreteLSTM(16, H, levels=64), x, None)
+    assert kept_torch / (T * B * H) > 40
+    assert kept_ours * 10 < kept_torch
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input():
+    lstm = DiscreteLSTM(4, 6, levels=64)
+    gru = DiscreteGRU(4, 6, levels=64)
+    x = torch.randn(5, 2, 4)
+    with pytest.raises(ValueError, match=r"input must have 4 features \(input_size\), got 3"):
+        lstm(torch.randn(5, 2, 3))
+    with pytest.raises(ValueError, match="input must be 2-D .* or 3-D, got shape"):
+        gru(torch.randn(5))
+    with pytest.raises(TypeError, match="input must have a floating dtype"):
+        lstm(torch.zeros(5, 2, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="input must have dtype torch.float32 like the parameters, got torch.float64"):
+        lstm(x.double())
+    with pytest.raises(ValueError, match=r"hx \(h_0\) must have shape \(1, 2, 6\), got \(1, 3, 6\)"):
+        lstm(x, (torch.zeros(1, 3, 6), torch.zeros(1, 2, 6)))
+    with pytest.raises(ValueError, match=r"hx \(c_0\) must have shape \(1, 2, 6\), got \(1, 2, 5\)"):
+        lstm(x, (torch.zeros(1, 2, 6), torch.zeros(1, 2, 5)))
+    with pytest.raises(TypeError, match=r"hx \(h_0\) must have dtype torch.float32"):
+        gru(x, torch.zeros(1, 2, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\)"):
+        lstm(x, torch.zeros(1, 2, 6))
+    with pytest.raises(ValueError, match="hx must be 3-D for batched input"):
+        gru(x, torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="zero-length sequence"):
+        lstm(torch.randn(0, 2, 4))
+    with pytest.raises(ValueError, match="empty batch"):
+        gru(torch.randn(5, 0, 4))
+    with pytest.raises(ValueError, match=r"levels must be in \[2, 256\], got 300"):
+        DiscreteLSTM(4, 6, levels=300)
+    with pytest.raises(TypeError, match="hidden_size must be an int"):
+        DiscreteGRU(4, 6.0)
+    with pytest.raises(ValueError, match="chunk_size must be > 0"):
+        DiscreteGRU(4, 6, chunk_size=0)
+    with pytest.raises(TypeError, match="DiscreteGRU has no proj_size"):
+        DiscreteGRU(4, 6, proj_size=2)
+
+
+def test_devices_must_match():
+    lstm = DiscreteLSTM(4, 6, levels=64)
+    x = torch.randn(5, 2, 4, device="meta")
+    with pytest.raises(ValueError, match="input must be on cpu like the parameters, got meta"):
+        lstm(x)
+    with pytest.raises(ValueError, match=r"hx \(h_0\) must be on cpu like the input, got meta"):
+        lstm(torch.randn(5, 2, 4), (torch.zeros(1, 2, 6, device="meta"), torch.zeros(1, 2, 6)))
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_nan_input(cls):
+    module = cls(4, 6, levels=64)
+    x = torch.randn(5, 2, 4)
+    x[2, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="expected finite values, got NaN or Inf in input"):
+        module(x)
+    module.check_finite = False
+    y, _ = module(x)
+    # documented: a NaN pre-activation encodes as code 0, the lowest level. LSTM: i = f = o = 0 and
+    # g = -1, so c and h of that row reset to 0; GRU: r = z = 0 and n = -1, so h resets to -1.
+    assert torch.isfinite(y).all()
+    assert (y[2, 1] == (0 if cls is DiscreteLSTM else -1)).all()
+    with torch.no_grad():
+        module.weight_hh_l0[0, 0] = float("inf")
+    module.check_finite = True
+    with pytest.raises(ValueError, match="weight_hh_l0"):
+        module(torch.randn(5, 2, 4))
