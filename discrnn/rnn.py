@@ -16,7 +16,14 @@ from torch.nn.utils.rnn import PackedSequence
 from . import _validation as V
 from .backend import resolve_backend
 from .kernels import rnn_torch
-from .rnn_function import GRULayerFunction, LayerConfig, LSTMLayerFunction
+from .rnn_function import (
+    CodedInput,
+    GRULayerFunction,
+    LayerConfig,
+    LSTMLayerFunction,
+    PackedDropoutFunction,
+    PackedDropoutMask,
+)
 
 __all__ = ["DiscreteLSTM", "DiscreteGRU"]
 
@@ -225,29 +232,35 @@ class _DiscreteRNNBase(nn.RNNBase):
         ops = _step_ops(backend)
         D = 2 if self.bidirectional else 1
         finals = [[] for _ in states]
-        layer_input = x_data
+        layer_input, source = x_data, None
         for layer in range(self.num_layers):
-            outputs = []
+            outputs, cfgs, codes = [], [], []
             for direction in range(D):
                 idx = layer * D + direction
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, direction)
-                cfg = LayerConfig(batch_sizes, self.levels, self.bits, self.chunk_size, bool(direction), ops)
+                cfg = LayerConfig(batch_sizes, self.levels, self.bits, self.chunk_size,
+                                  bool(direction), ops, input_source=source)
                 if self._n_states == 2:
                     b = b_ih + b_hh if self.bias else None
-                    y, h_n, c_n = LSTMLayerFunction.apply(
+                    y, h_n, c_n, layer_codes = LSTMLayerFunction.apply(
                         layer_input, states[0][idx], states[1][idx], w_ih, w_hh, b, w_hr, cfg
                     )
-                    finals[0].append(h_n)
                     finals[1].append(c_n)
                 else:
-                    y, h_n = GRULayerFunction.apply(
+                    y, h_n, layer_codes = GRULayerFunction.apply(
                         layer_input, states[0][idx], w_ih, w_hh, b_ih, b_hh, cfg
                     )
-                    finals[0].append(h_n)
+                finals[0].append(h_n)
                 outputs.append(y)
+                cfgs.append(cfg)
+                codes.append(layer_codes)
             layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=1)
+            mask = None
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
+                mask = PackedDropoutMask(layer_input.shape, self.dropout, layer_input.device)
+                layer_input = PackedDropoutFunction.apply(layer_input, mask.packed, mask)
+            # The next layer rebuilds its input from these codes instead of keeping the floats.
+            source = CodedInput(cfgs, codes, mask)
         finals = [torch.stack(f) for f in finals]
         y, finals = self._restore(layer_input, finals, info)
         return (y, tuple(finals)) if self._n_states == 2 else (y, finals[0])

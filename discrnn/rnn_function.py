@@ -36,6 +36,7 @@ class SequenceLayout:
         for t in range(1, len(batch_sizes)):
             self.offsets[t] = self.offsets[t - 1] + batch_sizes[t - 1]
         self.total_rows = self.offsets[-1] + batch_sizes[-1] if batch_sizes else 0
+        self.reverse = reverse
         self.order = list(range(len(batch_sizes)))
         if reverse:
             self.order.reverse()
@@ -66,27 +67,31 @@ class CodeStore:
         self.step_offsets = [0] * len(self.step_bytes)
         for s in range(1, len(self.step_bytes)):
             self.step_offsets[s] = self.step_offsets[s - 1] + self.step_bytes[s - 1]
-        total = self.step_offsets[-1] + self.step_bytes[-1] if self.step_bytes else 0
-        self.data = torch.empty(total, dtype=torch.uint8, device=device)
+        self.nbytes = self.step_offsets[-1] + self.step_bytes[-1] if self.step_bytes else 0
+        self.device = device
+
+    def new_buffer(self) -> torch.Tensor:
+        return torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
 
     def _span(self, first: int, last: int) -> slice:
         return slice(self.step_offsets[first], self.step_offsets[last] + self.step_bytes[last])
 
-    def write(self, first: int, codes: list[torch.Tensor]) -> None:
-        """Store steps first .. first + len(codes) - 1 (processing order), each [Q, bs, H] uint8."""
+    def write(self, data: torch.Tensor, first: int, codes: list[torch.Tensor]) -> None:
+        """Store steps first .. first + len(codes) - 1 (processing order), each [Q, bs, H] uint8,
+        into ``data`` (a buffer from :meth:`new_buffer`)."""
         pad = self.padded - self.hidden
         flat = torch.cat(
             [(torch.nn.functional.pad(c, (0, pad)) if pad else c).reshape(-1) for c in codes]
         )
-        self.data[self._span(first, first + len(codes) - 1)] = codec_torch.torch_pack(
+        data[self._span(first, first + len(codes) - 1)] = codec_torch.torch_pack(
             flat, self.bits
         )
 
-    def read(self, first: int, last: int) -> list[torch.Tensor]:
+    def read(self, data: torch.Tensor, first: int, last: int) -> list[torch.Tensor]:
         """Codes of steps first..last (processing order) as a list of [Q, bs, H] uint8 views."""
         sizes = [self.layout.batch_sizes[t] for t in self.layout.order[first : last + 1]]
         n = self.n_codes * sum(sizes) * self.padded
-        flat = codec_torch.torch_unpack(self.data[self._span(first, last)], self.bits, n)
+        flat = codec_torch.torch_unpack(data[self._span(first, last)], self.bits, n)
         out, pos = [], 0
         for bs in sizes:
             k = self.n_codes * bs * self.padded
@@ -96,11 +101,19 @@ class CodeStore:
 
 
 class LayerConfig:
-    """Static arguments of one layer call (not tensors, so autograd ignores them)."""
+    """Static arguments of one layer call (not tensors, so autograd ignores them).
 
-    def __init__(self, batch_sizes, levels, bits, chunk, reverse, ops):
+    ``input_source``: None when the layer keeps its input tensor for backward (the first layer), or
+    a :class:`CodedInput` that rebuilds the input from the previous layer's codes (inner layers).
+    After forward, ``store`` and ``output_from_codes`` describe this layer's codes to the next layer.
+    """
+
+    def __init__(self, batch_sizes, levels, bits, chunk, reverse, ops, input_source=None):
         self.layout = SequenceLayout(batch_sizes, reverse)
         self.levels, self.bits, self.chunk, self.ops = levels, bits, chunk, ops
+        self.input_source = input_source
+        self.store = None
+        self.output_from_codes = None
 
     def chunks(self):
         order = self.layout.order
@@ -119,12 +132,104 @@ def _previous_output(codes_prev, bs, h0, out_fn):
     return h_prev
 
 
-def _chunk_codes(store, first, last):
+def _chunk_codes(store, data, first, last):
     """Codes of steps first..last, and of step first - 1 (whose output is h_{first-1}) or None."""
     if first == 0:
-        return None, store.read(first, last)
-    codes = store.read(first - 1, last)
+        return None, store.read(data, first, last)
+    codes = store.read(data, first - 1, last)
     return codes[0], codes[1:]
+
+
+class CodedInput:
+    """An inner layer's input rebuilt from the previous layer's codes instead of kept as floats:
+    the concatenated outputs of its directions, times the packed dropout mask if any."""
+
+    def __init__(self, prev_cfgs, prev_codes, mask=None):
+        self.prev_cfgs = prev_cfgs  # one LayerConfig per direction of the previous layer
+        self.prev_codes = prev_codes  # their code buffers (saved by this layer, too)
+        self.mask = mask  # PackedDropoutMask or None
+
+    def tensors(self):
+        return list(self.prev_codes) + ([self.mask.packed] if self.mask is not None else [])
+
+    def rows(self, kept, lo: int, hi: int) -> torch.Tensor:
+        layout = self.prev_cfgs[0].layout
+        times = [t for t in range(len(layout.batch_sizes)) if lo <= layout.offsets[t] < hi]
+        T = len(layout.batch_sizes)
+        parts = []
+        for cfg, data in zip(self.prev_cfgs, kept):
+            # processing indices of these times in that direction form one contiguous run
+            idx = [T - 1 - t if cfg.layout.reverse else t for t in times]
+            codes = cfg.store.read(data, min(idx), max(idx))
+            by_time = codes if idx[0] <= idx[-1] else codes[::-1]
+            parts.append(torch.cat([cfg.output_from_codes(c) for c in by_time]))
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if self.mask is not None:
+            x = x * self.mask.scaled_rows(kept[-1], lo, hi, x.dtype)
+        return x
+
+
+class PackedDropoutMask:
+    """Dropout mask of an [N, C] tensor kept as 1-bit codes, rows padded to whole bytes."""
+
+    def __init__(self, shape, p, device, generator=None):
+        n, c = shape
+        self.cols = -(-c // 8) * 8
+        self.c = c
+        self.scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
+        keep = torch.empty(n, self.cols, device=device).bernoulli_(1.0 - p, generator=generator)
+        self.packed = codec_torch.torch_pack(keep.to(torch.uint8), 1)
+
+    def scaled_rows(self, packed, lo, hi, dtype):
+        bytes_per_row = self.cols // 8
+        bits = codec_torch.torch_unpack(
+            packed[lo * bytes_per_row : hi * bytes_per_row], 1, (hi - lo) * self.cols
+        )
+        return bits.view(hi - lo, self.cols)[:, : self.c].to(dtype) * self.scale
+
+
+class PackedDropoutFunction(torch.autograd.Function):
+    """y * mask * scale, keeping only the 1-bit mask for backward."""
+
+    @staticmethod
+    def forward(ctx, y, packed, mask: PackedDropoutMask):
+        ctx.mask = mask
+        ctx.save_for_backward(packed)
+        return y * mask.scaled_rows(packed, 0, y.shape[0], y.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (packed,) = ctx.saved_tensors
+        return dy * ctx.mask.scaled_rows(packed, 0, dy.shape[0], dy.dtype), None, None
+
+
+def _keep_input(ctx, x, cfg):
+    """Save what rebuilds the input in backward: x itself, or the previous layer's codes."""
+    kept = [x] if cfg.input_source is None else cfg.input_source.tensors()
+    ctx.n_kept = len(kept)
+    ctx.x_shape, ctx.x_dtype, ctx.x_device = x.shape, x.dtype, x.device
+    return kept
+
+
+def _input_rows(ctx, cfg, kept, lo, hi):
+    if cfg.input_source is None:
+        return kept[0][lo:hi]
+    return cfg.input_source.rows(kept, lo, hi)
+
+
+def _lstm_output_fn(ops, levels, dtype, w_hr):
+    def output_from_codes(codes):
+        m = ops.lstm_output(codes, levels, dtype)
+        return m if w_hr is None else m @ w_hr.t()
+
+    return output_from_codes
+
+
+def _gru_output_fn(levels, dtype):
+    def output_from_codes(codes):  # h_t exactly as the forward pass fed it to the next step
+        return codec_torch.torch_decode(codes[3], levels, "tanh", _acc(dtype)).to(dtype)
+
+    return output_from_codes
 
 
 class LSTMLayerFunction(torch.autograd.Function):
@@ -137,6 +242,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         c = c0.to(acc).clone()
         y = torch.empty(layout.total_rows, h0.shape[1], dtype=dtype, device=x.device)
         store = CodeStore(layout, rnn_torch.LSTM_CODES, hidden, cfg.bits, x.device)
+        codes_data = store.new_buffer()
         checkpoints = []
         for first, steps in cfg.chunks():
             if first:
@@ -155,40 +261,43 @@ class LSTMLayerFunction(torch.autograd.Function):
                 h[:bs] = h_new
                 c[:bs] = c_new
                 chunk_codes.append(codes)
-            store.write(first, chunk_codes)
-        ctx.cfg, ctx.store = cfg, store
-        ctx.has_bias, ctx.has_proj = b is not None, w_hr is not None
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, store.data, *checkpoints)
-        return y, h, c.to(dtype)
+            store.write(codes_data, first, chunk_codes)
+        cfg.store = store
+        cfg.output_from_codes = _lstm_output_fn(ops, levels, dtype, w_hr)
+        ctx.cfg = cfg
+        ctx.has_bias = b is not None
+        kept = _keep_input(ctx, x, cfg)
+        ctx.save_for_backward(*kept, h0, c0, w_ih, w_hh, w_hr, codes_data, *checkpoints)
+        ctx.mark_non_differentiable(codes_data)
+        return y, h, c.to(dtype), codes_data
 
     @staticmethod
-    def backward(ctx, dy, dh_n, dc_n):
-        x, h0, c0, w_ih, w_hh, w_hr, _, *checkpoints = ctx.saved_tensors
-        cfg, store = ctx.cfg, ctx.store
-        layout, levels, ops = cfg.layout, cfg.levels, cfg.ops
-        dtype, acc = x.dtype, _acc(x.dtype)
+    def backward(ctx, dy, dh_n, dc_n, _):
+        saved = ctx.saved_tensors
+        kept = saved[: ctx.n_kept]
+        h0, c0, w_ih, w_hh, w_hr, codes_data, *checkpoints = saved[ctx.n_kept :]
+        cfg = ctx.cfg
+        store, layout, levels, ops = cfg.store, cfg.layout, cfg.levels, cfg.ops
+        dtype, acc, device = ctx.x_dtype, _acc(ctx.x_dtype), ctx.x_device
         w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
         w_hr_a = w_hr.to(acc) if w_hr is not None else None
-
-        def out_fn(codes):
-            m = ops.lstm_output(codes, levels, dtype)
-            return m if w_hr is None else m @ w_hr.t()
+        out_fn = cfg.output_from_codes
 
         dh_state = torch.zeros_like(h0, dtype=acc) if dh_n is None else dh_n.to(acc).clone()
         dc_state = torch.zeros_like(c0, dtype=acc) if dc_n is None else dc_n.to(acc).clone()
         if dy is None:
-            dy = torch.zeros(layout.total_rows, h0.shape[1], dtype=dtype, device=x.device)
+            dy = torch.zeros(layout.total_rows, h0.shape[1], dtype=dtype, device=device)
         d_w_ih = torch.zeros_like(w_ih, dtype=acc)
         d_w_hh = torch.zeros_like(w_hh, dtype=acc)
-        d_b = torch.zeros(w_ih.shape[0], dtype=acc, device=x.device) if ctx.has_bias else None
+        d_b = torch.zeros(w_ih.shape[0], dtype=acc, device=device) if ctx.has_bias else None
         d_w_hr = torch.zeros_like(w_hr, dtype=acc) if w_hr is not None else None
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dx = torch.empty(ctx.x_shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
 
         chunks = list(cfg.chunks())
         for k in range(len(chunks) - 1, -1, -1):
             first, steps = chunks[k]
             last = first + len(steps) - 1
-            before, codes = _chunk_codes(store, first, last)
+            before, codes = _chunk_codes(store, codes_data, first, last)
             # Cell states before each step, recomputed from the checkpoint with the saved codes.
             c_full = (c0.to(acc) if k == 0 else checkpoints[k - 1]).clone()
             c_prevs = []
@@ -197,8 +306,8 @@ class LSTMLayerFunction(torch.autograd.Function):
                 c_prevs.append(c_full[:bs].clone())
                 c_full[:bs] = ops.lstm_recompute_cell(codes[s], c_full[:bs], levels)
             lo, hi = layout.row_span(steps)
-            d_gates = torch.empty(hi - lo, w_ih.shape[0], dtype=acc, device=x.device)
-            h_prev_rows = torch.empty(hi - lo, h0.shape[1], dtype=acc, device=x.device)
+            d_gates = torch.empty(hi - lo, w_ih.shape[0], dtype=acc, device=device)
+            h_prev_rows = torch.empty(hi - lo, h0.shape[1], dtype=acc, device=device)
             for s in range(len(steps) - 1, -1, -1):
                 t = steps[s]
                 bs, rows = layout.batch_sizes[t], layout.rows(t)
@@ -217,7 +326,7 @@ class LSTMLayerFunction(torch.autograd.Function):
                 prev_codes = codes[s - 1] if s > 0 else before
                 h_prev_rows[local] = _previous_output(prev_codes, bs, h0, out_fn).to(acc)
             d_w_hh += d_gates.t() @ h_prev_rows
-            d_w_ih += d_gates.t() @ x[lo:hi].to(acc)
+            d_w_ih += d_gates.t() @ _input_rows(ctx, cfg, kept, lo, hi).to(acc)
             if d_b is not None:
                 d_b += d_gates.sum(0)
             if dx is not None:
@@ -247,6 +356,7 @@ class GRULayerFunction(torch.autograd.Function):
         h = h0.clone()
         y = torch.empty(layout.total_rows, hidden, dtype=dtype, device=x.device)
         store = CodeStore(layout, rnn_torch.GRU_CODES, hidden, cfg.bits, x.device)
+        codes_data = store.new_buffer()
         for first, steps in cfg.chunks():
             lo, hi = layout.row_span(steps)
             gx = x[lo:hi] @ w_ih.t()
@@ -265,42 +375,45 @@ class GRULayerFunction(torch.autograd.Function):
                 y[rows] = h_new
                 h[:bs] = h_new
                 chunk_codes.append(codes)
-            store.write(first, chunk_codes)
-        ctx.cfg, ctx.store = cfg, store
+            store.write(codes_data, first, chunk_codes)
+        cfg.store = store
+        cfg.output_from_codes = _gru_output_fn(levels, dtype)
+        ctx.cfg = cfg
         ctx.has_bias = b_ih is not None
-        ctx.save_for_backward(x, h0, w_ih, w_hh, b_hh, store.data)
-        return y, h
+        kept = _keep_input(ctx, x, cfg)
+        ctx.save_for_backward(*kept, h0, w_ih, w_hh, b_hh, codes_data)
+        ctx.mark_non_differentiable(codes_data)
+        return y, h, codes_data
 
     @staticmethod
-    def backward(ctx, dy, dh_n):
-        x, h0, w_ih, w_hh, b_hh, _ = ctx.saved_tensors
-        cfg, store = ctx.cfg, ctx.store
-        layout, levels = cfg.layout, cfg.levels
-        ops = cfg.ops
-        dtype, acc = x.dtype, _acc(x.dtype)
+    def backward(ctx, dy, dh_n, _):
+        saved = ctx.saved_tensors
+        kept = saved[: ctx.n_kept]
+        h0, w_ih, w_hh, b_hh, codes_data = saved[ctx.n_kept :]
+        cfg = ctx.cfg
+        store, layout, levels, ops = cfg.store, cfg.layout, cfg.levels, cfg.ops
+        dtype, acc, device = ctx.x_dtype, _acc(ctx.x_dtype), ctx.x_device
         H = w_hh.shape[1]
         w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
         w_hn_a = w_hh_a[2 * H :]
         b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
 
-        def out_fn(codes):  # h_t exactly as the forward pass fed it to the next step
-            return codec_torch.torch_decode(codes[3], levels, "tanh", acc).to(dtype)
-
+        out_fn = cfg.output_from_codes
         dh_state = torch.zeros_like(h0, dtype=acc) if dh_n is None else dh_n.to(acc).clone()
         if dy is None:
-            dy = torch.zeros(layout.total_rows, H, dtype=dtype, device=x.device)
+            dy = torch.zeros(layout.total_rows, H, dtype=dtype, device=device)
         d_w_ih = torch.zeros_like(w_ih, dtype=acc)
         d_w_hh = torch.zeros_like(w_hh, dtype=acc)
-        d_b_ih = torch.zeros(3 * H, dtype=acc, device=x.device) if ctx.has_bias else None
-        d_b_hh = torch.zeros(3 * H, dtype=acc, device=x.device) if ctx.has_bias else None
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        d_b_ih = torch.zeros(3 * H, dtype=acc, device=device) if ctx.has_bias else None
+        d_b_hh = torch.zeros(3 * H, dtype=acc, device=device) if ctx.has_bias else None
+        dx = torch.empty(ctx.x_shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
 
         chunks = list(cfg.chunks())
         for k in range(len(chunks) - 1, -1, -1):
             first, steps = chunks[k]
-            before, codes = _chunk_codes(store, first, first + len(steps) - 1)
+            before, codes = _chunk_codes(store, codes_data, first, first + len(steps) - 1)
             lo, hi = layout.row_span(steps)
-            h_prev_rows = torch.empty(hi - lo, H, dtype=acc, device=x.device)
+            h_prev_rows = torch.empty(hi - lo, H, dtype=acc, device=device)
             for s, t in enumerate(steps):
                 rows = layout.rows(t)
                 prev_codes = codes[s - 1] if s > 0 else before
@@ -311,8 +424,8 @@ class GRULayerFunction(torch.autograd.Function):
             gh_n_rows = h_prev_rows @ w_hn_a.t()
             if b_hn_a is not None:
                 gh_n_rows += b_hn_a
-            d_gx = torch.empty(hi - lo, 3 * H, dtype=acc, device=x.device)
-            d_gh = torch.empty(hi - lo, 3 * H, dtype=acc, device=x.device)
+            d_gx = torch.empty(hi - lo, 3 * H, dtype=acc, device=device)
+            d_gh = torch.empty(hi - lo, 3 * H, dtype=acc, device=device)
             for s in range(len(steps) - 1, -1, -1):
                 t = steps[s]
                 bs, rows = layout.batch_sizes[t], layout.rows(t)
@@ -324,7 +437,7 @@ class GRULayerFunction(torch.autograd.Function):
                 d_gx[local] = dgx
                 d_gh[local] = dgh
                 dh_state[:bs] = torch.addmm(dh_direct, dgh, w_hh_a)
-            d_w_ih += d_gx.t() @ x[lo:hi].to(acc)
+            d_w_ih += d_gx.t() @ _input_rows(ctx, cfg, kept, lo, hi).to(acc)
             d_w_hh += d_gh.t() @ h_prev_rows
             if d_b_ih is not None:
                 d_b_ih += d_gx.sum(0)

@@ -288,6 +288,19 @@ def test_bytes_kept_per_step_and_unit(cls, levels, budget):
     assert per_unit >= codes_only
 
 
+@pytest.mark.parametrize("cls, budget", [(DiscreteLSTM, 4.0), (DiscreteGRU, 3.5)])
+def test_stacked_layers_keep_inner_outputs_as_codes(cls, budget):
+    T, B, H = 128, 4, 32
+    module = cls(16, H, num_layers=3, bidirectional=True, dropout=0.25, levels=64)
+    x = torch.randn(T, B, 16, requires_grad=True)
+    kept, y = kept_bytes(module, x, None)
+    per_unit = kept / (T * B * H * 3 * 2)  # per layer and direction
+    # + the two 1-bit dropout masks over 2H features: 2 * 2H / 8 bytes per row, over 6 layer-dirs
+    assert per_unit <= budget + 2 * (2 * H / 8) / (H * 6), f"{per_unit:.3f} B per step x unit"
+    y.sum().backward()
+    assert x.grad is not None
+
+
 def test_torch_lstm_keeps_far_more():
     T, B, H = 64, 8, 64
     x = torch.randn(T, B, 16, requires_grad=True)
