@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _validation as V
 from .backend import resolve_backend
-from .kernels import rnn_torch
+from .kernels import codec_torch, rnn_torch
 from .rnn_function import (
     CodedInput,
     GRULayerFunction,
@@ -37,6 +37,8 @@ class _TorchSteps:
     lstm_step_backward = staticmethod(rnn_torch.lstm_step_backward)
     gru_step_forward = staticmethod(rnn_torch.gru_step_forward)
     gru_step_backward = staticmethod(rnn_torch.gru_step_backward)
+    pack = staticmethod(codec_torch.torch_pack)
+    unpack = staticmethod(codec_torch.torch_unpack)
 
 
 def _step_ops(backend: str):

@@ -58,8 +58,9 @@ class CodeStore:
     dense bit stream; since Hp * bits is a multiple of 8, every step starts on a byte boundary.
     """
 
-    def __init__(self, layout: SequenceLayout, n_codes: int, hidden: int, bits: int, device):
+    def __init__(self, layout: SequenceLayout, n_codes: int, hidden: int, bits: int, device, ops):
         self.layout, self.n_codes, self.hidden, self.bits = layout, n_codes, hidden, bits
+        self.pack, self.unpack = ops.pack, ops.unpack  # the codec of the layer's backend
         self.padded = -(-hidden // PAD_UNITS) * PAD_UNITS
         self.step_bytes = [
             n_codes * layout.batch_sizes[t] * self.padded * bits // 8 for t in layout.order
@@ -83,15 +84,13 @@ class CodeStore:
         flat = torch.cat(
             [(torch.nn.functional.pad(c, (0, pad)) if pad else c).reshape(-1) for c in codes]
         )
-        data[self._span(first, first + len(codes) - 1)] = codec_torch.torch_pack(
-            flat, self.bits
-        )
+        data[self._span(first, first + len(codes) - 1)] = self.pack(flat, self.bits)
 
     def read(self, data: torch.Tensor, first: int, last: int) -> list[torch.Tensor]:
         """Codes of steps first..last (processing order) as a list of [Q, bs, H] uint8 views."""
         sizes = [self.layout.batch_sizes[t] for t in self.layout.order[first : last + 1]]
         n = self.n_codes * sum(sizes) * self.padded
-        flat = codec_torch.torch_unpack(data[self._span(first, last)], self.bits, n)
+        flat = self.unpack(data[self._span(first, last)], self.bits, n)
         out, pos = [], 0
         for bs in sizes:
             k = self.n_codes * bs * self.padded
@@ -241,7 +240,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         h = h0.clone()
         c = c0.to(acc).clone()
         y = torch.empty(layout.total_rows, h0.shape[1], dtype=dtype, device=x.device)
-        store = CodeStore(layout, rnn_torch.LSTM_CODES, hidden, cfg.bits, x.device)
+        store = CodeStore(layout, rnn_torch.LSTM_CODES, hidden, cfg.bits, x.device, ops)
         codes_data = store.new_buffer()
         checkpoints = []
         for first, steps in cfg.chunks():
@@ -355,7 +354,7 @@ class GRULayerFunction(torch.autograd.Function):
         hidden = w_hh.shape[1]
         h = h0.clone()
         y = torch.empty(layout.total_rows, hidden, dtype=dtype, device=x.device)
-        store = CodeStore(layout, rnn_torch.GRU_CODES, hidden, cfg.bits, x.device)
+        store = CodeStore(layout, rnn_torch.GRU_CODES, hidden, cfg.bits, x.device, ops)
         codes_data = store.new_buffer()
         for first, steps in cfg.chunks():
             lo, hi = layout.row_span(steps)
