@@ -3,6 +3,7 @@
 from .codec import PackedTensor, decode, encode, pack, quantize_pack, unpack, unpack_dequantize
 from .modules import DiscreteSigmoid, DiscreteTanh
 from .rnn import DiscreteGRU, DiscreteLSTM
+from .rnn_state import PackedRNNState
 from .units import discrete_sigmoid, discrete_tanh
 
 __version__ = "0.1.0.dev0"
@@ -12,6 +13,7 @@ __all__ = [
     "DiscreteLSTM",
     "DiscreteSigmoid",
     "DiscreteTanh",
+    "PackedRNNState",
     "PackedTensor",
     "decode",
     "discrete_sigmoid",

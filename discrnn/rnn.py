@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _validation as V
 from .backend import resolve_backend
+from .codec import PackedTensor
 from .kernels import codec_torch, rnn_torch
 from .rnn_function import (
     CodedInput,
@@ -24,8 +25,9 @@ from .rnn_function import (
     PackedDropoutFunction,
     PackedDropoutMask,
 )
+from .rnn_state import PackedRNNState
 
-__all__ = ["DiscreteLSTM", "DiscreteGRU"]
+__all__ = ["DiscreteLSTM", "DiscreteGRU", "PackedRNNState"]
 
 
 class _TorchSteps:
@@ -222,18 +224,70 @@ class _DiscreteRNNBase(nn.RNNBase):
             finals = [f.squeeze(1) for f in finals]
         return y, finals
 
-    def forward(self, input, hx=None):
+    def _state_to_tensors(self, state: PackedRNNState, dtype):
+        """Float h_0 (and c_0) of a packed state, exactly as the call that produced it left them."""
+        mode = "LSTM" if self._n_states == 2 else "GRU"
+        if state.mode != mode:
+            raise TypeError(f"hx is a {state.mode} PackedRNNState, expected one for {mode}")
+        if state.levels != self.levels:
+            raise ValueError(f"hx has levels={state.levels}, expected levels={self.levels} like the module")
+        if state.h is not None:
+            return (state.h.dequantize(dtype),)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        m = (state.o.dequantize(acc) * state.u.dequantize(acc)).to(dtype)
+        if self.proj_size > 0:
+            D = 2 if self.bidirectional else 1
+            m = torch.stack([m[i] @ self._layer_weights(i // D, i % D)[4].t() for i in range(m.shape[0])])
+        # c stays in the compute dtype: the layers take c_0 in any float dtype.
+        return (m, state.c)
+
+    def _pack_state(self, final_codes, c_states, info, ops):
+        """PackedRNNState from each layer-direction's last-step codes [Qs, B, H] (and c)."""
+        codes = torch.stack(final_codes, dim=1)  # [Qs, L*D, B, H]
+        if info[0] == "packed" and info[3] is not None:
+            codes = codes.index_select(2, info[3])
+            c_states = [c.index_select(0, info[3]) for c in c_states] if c_states else c_states
+        dtype = self.weight_ih_l0.dtype
+        shape = codes.shape[1:]
+
+        def packed(plane, kind):
+            return PackedTensor(ops.pack(plane.reshape(-1), self.bits), shape, dtype, self.levels,
+                                kind, self.bits)
+
+        if self._n_states == 1:
+            return PackedRNNState(h=packed(codes[0], "tanh"))
+        return PackedRNNState(o=packed(codes[0], "sigmoid"), u=packed(codes[1], "tanh"),
+                              c=torch.stack(c_states))
+
+    def forward(self, input, hx=None, *, packed_state: bool | None = None):
+        """As torch.nn.LSTM/GRU's forward. ``hx`` may also be a :class:`PackedRNNState`; the final
+        state is returned packed (and detached) when ``hx`` is one or ``packed_state=True``."""
+        is_packed_hx = isinstance(hx, PackedRNNState)
+        want_packed = is_packed_hx if packed_state is None else bool(packed_state)
         if self.levels is None:
+            if want_packed:
+                raise ValueError("packed states need discrete levels; this module has levels=None")
             torch_rnn = nn.LSTM if self._n_states == 2 else nn.GRU
             return torch_rnn.forward(self, input, hx)
+        if is_packed_hx:
+            hx = self._state_to_tensors(hx, self.weight_ih_l0.dtype)
+            if not isinstance(input, PackedSequence) and input.dim() == 2:
+                hx = tuple(h.squeeze(1) for h in hx)
+            hx = hx if self._n_states == 2 else hx[0]
         x_data, batch_sizes, hx, info = self._parse_input(input, hx)
         dtype, device = x_data.dtype, x_data.device
-        states = self._initial_states(hx, batch_sizes[0], dtype, device)
+        if is_packed_hx:
+            states = list(hx)  # built by _state_to_tensors: shapes right by construction
+            if states[0].shape[1] != batch_sizes[0]:
+                raise ValueError(f"hx holds a batch of {states[0].shape[1]}, the input a batch of {batch_sizes[0]}")
+        else:
+            states = self._initial_states(hx, batch_sizes[0], dtype, device)
         self._validate(x_data, states)
         backend = resolve_backend(self.backend, device)
         ops = _step_ops(backend)
         D = 2 if self.bidirectional else 1
         finals = [[] for _ in states]
+        final_codes, c_states = [], []
         layer_input, source = x_data, None
         for layer in range(self.num_layers):
             outputs, cfgs, codes = [], [], []
@@ -244,15 +298,17 @@ class _DiscreteRNNBase(nn.RNNBase):
                                   bool(direction), ops, input_source=source)
                 if self._n_states == 2:
                     b = b_ih + b_hh if self.bias else None
-                    y, h_n, c_n, layer_codes = LSTMLayerFunction.apply(
+                    y, h_n, c_n, layer_codes, last_codes, c_state = LSTMLayerFunction.apply(
                         layer_input, states[0][idx], states[1][idx], w_ih, w_hh, b, w_hr, cfg
                     )
                     finals[1].append(c_n)
+                    c_states.append(c_state)
                 else:
-                    y, h_n, layer_codes = GRULayerFunction.apply(
+                    y, h_n, layer_codes, last_codes = GRULayerFunction.apply(
                         layer_input, states[0][idx], w_ih, w_hh, b_ih, b_hh, cfg
                     )
                 finals[0].append(h_n)
+                final_codes.append(last_codes)
                 outputs.append(y)
                 cfgs.append(cfg)
                 codes.append(layer_codes)
@@ -265,6 +321,8 @@ class _DiscreteRNNBase(nn.RNNBase):
             source = CodedInput(cfgs, codes, mask)
         finals = [torch.stack(f) for f in finals]
         y, finals = self._restore(layer_input, finals, info)
+        if want_packed:
+            return y, self._pack_state(final_codes, c_states, info, ops)
         return (y, tuple(finals)) if self._n_states == 2 else (y, finals[0])
 
 

@@ -241,7 +241,11 @@ class LSTMLayerFunction(torch.autograd.Function):
         c = c0.to(acc).clone()
         y = torch.empty(layout.total_rows, h0.shape[1], dtype=dtype, device=x.device)
         store = CodeStore(layout, rnn_torch.LSTM_CODES, hidden, cfg.bits, x.device, ops)
-        codes_data = store.new_buffer()
+        # Nothing is kept when no input needs a gradient (inference, e.g. streaming).
+        keep_codes = any(ctx.needs_input_grad)
+        codes_data = store.new_buffer() if keep_codes else torch.empty(0, dtype=torch.uint8, device=x.device)
+        # o and u codes of each row's last step: the packed final state (h = o * u)
+        final_codes = torch.empty(2, *c0.shape, dtype=torch.uint8, device=x.device)
         checkpoints = []
         for first, steps in cfg.chunks():
             if first:
@@ -259,19 +263,23 @@ class LSTMLayerFunction(torch.autograd.Function):
                 y[rows] = h_new
                 h[:bs] = h_new
                 c[:bs] = c_new
-                chunk_codes.append(codes)
-            store.write(codes_data, first, chunk_codes)
+                final_codes[:, :bs] = codes[3:5]
+                if keep_codes:
+                    chunk_codes.append(codes)
+            if keep_codes:
+                store.write(codes_data, first, chunk_codes)
         cfg.store = store
         cfg.output_from_codes = _lstm_output_fn(ops, levels, dtype, w_hr)
         ctx.cfg = cfg
         ctx.has_bias = b is not None
         kept = _keep_input(ctx, x, cfg)
         ctx.save_for_backward(*kept, h0, c0, w_ih, w_hh, w_hr, codes_data, *checkpoints)
-        ctx.mark_non_differentiable(codes_data)
-        return y, h, c.to(dtype), codes_data
+        c_state = c.clone()  # the compute-dtype cell state, for the packed (detached) final state
+        ctx.mark_non_differentiable(codes_data, final_codes, c_state)
+        return y, h, c.to(dtype), codes_data, final_codes, c_state
 
     @staticmethod
-    def backward(ctx, dy, dh_n, dc_n, _):
+    def backward(ctx, dy, dh_n, dc_n, _codes, _final, _c):
         saved = ctx.saved_tensors
         kept = saved[: ctx.n_kept]
         h0, c0, w_ih, w_hh, w_hr, codes_data, *checkpoints = saved[ctx.n_kept :]
@@ -336,8 +344,8 @@ class LSTMLayerFunction(torch.autograd.Function):
 
         return (
             dx,
-            dh_state.to(dtype),
-            dc_state.to(dtype),
+            dh_state.to(h0.dtype),
+            dc_state.to(c0.dtype),
             cast(d_w_ih, w_ih),
             cast(d_w_hh, w_hh),
             None if d_b is None else d_b.to(dtype),
@@ -355,7 +363,9 @@ class GRULayerFunction(torch.autograd.Function):
         h = h0.clone()
         y = torch.empty(layout.total_rows, hidden, dtype=dtype, device=x.device)
         store = CodeStore(layout, rnn_torch.GRU_CODES, hidden, cfg.bits, x.device, ops)
-        codes_data = store.new_buffer()
+        keep_codes = any(ctx.needs_input_grad)
+        codes_data = store.new_buffer() if keep_codes else torch.empty(0, dtype=torch.uint8, device=x.device)
+        final_codes = torch.empty(1, *h0.shape, dtype=torch.uint8, device=x.device)
         for first, steps in cfg.chunks():
             lo, hi = layout.row_span(steps)
             gx = x[lo:hi] @ w_ih.t()
@@ -373,19 +383,22 @@ class GRULayerFunction(torch.autograd.Function):
                 h_new = h_new.to(dtype)
                 y[rows] = h_new
                 h[:bs] = h_new
-                chunk_codes.append(codes)
-            store.write(codes_data, first, chunk_codes)
+                final_codes[0, :bs] = codes[3]
+                if keep_codes:
+                    chunk_codes.append(codes)
+            if keep_codes:
+                store.write(codes_data, first, chunk_codes)
         cfg.store = store
         cfg.output_from_codes = _gru_output_fn(levels, dtype)
         ctx.cfg = cfg
         ctx.has_bias = b_ih is not None
         kept = _keep_input(ctx, x, cfg)
         ctx.save_for_backward(*kept, h0, w_ih, w_hh, b_hh, codes_data)
-        ctx.mark_non_differentiable(codes_data)
-        return y, h, codes_data
+        ctx.mark_non_differentiable(codes_data, final_codes)
+        return y, h, codes_data, final_codes
 
     @staticmethod
-    def backward(ctx, dy, dh_n, _):
+    def backward(ctx, dy, dh_n, _codes, _final):
         saved = ctx.saved_tensors
         kept = saved[: ctx.n_kept]
         h0, w_ih, w_hh, b_hh, codes_data = saved[ctx.n_kept :]

@@ -377,3 +377,85 @@ def test_nan_input(cls):
     module.check_finite = True
     with pytest.raises(ValueError, match="weight_hh_l0"):
         module(torch.randn(5, 2, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed state: streaming and truncated BPTT
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (DiscreteLSTM, {}),
+        (DiscreteLSTM, {"num_layers": 2, "bidirectional": False, "proj_size": 3}),
+        (DiscreteGRU, {}),
+        (DiscreteGRU, {"num_layers": 2}),
+    ],
+)
+def test_streaming_in_pieces_equals_one_call(cls, kwargs):
+    torch.manual_seed(0)
+    module = cls(4, 6, levels=64, **kwargs)
+    x = torch.randn(23, 3, 4)
+    with torch.no_grad():
+        y_full, state_full = module(x, packed_state=True)
+        pieces, state = [], None
+        for lo in range(0, 23, 5):
+            y, state = module(x[lo : lo + 5], state, packed_state=True)
+            pieces.append(y)
+    torch.testing.assert_close(torch.cat(pieces), y_full, atol=0, rtol=0)
+    for name in ("h", "o", "u"):
+        a, b = getattr(state, name), getattr(state_full, name)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a.data, b.data)
+    if state.c is not None:
+        torch.testing.assert_close(state.c, state_full.c, atol=0, rtol=0)
+    # the float final state and the packed one describe the same h
+    y_f, hx_f = module(x)
+    h_float = hx_f[0] if isinstance(hx_f, tuple) else hx_f
+    h_from_state = module._state_to_tensors(state_full, torch.float32)[0]
+    torch.testing.assert_close(h_from_state, h_float.detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_truncated_bptt_with_packed_state(cls):
+    torch.manual_seed(0)
+    module = cls(4, 8, levels=64)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    x = torch.randn(40, 2, 4)
+    state = None
+    for lo in range(0, 40, 10):
+        y, state = module(x[lo : lo + 10], state, packed_state=True)
+        assert state.c is None or not state.c.requires_grad
+        y.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert state.shape == (1, 2, 8)
+    expected = 2 * 2 * 8 * 6 // 8 + 2 * 8 * 4 if cls is DiscreteLSTM else 2 * 8 * 6 // 8
+    assert state.nbytes == expected
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_inference_keeps_no_codes(cls):
+    module = cls(4, 8, levels=64)
+    x = torch.randn(50, 2, 4)
+    saved = []
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        module(x)
+    assert saved == []
+
+
+def test_packed_state_errors():
+    lstm, gru = DiscreteLSTM(4, 6, levels=64), DiscreteGRU(4, 6, levels=64)
+    x = torch.randn(5, 2, 4)
+    _, gru_state = gru(x, packed_state=True)
+    _, lstm_state = lstm(x, packed_state=True)
+    with pytest.raises(TypeError, match="hx is a GRU PackedRNNState, expected one for LSTM"):
+        lstm(x, gru_state)
+    with pytest.raises(ValueError, match="hx has levels=64, expected levels=16"):
+        DiscreteGRU(4, 6, levels=16)(x, gru_state)
+    with pytest.raises(ValueError, match="hx holds a batch of 2, the input a batch of 3"):
+        gru(torch.randn(5, 3, 4), gru_state)
+    with pytest.raises(ValueError, match="levels=None"):
+        DiscreteGRU(4, 6, levels=None)(x, packed_state=True)
+    assert "mode='LSTM'" in repr(lstm_state)
