@@ -6,7 +6,11 @@ import os
 import torch
 
 # Must happen before discrnn (and so triton.jit) is imported: the mode is fixed at decoration.
-if not torch.cuda.is_available():
+# Without a GPU the Triton kernels run through the interpreter on CPU tensors; with one, the same
+# tests run them natively: factory functions then make CUDA tensors by default.
+if torch.cuda.is_available():
+    torch.set_default_device("cuda")
+else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

@@ -32,8 +32,12 @@ def oracle_decode(k: int, levels: int, kind: str) -> Fraction:
     return Fraction(2 * k - (levels - 1), levels - 1) if kind == "tanh" else Fraction(k, levels - 1)
 
 
+def from_numpy(array):
+    return torch.from_numpy(array).to(torch.get_default_device())
+
+
 def random_codes(n, bits, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     return torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.uint8)
 
 
@@ -61,7 +65,7 @@ def test_golden_example_7_bits(backend):
 @pytest.mark.parametrize("n", SIZES)
 def test_pack_matches_oracle_both_backends(bits, n):
     codes = random_codes(n, bits, seed=bits * 1000 + n)
-    expected = torch.from_numpy(oracle_pack(codes.numpy(), bits))
+    expected = from_numpy(oracle_pack(codes.cpu().numpy(), bits))
     for backend in ("torch", "triton"):
         packed = pack(codes, bits, backend=backend)
         assert packed.dtype == torch.uint8 and packed.shape == (len(expected),)
@@ -99,7 +103,7 @@ def test_pack_accepts_any_integer_dtype_shape_and_strides():
     # a slice that starts at an odd byte offset (the torch codec views bytes as int64 words)
     base = random_codes(101, 6)
     torch.testing.assert_close(
-        pack(base[1:], 6), torch.from_numpy(oracle_pack(base[1:].numpy(), 6)), atol=0, rtol=0
+        pack(base[1:], 6), from_numpy(oracle_pack(base[1:].cpu().numpy(), 6)), atol=0, rtol=0
     )
 
 
@@ -111,7 +115,7 @@ def test_pack_accepts_any_integer_dtype_shape_and_strides():
 def test_pack_unpack_property(bits, data):
     values = data.draw(st.lists(st.integers(0, (1 << bits) - 1), max_size=200))
     codes = torch.tensor(values, dtype=torch.uint8)
-    expected = torch.from_numpy(oracle_pack(codes.numpy(), bits))
+    expected = from_numpy(oracle_pack(codes.cpu().numpy(), bits))
     for backend in ("torch", "triton"):
         packed = pack(codes, bits, backend=backend)
         assert torch.equal(packed, expected)
@@ -186,7 +190,7 @@ def test_encode_nan_inf_and_out_of_range(kind):
 @pytest.mark.parametrize("kind", ["tanh", "sigmoid"])
 @pytest.mark.parametrize("levels", [2, 5, 64, 100, 256])
 def test_quantize_pack_equals_pack_of_encode(dtype, kind, levels):
-    g = torch.Generator().manual_seed(levels)
+    g = torch.Generator(torch.get_default_device()).manual_seed(levels)
     x = (torch.rand(3, 337, generator=g, dtype=torch.float64) * 2.4 - 1.2).to(dtype)
     if kind == "sigmoid":
         x = x * 0.5 + 0.5
@@ -237,7 +241,7 @@ def test_quantize_pack_small_blocks_many_programs():
 def test_activation_rounding_across_backends_moves_at_most_one_level_rarely(kind, dtype):
     """tanh/sigmoid in the kernel (written with exp) and in torch may differ in the last ulp; a value
     on a level boundary can then move one level. Measure that fraction and bound it."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     x = (torch.randn(200_000, generator=g) * 3).to(dtype)
     moved = 0
     for levels in (64, 256):
@@ -267,7 +271,7 @@ def test_packed_tensor_object():
     assert p.numel() == 4000 and p.device == x.device
     assert repr(p) == (
         "PackedTensor(shape=(4, 1000), dtype=torch.float32, kind='tanh', levels=64, bits=6, "
-        "nbytes=3000, 18.8% of float32, device=cpu)"
+        f"nbytes=3000, 18.8% of float32, device={x.device})"
     )
     assert p.dequantize(torch.float64).dtype == torch.float64
     assert torch.equal(p.to("cpu").data, p.data)
@@ -368,9 +372,9 @@ def test_triton_backend_on_cpu_without_interpreter_is_an_error(monkeypatch):
 
     monkeypatch.setattr(backend_module, "INTERPRETING", False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors.*got tensors on cpu"):
-        quantize_pack(torch.zeros(4), 64, backend="triton")
+        quantize_pack(torch.zeros(4, device="cpu"), 64, backend="triton")
     # the default picks torch on CPU; no silent switch happens for an explicit request
-    assert quantize_pack(torch.zeros(4), 64).nbytes == 3
+    assert quantize_pack(torch.zeros(4, device="cpu"), 64).nbytes == 3
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ GRAD_TOL = {
 
 
 def inputs(shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     return (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype)
 
 
