@@ -16,7 +16,9 @@ from torch.nn.utils.rnn import PackedSequence
 from . import _validation as V
 from .backend import resolve_backend
 from .codec import PackedTensor
+from .kernels import codec as triton_codec
 from .kernels import codec_torch, rnn_torch
+from .kernels import rnn as triton_rnn
 from .rnn_function import (
     CodedInput,
     GRULayerFunction,
@@ -43,10 +45,23 @@ class _TorchSteps:
     unpack = staticmethod(codec_torch.torch_unpack)
 
 
+class _TritonSteps:
+    """One fused Triton kernel per step for the forward and for the backward cell update
+    (discrnn.kernels.rnn), and the Triton codec; CUDA tensors, or CPU under the interpreter."""
+
+    lstm_step_forward = staticmethod(triton_rnn.lstm_step_forward)
+    lstm_recompute_cell = staticmethod(triton_rnn.lstm_recompute_cell)
+    lstm_output = staticmethod(triton_rnn.lstm_output)
+    lstm_step_backward = staticmethod(triton_rnn.lstm_step_backward)
+    gru_step_forward = staticmethod(triton_rnn.gru_step_forward)
+    gru_step_backward = staticmethod(triton_rnn.gru_step_backward)
+    pack = staticmethod(triton_codec.triton_pack)  # (codes, bits)
+    unpack = staticmethod(triton_codec.triton_unpack)  # (packed, bits, numel)
+
+
 def _step_ops(backend: str):
-    # The Triton step kernels are not written yet: the torch step math serves every device. This is
-    # a documented limitation, not a fallback: backend="triton" is refused below.
-    return _TorchSteps
+    """The step math of a resolved backend ("torch" or "triton", see backend.resolve_backend)."""
+    return _TritonSteps if backend == "triton" else _TorchSteps
 
 
 def _check_positive_int(name, value):
@@ -86,11 +101,6 @@ class _DiscreteRNNBase(nn.RNNBase):
         chunk_size = _check_positive_int("chunk_size", chunk_size)
         if backend is not None and backend not in V.BACKENDS:
             raise ValueError(f"backend must be one of {V.BACKENDS} or None, got {backend!r}")
-        if backend == "triton":
-            raise ValueError(
-                "backend='triton' is not available for the recurrent layers yet (their step "
-                "kernels are torch code on every device); use backend=None or 'torch'"
-            )
         super().__init__(
             self._mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
             bidirectional, proj_size, device=device, dtype=dtype,
@@ -117,8 +127,10 @@ class _DiscreteRNNBase(nn.RNNBase):
             V.check_float_tensor("input", data)
             batch_sizes = [int(b) for b in batch_sizes]
             info = ("packed", input, sorted_idx, unsorted_idx)
-            if hx is not None and sorted_idx is not None:
-                hx = tuple(h.index_select(1, sorted_idx) for h in self._as_tuple(hx))
+            if hx is not None:
+                hx = self._as_tuple(hx)
+                if sorted_idx is not None:
+                    hx = tuple(h.index_select(1, sorted_idx) for h in hx)
             return data, batch_sizes, hx, info
         V.check_float_tensor("input", input)
         if input.dim() not in (2, 3):
@@ -336,7 +348,7 @@ class DiscreteLSTM(_DiscreteRNNBase):
             checkpoint (default 32).
         check_finite: raise ValueError on NaN/Inf in input, states or weights (one device sync per
             call); with False, non-finite pre-activations encode as code 0.
-        backend: None (by device) or "torch".
+        backend: None (Triton step kernels on CUDA, torch elsewhere), "torch" or "triton".
 
     Kept for backward per time step, batch row and hidden unit: 5 codes of ceil(log2 L) bits
     (i, f, g, o and tanh(c)) plus 4 / chunk_size bytes of cell-state checkpoint.

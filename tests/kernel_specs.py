@@ -1,5 +1,7 @@
-"""Every (kernel, constexpr) combination the launchers in discrnn.kernels.codec can produce, so the
-compile test can build them for real GPU targets without a GPU."""
+"""Every (kernel, constexpr) combination the launchers in discrnn.kernels.codec and
+discrnn.kernels.rnn can produce, so the compile test can build them for real GPU targets without a
+GPU. ``levels`` takes any value in [2, 256]: the codec specs sample one per bit width, the rnn specs
+the values in ``RNN_LEVELS`` (it only changes folded constants)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import itertools
 import triton
 
 from discrnn.kernels import codec
+from discrnn.kernels import rnn
 from discrnn.kernels.codec_torch import group_bytes, group_codes
 
 TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
@@ -58,4 +61,70 @@ def kernel_specs(full: bool):
         for output in ("values", "grad"):
             specs.append((f"unpack-{output}-{dt}-{kind}-b{bits}",
                           *_unpack(dt, dt, bits, levels, kind, output, block)))
+    specs += rnn_kernel_specs(full)
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrent step kernels (discrnn.kernels.rnn). Their constexprs are LEVELS and the GPU tile
+# (BLOCK_B, BLOCK_H); the float pointer dtypes vary as listed per kernel below.
+
+RNN_LEVELS = (2, 64, 256, 3, 100, 255)  # both ends, powers of two and odd counts
+ACC_DTYPES = ("fp32", "fp64")
+
+
+def _rnn_kernels():
+    """(name, kernel, [dtype combos], signature builder). Integers are i32 as launched; pointer
+    dtypes: the LSTM gates take any float dtype with an fp32/fp64 cell state; the GRU forward takes
+    one dtype for gx, gh, h_prev; lstm_output writes any float dtype; the rest are in the compute
+    dtype (the launchers convert other inputs first)."""
+    dtypes = list(TRITON_DTYPES.values())
+
+    def ints(*names):
+        return {n: "i32" for n in names}
+
+    def strides(*prefixes):
+        return [f"stride_{p}{axis}" for p in prefixes for axis in "bh"]
+
+    code_strides = ["stride_kq", "stride_kb", "stride_kh"]
+    return [
+        ("lstm_fwd", rnn._lstm_step_fwd_kernel, list(itertools.product(dtypes, ACC_DTYPES)),
+         lambda g, a: {"GATES": f"*{g}", "C_PREV": f"*{a}", "CODES": "*u8", "C": f"*{a}", "M": f"*{a}",
+                       **ints("bs", "H", *strides("g", "c"))}),
+        ("lstm_cell", rnn._lstm_cell_kernel, [(a,) for a in ACC_DTYPES],
+         lambda a: {"CODES": "*u8", "C_PREV": f"*{a}", "C": f"*{a}",
+                    **ints("bs", "H", *code_strides, *strides("c"))}),
+        ("lstm_out", rnn._lstm_output_kernel, [(d,) for d in dtypes],
+         lambda d: {"CODES": "*u8", "M": f"*{d}", **ints("bs", "H", *code_strides)}),
+        ("lstm_bwd", rnn._lstm_step_bwd_kernel, [(a,) for a in ACC_DTYPES],
+         lambda a: {"CODES": "*u8", "C_PREV": f"*{a}", "DM": f"*{a}", "DC": f"*{a}",
+                    "DGATES": f"*{a}", "DC_PREV": f"*{a}",
+                    **ints("bs", "H", *code_strides, *strides("c", "m", "d"))}),
+        ("gru_fwd", rnn._gru_step_fwd_kernel, [(d,) for d in dtypes],
+         lambda d: {"GX": f"*{d}", "GH": f"*{d}", "H_PREV": f"*{d}", "CODES": "*u8",
+                    "H_OUT": "*fp64" if d == "fp64" else "*fp32",
+                    **ints("bs", "H", *strides("x", "g", "p"))}),
+        ("gru_bwd", rnn._gru_step_bwd_kernel, [(a,) for a in ACC_DTYPES],
+         lambda a: {"CODES": "*u8", "H_PREV": f"*{a}", "GH_N": f"*{a}", "DH": f"*{a}",
+                    "DGX": f"*{a}", "DGH": f"*{a}", "DH_DIRECT": f"*{a}",
+                    **ints("bs", "H", *code_strides, *strides("p", "n", "d"))}),
+    ]
+
+
+def rnn_kernel_specs(full: bool):
+    """``full``: every dtype combination x GPU tile x level count of RNN_LEVELS. Otherwise a cover in
+    which every dtype combination, every tile and every level count appear at least once."""
+    tiles = rnn.GPU_TILE.shapes()
+    specs = []
+    for name, kernel, dtype_combos, signature in _rnn_kernels():
+        if full:
+            combos = list(itertools.product(dtype_combos, tiles, RNN_LEVELS))
+        else:
+            n = max(len(dtype_combos), len(tiles), len(RNN_LEVELS))
+            combos = [(dtype_combos[k % len(dtype_combos)], tiles[k % len(tiles)],
+                       RNN_LEVELS[k % len(RNN_LEVELS)]) for k in range(n)]
+        for dts, (block_b, block_h), levels in combos:
+            constexprs = dict(LEVELS=levels, BLOCK_B=block_b, BLOCK_H=block_h)
+            specs.append((f"rnn_{name}-{'-'.join(dts)}-L{levels}-{block_b}x{block_h}", kernel,
+                          signature(*dts), constexprs))
     return specs

@@ -209,6 +209,18 @@ def test_packed_sequence_matches_per_sequence_runs(cls, bidirectional):
 
 
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_packed_sequence_sorted_with_initial_state(cls):
+    module = cls(3, 5, levels=64)
+    x = torch.randn(4, 3, 3)
+    packed = pack_padded_sequence(x, torch.tensor([4, 3, 1]))  # enforce_sorted=True
+    h0 = torch.randn(1, 3, 5)
+    hx = (h0, torch.randn(1, 3, 5)) if cls is DiscreteLSTM else h0
+    out, _ = module(packed, hx)
+    y, _ = pad_packed_sequence(out)
+    torch.testing.assert_close(y[:, 0], module(x[:, 0], tuple(h[:, 0] for h in hx) if cls is DiscreteLSTM else h0[:, 0])[0])
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
 def test_dropout_between_layers(cls):
     torch.manual_seed(0)
     module = cls(4, 6, num_layers=2, dropout=0.5, levels=64)

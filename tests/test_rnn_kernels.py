@@ -1,0 +1,355 @@
+"""Triton step kernels of the recurrent layers (discrnn.kernels.rnn) against the torch step math
+(discrnn.kernels.rnn_torch), launcher by launcher, then DiscreteLSTM/DiscreteGRU end to end with
+backend="triton" against backend="torch".
+
+What is exact and what is not (see the kernels' module docstring):
+* a code that is an activation of the inputs (LSTM i, f, g, o, u; GRU r, z, n) may move one level
+  where torch's and the kernel's tanh/sigmoid straddle a level boundary: checked at most one level,
+  exactly equal away from boundaries, and rare (measured on a large step);
+* everything computed from codes is bit-exact: c, m, the GRU's snapped h code and h are compared
+  with the torch math applied to the kernel's OWN codes;
+* backward kernels, given the same codes, match torch within a few ulp.
+
+Shapes are small and odd (the interpreter costs ~10-30 ms per launch): each launcher runs a list of
+cases that together cover bs in {1, 3, 5}, H in {1, 7, 16, 33}, levels in {2, 64, 256}, four input
+dtypes and contiguous, sliced and transposed inputs. Fresh buffers come poisoned from conftest, and
+sliced inputs sit in NaN-filled (codes: out-of-range-filled) storage, so an unwritten output or an
+out-of-bounds read fails.
+"""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from discrnn import DiscreteGRU, DiscreteLSTM
+from discrnn.kernels import rnn as K
+from discrnn.kernels import rnn_torch as R
+from discrnn.kernels.codec_torch import compute_dtype, torch_decode, torch_encode
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+SIG, TANH = "sigmoid", "tanh"
+
+# (bs, H, levels, input dtype, layout): every value of each axis appears, and odd tiles everywhere.
+CASES = [
+    (1, 1, 2, F32, "contiguous"),
+    (3, 7, 64, F64, "slice"),
+    (5, 33, 256, BF16, "slice"),
+    (3, 16, 256, F16, "transposed"),
+    (5, 7, 2, F32, "transposed"),
+    (1, 33, 64, BF16, "contiguous"),
+    (5, 16, 64, F64, "transposed"),
+    (3, 1, 256, F16, "slice"),
+]
+CASE_IDS = [f"bs{b}-H{h}-L{lv}-{str(d)[6:]}-{lay}" for b, h, lv, d, lay in CASES]
+
+# Backward outputs are in the compute dtype; (atol, rtol) per compute dtype. The code derivative
+# divides by 3 with Triton's default division, approximate on a GPU (a few ulp).
+BWD_TOL = {F32: (1e-6, 1e-5), F64: (1e-14, 1e-12)}
+
+
+def gen(seed):
+    return torch.Generator(torch.get_default_device()).manual_seed(seed)
+
+
+def as_layout(x, layout):
+    """The values of x [rows, cols] as a view with the given layout: "slice" is a block inside a
+    larger NaN-filled matrix (like xproj[rows] or c[:bs]), "transposed" is column-major."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "transposed":
+        return x.t().contiguous().t()
+    rows, cols = x.shape
+    big = torch.full((rows + 3, cols + 5), float("nan"), dtype=x.dtype)
+    big[1 : rows + 1, 2 : cols + 2] = x
+    return big[1 : rows + 1, 2 : cols + 2]
+
+
+def codes_view(codes, layout):
+    """Codes [Q, bs, H] as CodeStore.read returns them ([Q, bs, Hp][:, :, :H]) or with planes
+    interleaved by row; the padding holds 0xEE, which no valid code equals."""
+    q, bs, h = codes.shape
+    if layout == "transposed":
+        return codes.transpose(0, 1).contiguous().transpose(0, 1)
+    big = torch.full((q, bs, h + 3), 0xEE, dtype=torch.uint8)
+    big[:, :, :h] = codes
+    return big[:, :, :h]
+
+
+def random_codes(q, bs, h, levels, seed):
+    return torch.randint(0, levels, (q, bs, h), generator=gen(seed), dtype=torch.uint8)
+
+
+def near_boundary(v, levels, kind, margin=1e-3):
+    """True where v (an activation) lies within ``margin`` of a level (of the encode scale) of a
+    rounding boundary: there an ulp of difference in tanh/sigmoid may move the code."""
+    v = v.double()
+    u = (v + 1.0) * ((levels - 1) / 2) if kind == TANH else v * (levels - 1)
+    return ((u - u.floor()) - 0.5).abs() < margin
+
+
+def check_activation_codes(got, pre, levels, kind, what):
+    """Codes from the kernel against torch's encode(activation(pre)); returns how many moved."""
+    v = torch.tanh(pre) if kind == TANH else torch.sigmoid(pre)
+    expected = torch_encode(v, levels, kind)
+    diff = (got.int() - expected.int()).abs()
+    assert int(diff.max()) <= 1, f"{what}: a code moved {int(diff.max())} levels"
+    safe = ~near_boundary(v, levels, kind)
+    assert torch.equal(got[safe], expected[safe]), f"{what}: codes differ away from boundaries"
+    return int(diff.sum())
+
+
+def assert_bitwise(name, got, expected):
+    assert got.dtype == expected.dtype and got.shape == expected.shape, (name, got.dtype, got.shape)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0, equal_nan=False, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# LSTM
+
+
+def lstm_forward_checked(gates, c_prev, levels):
+    """Run the kernel, check it against torch, return (number of moved codes, codes checked)."""
+    codes, c, m = K.lstm_step_forward(gates, c_prev, levels)
+    ref_codes, ref_c, ref_m = R.lstm_step_forward(gates, c_prev, levels)
+    assert codes.dtype == torch.uint8 and codes.shape == ref_codes.shape
+    assert c.dtype == ref_c.dtype and m.dtype == ref_m.dtype
+    acc, H = c_prev.dtype, c_prev.shape[1]
+    pre = gates.to(acc)
+    moved = 0
+    for q, kind in enumerate((SIG, SIG, TANH, SIG)):
+        z = pre[:, q * H : (q + 1) * H]
+        moved += check_activation_codes(codes[q], z, levels, kind, f"gate {q}")
+    # From the kernel's own codes, torch's arithmetic gives c and m bit for bit...
+    assert_bitwise("c", c, R.lstm_recompute_cell(codes, c_prev, levels))
+    assert_bitwise("c (recompute kernel)", K.lstm_recompute_cell(codes, c_prev, levels), c)
+    moved += check_activation_codes(codes[4], c, levels, TANH, "u = tanh(c)")
+    assert_bitwise("m", m, R.lstm_output(codes, levels, acc))
+    # ... and where no code moved, the whole step is torch's.
+    if torch.equal(codes, ref_codes):
+        assert_bitwise("c vs torch", c, ref_c)
+        assert_bitwise("m vs torch", m, ref_m)
+    return moved, codes.numel()
+
+
+@pytest.mark.parametrize("bs, H, levels, dtype, layout", CASES, ids=CASE_IDS)
+def test_lstm_step_forward(bs, H, levels, dtype, layout):
+    g = gen(bs * 100 + H)
+    gates = as_layout((3 * torch.randn(bs, 4 * H, generator=g, dtype=F64)).to(dtype), layout)
+    c_prev = as_layout(2 * torch.randn(bs, H, generator=g, dtype=compute_dtype(dtype)), layout)
+    lstm_forward_checked(gates, c_prev, levels)
+
+
+@pytest.mark.parametrize("bs, H, levels, dtype, layout", CASES, ids=CASE_IDS)
+def test_lstm_recompute_cell_and_output(bs, H, levels, dtype, layout):
+    acc = compute_dtype(dtype)
+    codes = codes_view(random_codes(5, bs, H, levels, seed=H), layout)
+    c_prev = as_layout(torch.randn(bs, H, generator=gen(bs), dtype=acc), layout)
+    assert_bitwise("c", K.lstm_recompute_cell(codes, c_prev, levels),
+                   R.lstm_recompute_cell(codes, c_prev, levels))
+    for out_dtype in (dtype, acc):
+        assert_bitwise(f"m {out_dtype}", K.lstm_output(codes, levels, out_dtype),
+                       R.lstm_output(codes, levels, out_dtype))
+
+
+@pytest.mark.parametrize("bs, H, levels, dtype, layout", CASES, ids=CASE_IDS)
+def test_lstm_step_backward(bs, H, levels, dtype, layout):
+    acc = compute_dtype(dtype)
+    g = gen(bs + 7 * H)
+    codes = codes_view(random_codes(5, bs, H, levels, seed=levels + H), layout)
+    c_prev = as_layout(torch.randn(bs, H, generator=g, dtype=acc), layout)
+    # dm in the input dtype: both convert it to the compute dtype
+    dm = as_layout(torch.randn(bs, H, generator=g, dtype=F64).to(dtype), layout)
+    dc = as_layout(torch.randn(bs, H, generator=g, dtype=acc), layout)
+    got = K.lstm_step_backward(codes, c_prev, dm, dc, levels)
+    expected = R.lstm_step_backward(codes, c_prev, dm, dc, levels)
+    atol, rtol = BWD_TOL[acc]
+    for name, a, b in zip(("dgates", "dc_prev"), got, expected):
+        assert a.dtype == b.dtype == acc and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# GRU
+
+
+def gru_forward_checked(gx, gh, h_prev, levels):
+    codes, h = K.gru_step_forward(gx, gh, h_prev, levels)
+    ref_codes, ref_h = R.gru_step_forward(gx, gh, h_prev, levels)
+    assert codes.dtype == torch.uint8 and codes.shape == ref_codes.shape and h.dtype == ref_h.dtype
+    acc, H = ref_h.dtype, h_prev.shape[1]
+    gx, gh, hp = gx.to(acc), gh.to(acc), h_prev.to(acc)
+    moved = check_activation_codes(codes[0], gx[:, :H] + gh[:, :H], levels, SIG, "r")
+    moved += check_activation_codes(codes[1], gx[:, H : 2 * H] + gh[:, H : 2 * H], levels, SIG, "z")
+    # n from the kernel's own r code; then h's code and value from its own z and n codes, exactly.
+    r, z = torch_decode(codes[0], levels, SIG, acc), torch_decode(codes[1], levels, SIG, acc)
+    pre_n = gx[:, 2 * H :] + r * gh[:, 2 * H :]
+    moved += check_activation_codes(codes[2], pre_n, levels, TANH, "n")
+    n = torch_decode(codes[2], levels, TANH, acc)
+    assert_bitwise("h code", codes[3], torch_encode((1.0 - z) * n + z * hp, levels, TANH))
+    assert_bitwise("h", h, torch_decode(codes[3], levels, TANH, acc))
+    if torch.equal(codes, ref_codes):
+        assert_bitwise("h vs torch", h, ref_h)
+    return moved, codes[:3].numel()
+
+
+@pytest.mark.parametrize("bs, H, levels, dtype, layout", CASES, ids=CASE_IDS)
+def test_gru_step_forward(bs, H, levels, dtype, layout):
+    g = gen(bs * 10 + H)
+    gx = as_layout((2 * torch.randn(bs, 3 * H, generator=g, dtype=F64)).to(dtype), layout)
+    gh = as_layout(torch.randn(bs, 3 * H, generator=g, dtype=F64).to(dtype), layout)
+    h_prev = torch_decode(random_codes(1, bs, H, levels, seed=bs)[0], levels, TANH, dtype)
+    gru_forward_checked(gx, gh, as_layout(h_prev, layout), levels)
+
+
+def test_gru_step_forward_mixed_input_dtypes():
+    # gx in bfloat16 with gh and h_prev in float32: torch converts everything to float32 first.
+    g = gen(3)
+    gx = torch.randn(3, 21, generator=g).to(BF16)
+    gh, h_prev = torch.randn(3, 21, generator=g), torch.rand(3, 7, generator=g) * 2 - 1
+    gru_forward_checked(gx, as_layout(gh, "slice"), h_prev, 64)
+
+
+@pytest.mark.parametrize("bs, H, levels, dtype, layout", CASES, ids=CASE_IDS)
+def test_gru_step_backward(bs, H, levels, dtype, layout):
+    acc = compute_dtype(dtype)
+    g = gen(bs + 5 * H)
+    codes = codes_view(random_codes(4, bs, H, levels, seed=levels * H), layout)
+    h_prev = as_layout(torch.rand(bs, H, generator=g, dtype=acc) * 2 - 1, layout)
+    gh_n = as_layout(torch.randn(bs, H, generator=g, dtype=acc), layout)
+    dh = as_layout(torch.randn(bs, H, generator=g, dtype=acc), layout)
+    got = K.gru_step_backward(codes, h_prev, gh_n, dh, levels)
+    expected = R.gru_step_backward(codes, h_prev, gh_n, dh, levels)
+    atol, rtol = BWD_TOL[acc]
+    for name, a, b in zip(("dgx", "dgh", "dh_direct"), got, expected):
+        assert a.dtype == b.dtype == acc and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch geometry, rare code moves, edge cases
+
+
+def test_small_tiles_many_programs(monkeypatch):
+    """Tiles of 2 x 8: a 5 x 19 step runs 3 x 3 programs with tails in both directions."""
+    monkeypatch.setattr(K, "TILE", K.TileRule(elems=16, min_h=1, max_h=8, fit_rows=True))
+    bs, H, levels = 5, 19, 64
+    assert K.TILE.tile(bs, H) == (2, 8)
+    g = gen(11)
+    gates = as_layout(3 * torch.randn(bs, 4 * H, generator=g), "slice")
+    c_prev = as_layout(torch.randn(bs, H, generator=g), "slice")
+    lstm_forward_checked(gates, c_prev, levels)
+    gx, gh = 2 * torch.randn(bs, 3 * H, generator=g), torch.randn(bs, 3 * H, generator=g)
+    h_prev = torch.rand(bs, H, generator=g) * 2 - 1
+    gru_forward_checked(as_layout(gx, "transposed"), gh, h_prev, levels)
+    codes = codes_view(random_codes(5, bs, H, levels, seed=1), "slice")
+    dm, dc = torch.randn(bs, H, generator=g), torch.randn(bs, H, generator=g)
+    for a, b in zip(K.lstm_step_backward(codes, c_prev, dm, dc, levels),
+                    R.lstm_step_backward(codes, c_prev, dm, dc, levels)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert_bitwise("m", K.lstm_output(codes, levels, BF16), R.lstm_output(codes, levels, BF16))
+    for a, b in zip(K.gru_step_backward(codes[:4], c_prev, dm, dc, levels),
+                    R.gru_step_backward(codes[:4], c_prev, dm, dc, levels)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_gpu_tiles_are_few_and_cover_every_width():
+    tiles = K.GPU_TILE.shapes()
+    assert tiles == [(64, 16), (32, 32), (16, 64), (8, 128)]
+    for H in (1, 7, 16, 33, 100, 128, 129, 4096):
+        for bs in (1, 5, 300):
+            assert K.GPU_TILE.tile(bs, H) in tiles
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16])
+def test_forward_codes_move_at_most_one_level_rarely(dtype):
+    """Over a large step (65k activation codes per launch), the share of codes that moved one level
+    against torch stays below 1e-3, as for the codec's fused activation (test_codec)."""
+    moved = total = 0
+    g = gen(0)
+    for levels in (64, 256):
+        gates = (3 * torch.randn(64, 4 * 256, generator=g, dtype=F64)).to(dtype)
+        c_prev = 2 * torch.randn(64, 256, generator=g, dtype=compute_dtype(dtype))
+        m, n = lstm_forward_checked(gates, c_prev, levels)
+        moved, total = moved + m, total + n
+        gx = (2 * torch.randn(64, 3 * 256, generator=g, dtype=F64)).to(dtype)
+        gh = torch.randn(64, 3 * 256, generator=g, dtype=F64).to(dtype)
+        h_prev = (torch.rand(64, 256, generator=g, dtype=F64) * 2 - 1).to(dtype)
+        m, n = gru_forward_checked(gx, gh, h_prev, levels)
+        moved, total = moved + m, total + n
+    print(f"{dtype}: {moved} of {total} activation codes moved one level ({moved / total:.2e})")
+    assert moved / total <= 1e-3, f"{moved} of {total} codes moved one level"
+
+
+def boundary_preactivations(shape, levels, kind, g):
+    """Pre-activations whose activation lies on a rounding boundary between two levels (up to the
+    rounding of the pre-activation itself), where the two backends may disagree by one level."""
+    k = torch.randint(0, levels - 1, shape, generator=g, dtype=F64) + 0.5
+    if kind == SIG:
+        return torch.logit(k / (levels - 1))
+    return torch.atanh((2 * k - (levels - 1)) / (levels - 1))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_forward_codes_on_level_boundaries_move_at_most_one_level(dtype):
+    """Activations placed on level boundaries exercise the one-level moves the checks allow."""
+    bs, H, levels = 16, 64, 256
+    g = gen(5)
+    kinds = (SIG, SIG, TANH, SIG)
+    gates = torch.cat([boundary_preactivations((bs, H), levels, kind, g) for kind in kinds], 1)
+    moved, total = lstm_forward_checked(gates.to(dtype), torch.zeros(bs, H, dtype=dtype), levels)
+    print(f"{dtype}: {moved} of {total} codes on level boundaries moved one level")
+
+
+def test_empty_batch():
+    codes, c, m = K.lstm_step_forward(torch.zeros(0, 12), torch.zeros(0, 3), 64)
+    assert codes.shape == (5, 0, 3) and c.shape == m.shape == (0, 3)
+    codes, h = K.gru_step_forward(torch.zeros(0, 9), torch.zeros(0, 9), torch.zeros(0, 3), 64)
+    assert codes.shape == (4, 0, 3) and h.shape == (0, 3)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="c_prev must be float32 or float64 .*, got torch.bfloat16"):
+        K.lstm_step_forward(torch.zeros(2, 12), torch.zeros(2, 3, dtype=BF16), 64)
+    with pytest.raises(ValueError, match=r"gates must have shape \(2, 12\), got \(2, 11\)"):
+        K.lstm_step_forward(torch.zeros(2, 11), torch.zeros(2, 3), 64)
+    with pytest.raises(ValueError, match=r"gh must have shape \(2, 9\), got \(3, 9\)"):
+        K.gru_step_forward(torch.zeros(2, 9), torch.zeros(3, 9), torch.zeros(2, 3), 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: the layers with backend="triton" against backend="torch"
+
+STATE_TOL = (2e-4, 2e-4)  # float32 (atol, rtol), as tests/test_rnn.py
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_layers_triton_backend_matches_torch(cls):
+    """Bidirectional, 2 layers, an unsorted packed batch of lengths 4, 6, 3 (active rows shrink over
+    time), two chunks of cell-state checkpoints: output, final states and every gradient."""
+    torch.manual_seed(0)
+    module = cls(5, 8, num_layers=2, bidirectional=True, levels=64, chunk_size=4)
+    g = gen(0)
+    x = torch.randn(6, 3, 5, generator=g, requires_grad=True)
+    h0 = (0.5 * torch.randn(4, 3, 8, generator=g)).requires_grad_()
+    leaves = [x, h0]
+    hx = h0
+    if cls is DiscreteLSTM:
+        c0 = torch.randn(4, 3, 8, generator=g).requires_grad_()
+        leaves, hx = [x, h0, c0], (h0, c0)
+    lengths = torch.tensor([4, 6, 3], device="cpu")
+    results = {}
+    for backend in ("torch", "triton"):
+        module.backend = backend
+        out, hx_out = module(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
+        y, _ = pad_packed_sequence(out)
+        outs = [y, *(hx_out if isinstance(hx_out, tuple) else (hx_out,))]
+        gl = gen(1)
+        loss = sum((o * torch.randn(o.shape, generator=gl)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, leaves + list(module.parameters()))
+        results[backend] = [o.detach() for o in outs] + list(grads)
+    names = ["output", "h_n", "c_n"][: len(outs)] + ["d_input", "d_h0", "d_c0"][: len(leaves)]
+    names += [n for n, _ in module.named_parameters()]
+    atol, rtol = STATE_TOL
+    for name, a, b in zip(names, results["triton"], results["torch"]):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=name)
+    assert all(float(t.abs().sum()) > 0 for t in results["triton"][len(outs):]), "a zero gradient"
