@@ -234,6 +234,9 @@ def _gru_output_fn(levels, dtype):
 class LSTMLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b, w_hr, cfg: LayerConfig):
+        # Unused outputs (the code buffer, the packed final state) must not get zero-filled
+        # gradients of their full size in backward: that would double the peak.
+        ctx.set_materialize_grads(False)
         layout, levels, ops = cfg.layout, cfg.levels, cfg.ops
         dtype, acc = x.dtype, _acc(x.dtype)
         hidden = w_hh.shape[1] if w_hr is None else w_hr.shape[1]
@@ -357,6 +360,7 @@ class LSTMLayerFunction(torch.autograd.Function):
 class GRULayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, cfg: LayerConfig):
+        ctx.set_materialize_grads(False)  # see LSTMLayerFunction.forward
         layout, levels, ops = cfg.layout, cfg.levels, cfg.ops
         dtype = x.dtype
         hidden = w_hh.shape[1]

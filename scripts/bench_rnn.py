@@ -1,0 +1,680 @@
+#!/usr/bin/env python
+"""Benchmark DiscreteLSTM / DiscreteGRU against torch.nn.LSTM / torch.nn.GRU in the same run:
+forward+backward time, memory kept for backward and peak memory.
+
+Every configuration runs one layer, ``x`` of shape [T, B, input_size] with ``requires_grad``, zero
+initial states, and the loss ``output.sum() + h_n.sum() (+ c_n.sum())``; the backward pass computes
+the gradients of ``x`` and of every parameter (``torch.autograd.grad``, so nothing accumulates in
+``.grad`` between calls).
+
+Columns:
+
+* ``median ms`` / ``min ms``: forward+backward. CPU: ``time.perf_counter`` around each call, rounds
+  interleaved over the configurations (one call of each per round, ``--warmup`` untimed rounds
+  first) so that a load change on a shared machine hits every row alike; median of ``--repeats``.
+  CUDA: median of ``triton.testing.do_bench`` (L2 flushed before each call, at least ``--repeats``
+  timed calls after warm-up).
+* ``x torch``: median time / median time of torch.nn.LSTM (GRU) in the same run and dtype; on CUDA
+  that torch module runs cuDNN. Absolute CPU times drift between runs, ratios much less.
+* ``kept B/u``: bytes of every distinct storage autograd saves for backward (saved-tensor hooks, as
+  ``tests/test_rnn.py::kept_bytes``), excluding the input, the parameters and the output (they exist
+  anyway), per time step x batch row x hidden unit. ``codes B/u`` is what the DiscreteLSTM/GRU
+  docstrings promise: Q codes of ceil(log2 L) bits (+ 4 / chunk_size bytes of LSTM cell checkpoint).
+* ``peak MiB``: extra memory at the peak of one forward+backward, measured in a fresh process per
+  configuration so peaks never mix (forked from a clean "forkserver" interpreter that has only
+  imported torch and discrnn). A warm-up call on 2 steps initialises thread pools and lazy library
+  state; it is that short because glibc reuses the small blocks it frees without growing RSS. Then
+  the baseline is taken and the full call measured. CPU: the process's resident-set high-water mark
+  (``getrusage(RUSAGE_SELF).ru_maxrss``, reset to the current RSS through ``/proc/self/clear_refs``
+  after the warm-up) minus the RSS at that point. The process runs with
+  ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc maps every large tensor on its own and returns it
+  to the system when freed; otherwise its adaptive threshold keeps freed tensors in the heap and RSS
+  measures allocator history instead of live tensors. CUDA: ``torch.cuda.max_memory_allocated``
+  after ``reset_peak_memory_stats`` minus ``memory_allocated`` at that point. The baseline holds the
+  model and ``x``; the peak includes the output (T x B x H), the kept tensors, the gradients
+  (``dx`` is T x B x input_size) and the temporaries of backward. ``peak B/u`` divides it by
+  T x B x H. Small sizes (``--quick``) give peaks of a few MiB where heap noise dominates.
+  tracemalloc would be wrong here: it does not see torch's allocations.
+
+Defaults: CPU H=256, B=16, T=512, input_size=256, float32; CUDA H=1024, B=64, T=1024, float32 and
+bfloat16. Levels 64 and 256. ``--quick`` shrinks everything to a smoke run (T=32, B=4,
+H=input_size=32), where peaks are heap noise.
+Writes ``results/bench_rnn_<device>.csv`` (``_quick`` appended for --quick runs) and a PNG beside it
+when matplotlib imports.
+
+    python scripts/bench_rnn.py             # the default configuration of this device
+    python scripts/bench_rnn.py --quick     # smoke run, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import triton
+from torch import nn
+
+import discrnn
+from discrnn import DiscreteGRU, DiscreteLSTM
+from discrnn.backend import resolve_backend
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+CELLS = {"lstm": (nn.LSTM, DiscreteLSTM), "gru": (nn.GRU, DiscreteGRU)}
+CODES_PER_UNIT = {"lstm": 5, "gru": 4}  # i, f, g, o, tanh(c) / r, z, n, h
+# Steps of the untimed warm-up call in the memory process. Short on purpose: blocks below the mmap
+# threshold that it frees stay in the heap, and the measured call would reuse them unseen.
+WARMUP_STEPS = 2
+# glibc: every allocation above 64 KiB gets its own mapping, returned to the system when freed.
+MMAP_THRESHOLD = "65536"
+
+# shared/BASELINES.md: kept bytes per step x batch x hidden unit that discrnn aims at, and the GPU
+# targets against cuDNN (time within 1.3x, at most a quarter of its peak memory).
+KEPT_GOALS = {("lstm", 64): 4.0, ("gru", 64): 3.5, ("lstm", 256): 5.25}
+GPU_TIME_GOAL, GPU_PEAK_GOAL = 1.3, 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# One configuration: what to build and how to run it (shared with scripts/rnn_memory.py)
+
+
+@dataclass
+class Case:
+    cell: str  # "lstm" or "gru"
+    levels: int | None  # None: torch.nn.LSTM / GRU itself
+    hidden: int
+    batch: int
+    steps: int
+    input_size: int
+    dtype: str
+    device: str
+    chunk_size: int = 32
+    seed: int = 0
+    threads: int = 1
+    backend: str | None = None  # discrnn backend: None picks by device (Triton on CUDA)
+
+    @property
+    def label(self) -> str:
+        if self.levels is None:
+            name = f"torch.nn.{self.cell.upper()}"
+            return name + (" (cuDNN)" if self.device.startswith("cuda")
+                           and torch.backends.cudnn.enabled else "")
+        # The backend that will run, so a table never hides which step kernels were timed.
+        try:
+            backend = resolve_backend(self.backend, torch.device(self.device))
+        except ValueError:
+            backend = f"{self.backend}?"
+        return f"Discrete{self.cell.upper()} L={self.levels} [{backend}]"
+
+    def codes_bytes_per_unit(self) -> float:
+        """Kept bytes per step x batch x unit that the DiscreteLSTM/GRU docstrings promise."""
+        if self.levels is None:
+            return math.nan
+        bits = (self.levels - 1).bit_length()
+        per_unit = CODES_PER_UNIT[self.cell] * bits / 8
+        if self.cell == "lstm":
+            per_unit += 4 / self.chunk_size  # float32 cell-state checkpoint every chunk_size steps
+        return per_unit
+
+
+def resolved_backend(name: str, device: torch.device) -> str:
+    """'auto' -> the backend discrnn picks on this device; one it refuses is kept as given, so its
+    rows carry discrnn's own error message."""
+    try:
+        return resolve_backend(None if name == "auto" else name, device)
+    except ValueError:
+        return name
+
+
+def build(case: Case) -> tuple[nn.Module, torch.Tensor]:
+    """The module and its input, the same weights for torch and discrnn (same seed, same init)."""
+    device, dtype = torch.device(case.device), DTYPES[case.dtype]
+    torch.manual_seed(case.seed)
+    torch_cls, ours_cls = CELLS[case.cell]
+    if case.levels is None:
+        module = torch_cls(case.input_size, case.hidden)
+    else:
+        module = ours_cls(case.input_size, case.hidden, levels=case.levels,
+                          chunk_size=case.chunk_size, backend=case.backend)
+    # .to() of an nn.LSTM on CUDA re-flattens its weights into the one buffer cuDNN wants.
+    module = module.to(device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(case.seed + 1)
+    x = torch.randn(case.steps, case.batch, case.input_size, generator=gen, device=device,
+                    dtype=dtype).requires_grad_()
+    return module, x
+
+
+def loss_of(y: torch.Tensor, states) -> torch.Tensor:
+    """output.sum() + final states. The gradient of a sum is an expanded scalar (a stride-0 view),
+    so no T x B x H gradient tensor is materialised by the loss itself."""
+    states = states if isinstance(states, tuple) else (states,)
+    return y.sum() + sum(s.sum() for s in states)
+
+
+def backward(module: nn.Module, x: torch.Tensor, y: torch.Tensor, states) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss_of(y, states), [x, *module.parameters()]))
+
+
+def forward_backward(module: nn.Module, x: torch.Tensor):
+    y, states = module(x)
+    return y, backward(module, x, y, states)
+
+
+class KeptBytes:
+    """Counts the distinct storages autograd saves for backward during a forward pass (identity
+    hooks: nothing is copied or changed). ``total(exclude)`` leaves out storages that exist
+    anyway."""
+
+    def __init__(self):
+        self.storages: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    def total(self, exclude: list[torch.Tensor]) -> int:
+        excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        return sum(n for ptr, n in self.storages.items() if ptr not in excluded)
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory, in a fresh process per configuration
+
+
+def _rss_now() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def _rss_peak() -> int:
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _reset_rss_peak() -> bool:
+    """Writing 5 to clear_refs resets the high-water mark (and ru_maxrss) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_worker(case: Case) -> dict:
+    """Runs in its own process: peak and retained memory of one forward+backward above the baseline
+    after setup, and the bytes kept for backward, counted during that same forward."""
+    torch.set_num_threads(case.threads)
+    device = torch.device(case.device)
+    cuda = device.type == "cuda"
+    module, x = build(case)
+    # Warm-up on 2 steps: thread pools, BLAS handles and lazy state are made here, not counted.
+    warm_x = x[: min(case.steps, WARMUP_STEPS)].detach().requires_grad_()
+    out = forward_backward(module, warm_x)
+    del out, warm_x
+    gc.collect()
+
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        peak_reset = True
+    else:
+        peak_reset = _reset_rss_peak()
+        base = _rss_now() if peak_reset else _rss_peak()  # without a reset: the old high-water mark
+
+    with KeptBytes() as kept:
+        y, states = module(x)
+    grads = backward(module, x, y, states)
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        end = torch.cuda.memory_allocated(device) - base
+    else:
+        peak = _rss_peak() - base
+        end = (_rss_now() or 0) - base
+    kept_bytes = kept.total([x, y, *module.parameters()])
+    del y, states, grads
+    return {"peak_bytes": peak, "end_bytes": end, "kept_bytes": kept_bytes,
+            "peak_reset": peak_reset}
+
+
+def _safe_worker(spec: dict) -> dict:
+    try:
+        return memory_worker(Case(**spec))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as a row error
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def measure_memory(cases: list[Case], jobs: int = 1, timeout_s: float = 900.0) -> list[dict]:
+    """memory_worker(case) of every case, each in a process of its own, ``jobs`` at a time.
+
+    The processes are forked from a multiprocessing "forkserver": a fresh interpreter (started by
+    exec, never touched by CUDA or by torch's thread pools) that has only imported torch and
+    discrnn. Each task gets a new child (maxtasksperchild=1), so no peak or allocator state is
+    inherited from another measurement, and the ~2 s torch import is paid once, not per case.
+    """
+    if any(c.device == "cpu" for c in cases):
+        # Read by glibc when the forkserver starts, inherited by every child forked from it.
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "discrnn"])
+    results = []
+    with ctx.Pool(processes=jobs, maxtasksperchild=1) as pool:
+        pending = [pool.apply_async(_safe_worker, (asdict(c),)) for c in cases]
+        for task in pending:
+            try:
+                results.append(task.get(timeout_s))
+            except multiprocessing.TimeoutError:  # also what a killed child looks like
+                results.append({"error": f"no result after {timeout_s:.0f} s "
+                                         "(killed? out of memory?)"})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_cpu(fns: list[Callable[[], object]], repeats: int, warmup: int
+             ) -> tuple[list[list[float]], list[str]]:
+    """Milliseconds per call of each fn, in interleaved rounds (one call of every fn per round), so
+    a load change on a shared CPU spreads over all rows instead of landing on one. A fn that raises
+    is recorded (second list) and left out of the later rounds."""
+    times: list[list[float]] = [[] for _ in fns]
+    errors = [""] * len(fns)
+    for round_ in range(warmup + repeats):
+        for i, fn in enumerate(fns):
+            if errors[i]:
+                continue
+            try:
+                start = time.perf_counter()
+                out = fn()
+                elapsed = (time.perf_counter() - start) * 1e3
+                del out
+            except Exception as exc:  # noqa: BLE001 - recorded in the row
+                errors[i] = f"{type(exc).__name__}: {exc}"
+                continue
+            if round_ >= warmup:
+                times[i].append(elapsed)
+    return times, errors
+
+
+def time_cuda(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(median, min) ms from triton.testing.do_bench with at least ``repeats`` timed calls: do_bench
+    times ``rep`` milliseconds' worth of calls, so rep is scaled by a first estimate."""
+    fn()  # first call: cuDNN plans, cuBLAS handles, allocator growth
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    estimate_ms = (time.perf_counter() - start) * 1e3
+    median, fastest = triton.testing.do_bench(
+        fn, warmup=max(25.0, estimate_ms), rep=max(100.0, repeats * estimate_ms * 1.05),
+        quantiles=[0.5, 0.0],
+    )
+    return float(median), float(fastest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows and reporting
+
+
+@dataclass
+class Row:
+    label: str
+    cell: str
+    levels: int | None
+    dtype: str
+    hidden: int
+    batch: int
+    steps: int
+    input_size: int
+    chunk_size: int
+    ms: float = math.nan
+    min_ms: float = math.nan
+    ratio: float = math.nan  # ms / ms of the torch module of the same cell and dtype
+    kept_bytes: float = math.nan
+    kept_per_unit: float = math.nan
+    codes_per_unit: float = math.nan
+    peak_mib: float = math.nan
+    peak_per_unit: float = math.nan
+    peak_ratio: float = math.nan  # peak / peak of the torch module
+    end_mib: float = math.nan  # memory still held after backward (output + gradients)
+    times_ms: list = field(default_factory=list)
+    error: str = ""
+
+
+def fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def print_table(title: str, rows: list[Row], cuda: bool) -> None:
+    header = ["module", "median ms", "min ms", "x torch", "kept B/u", "codes B/u", "peak MiB",
+              "peak B/u", "peak x torch", "note"]
+    table = []
+    for r in rows:
+        note = f"ERROR {r.error.splitlines()[0][:70]}" if r.error else ""
+        goal = KEPT_GOALS.get((r.cell, r.levels))
+        if goal is not None and not math.isnan(r.kept_per_unit):
+            note = (note + "; " if note else "") + (
+                f"kept goal <= {goal}: {'met' if r.kept_per_unit <= goal else 'NOT met'}")
+        if abs(r.peak_mib) < 1.0:  # a few heap pages: allocator noise, not the layer
+            note = (note + "; " if note else "") + "peak < 1 MiB: noise"
+        table.append([r.label, fmt(r.ms, ".1f"), fmt(r.min_ms, ".1f"), fmt(r.ratio, ".2f"),
+                      fmt(r.kept_per_unit, ".3f"), fmt(r.codes_per_unit, ".3f"),
+                      fmt(r.peak_mib, ".1f"), fmt(r.peak_per_unit, ".2f"),
+                      fmt(r.peak_ratio, ".3f"), note])
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
+
+    def render(cells):
+        return "  ".join(c.ljust(w) if i in (0, len(cells) - 1) else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    print(f"\n== {title}")
+    print(render(header))
+    print(render(["-" * w for w in widths]))
+    previous = None
+    for r, line in zip(rows, table):
+        if previous is not None and r.cell != previous:
+            print()
+        previous = r.cell
+        print(render(line))
+    print("  B/u = bytes per time step x batch row x hidden unit; peak is measured in a fresh "
+          "process (" + ("max_memory_allocated" if cuda else "RSS high-water mark") + ").")
+
+
+def print_gpu_goals(rows: list[Row]) -> None:
+    """shared/BASELINES.md GPU targets: DiscreteLSTM within 1.3x cuDNN time, <= 1/4 of its peak."""
+    print("\n== GPU goals (shared/BASELINES.md), judged on this run")
+    for r in rows:
+        if r.cell != "lstm" or r.levels is None or r.error:
+            continue
+        t_ok = r.ratio <= GPU_TIME_GOAL
+        m_ok = r.peak_ratio <= GPU_PEAK_GOAL
+        print(f"{r.label:>26} {r.dtype:>8}: {r.ratio:.2f}x cuDNN time "
+              f"({'met' if t_ok else 'NOT met'}: <= {GPU_TIME_GOAL}), {r.peak_ratio:.3f}x its peak "
+              f"({'met' if m_ok else 'NOT met'}: <= {GPU_PEAK_GOAL})")
+
+
+def write_csv(path: Path, rows: list[Row], meta: dict) -> None:
+    names = list(meta) + [f.name for f in fields(Row)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=names)
+        writer.writeheader()
+        for r in rows:
+            d = asdict(r)
+            d["times_ms"] = " ".join(f"{t:.2f}" for t in r.times_ms)
+            writer.writerow({**meta, **d})
+
+
+def plot(path: Path, rows: list[Row], title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # noqa: BLE001 - the plot is optional
+        print(f"\nplot skipped: matplotlib does not import ({type(exc).__name__}: {exc})")
+        return False
+    panels = [("ratio", "forward+backward time / torch"),
+              ("kept_per_unit", "kept B per step x B x H"),
+              ("peak_mib", "peak MiB (fresh process)")]
+    labels = [f"{r.label}\n{r.dtype}" for r in rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5))
+    for ax, (attr, name) in zip(axes, panels):
+        values = [0.0 if math.isnan(getattr(r, attr)) else getattr(r, attr) for r in rows]
+        colors = ["tab:gray" if r.levels is None else "tab:blue" for r in rows]
+        ax.bar(range(len(rows)), values, color=colors)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(name)
+        ax.grid(axis="y", alpha=0.3)
+        if attr == "kept_per_unit":
+            ax.set_yscale("log")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return math.nan
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
+        return (head + ("+dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Forward+backward time, kept bytes and peak memory of DiscreteLSTM/GRU beside "
+        "torch.nn.LSTM/GRU (cuDNN on CUDA) in the same run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available, else CPU")
+    p.add_argument("--hidden", type=int, default=None, help="H (default 1024 CUDA, 256 CPU)")
+    p.add_argument("--batch", type=int, default=None, help="B (default 64 CUDA, 16 CPU)")
+    p.add_argument("--steps", type=int, default=None, help="T (default 1024 CUDA, 512 CPU)")
+    p.add_argument("--input-size", type=int, default=None, help="default: H")
+    p.add_argument("--levels", type=int, nargs="+", default=[64, 256], help="discrnn levels")
+    p.add_argument("--cells", choices=tuple(CELLS), nargs="+", default=list(CELLS))
+    p.add_argument("--dtype", choices=tuple(DTYPES), nargs="+", default=None,
+                   help="default: float32 and bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--chunk-size", type=int, default=32, help="discrnn chunk_size")
+    p.add_argument("--backends", choices=("auto", "torch", "triton"), nargs="+", default=["auto"],
+                   help="discrnn backends to run; auto = by device (Triton on CUDA, torch on CPU)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per configuration (default 5 CPU, 10 CUDA; 3 with --quick)")
+    p.add_argument("--warmup", type=int, default=1, help="CPU: untimed rounds before timing")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: T=32 B=4 H=input_size=32 unless given")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    p.add_argument("--out", type=Path, default=None,
+                   help="CSV path (default results/bench_rnn_<device>[_quick].csv)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("hidden", "batch", "steps", "input_size", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if any(not 2 <= L <= 256 for L in args.levels):
+        p.error(f"--levels must lie in [2, 256], got {args.levels}")
+    if args.chunk_size < 1 or args.threads < 1 or args.warmup < 0:
+        p.error("--chunk-size and --threads must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device")
+    cuda = device.type == "cuda"
+    torch.set_num_threads(args.threads)
+
+    # Sizes: the device's default configuration, shrunk by --quick, overridden by explicit flags.
+    default = dict(hidden=1024, batch=64, steps=1024) if cuda else dict(hidden=256, batch=16,
+                                                                         steps=512)
+    if args.quick:
+        default = dict(hidden=32, batch=4, steps=32)
+    H = args.hidden or default["hidden"]
+    B = args.batch or default["batch"]
+    T = args.steps or default["steps"]
+    I = args.input_size or H
+    dtypes = args.dtype or (["float32", "bfloat16"] if cuda else ["float32"])
+    repeats = args.repeats or (3 if args.quick else 10 if cuda else 5)
+
+    name = device_name(device)
+    meta = {
+        "device": device.type, "device_name": name, "torch": torch.__version__,
+        "triton": triton.__version__, "discrnn": discrnn.__version__, "commit": git_commit(),
+        "threads": torch.get_num_threads(), "load_avg_1min": load_average(),
+        "timing": f"do_bench median, >= {repeats} calls" if cuda
+        else f"perf_counter median of {repeats} interleaved rounds after {args.warmup}",
+    }
+    print("discrnn recurrent-layer benchmark: forward+backward of one layer")
+    for key, value in meta.items():
+        print(f"  {key:14} {value}")
+    print(f"  {'shape':14} T={T} B={B} H={H} input_size={I}, levels {args.levels}, "
+          f"chunk_size={args.chunk_size}, dtypes {dtypes}")
+    if not cuda and meta["load_avg_1min"] > 0.5 * (os.cpu_count() or 1):
+        print(f"  WARNING: load average {meta['load_avg_1min']} before the run: the CPU is shared; "
+              "absolute times are inflated, compare the ratios (rounds are interleaved)")
+
+    backends = list(dict.fromkeys(resolved_backend(b, device) for b in args.backends))
+    cases = [
+        Case(cell, levels, H, B, T, I, dtype, str(device), args.chunk_size, args.seed,
+             torch.get_num_threads(), backend)
+        for dtype in dtypes for cell in args.cells
+        for levels, backend in [(None, None)] + [(L, b) for L in args.levels for b in backends]
+    ]
+    rows = [Row(c.label, c.cell, c.levels, c.dtype, H, B, T, I, args.chunk_size,
+                codes_per_unit=c.codes_bytes_per_unit()) for c in cases]
+
+    # -- time -------------------------------------------------------------------------------
+    start = time.perf_counter()
+    built = []
+    for case, row in zip(cases, rows):
+        try:
+            built.append(build(case))
+        except Exception as exc:  # noqa: BLE001 - recorded in the row
+            row.error = f"{type(exc).__name__}: {exc}"
+            built.append(None)
+
+    def call(pair):
+        return lambda: forward_backward(*pair)
+
+    live = [i for i, b in enumerate(built) if b is not None]
+    if cuda:
+        for i in live:
+            try:
+                rows[i].ms, rows[i].min_ms = time_cuda(call(built[i]), repeats)
+            except Exception as exc:  # noqa: BLE001
+                rows[i].error = f"{type(exc).__name__}: {exc}"
+    else:
+        all_times, errors = time_cpu([call(built[i]) for i in live], repeats, args.warmup)
+        for i, times, error in zip(live, all_times, errors):
+            rows[i].error = error
+            if times:
+                rows[i].times_ms = times
+                rows[i].ms, rows[i].min_ms = statistics.median(times), min(times)
+    del built
+    gc.collect()
+    print(f"\ntiming took {time.perf_counter() - start:.0f} s")
+
+    # -- memory: one fresh process per configuration -----------------------------------------
+    if not args.no_memory:
+        start = time.perf_counter()
+        # One process per configuration that ran; one at a time, like the timing.
+        todo = [i for i, row in enumerate(rows) if not row.error]
+        for i, result in zip(todo, measure_memory([cases[i] for i in todo], jobs=1)):
+            row = rows[i]
+            if "error" in result:
+                row.error = result["error"]
+                continue
+            units = T * B * H
+            row.kept_bytes = result["kept_bytes"]
+            row.kept_per_unit = result["kept_bytes"] / units
+            row.peak_mib = result["peak_bytes"] / 2**20
+            row.peak_per_unit = result["peak_bytes"] / units
+            row.end_mib = result["end_bytes"] / 2**20
+            if not result["peak_reset"]:
+                row.error = "peak not reset (no /proc/self/clear_refs): includes setup"
+        print(f"memory processes took {time.perf_counter() - start:.0f} s")
+
+    # Ratios against the torch module of the same cell and dtype, measured in this run.
+    for row in rows:
+        ref = next(r for r in rows
+                   if r.cell == row.cell and r.dtype == row.dtype and r.levels is None)
+        row.ratio = row.ms / ref.ms
+        row.peak_ratio = row.peak_mib / ref.peak_mib if ref.peak_mib else math.nan
+
+    for dtype in dtypes:
+        print_table(f"{dtype}, T={T} B={B} H={H} input_size={I} on {name}",
+                    [r for r in rows if r.dtype == dtype], cuda)
+    if cuda:
+        print_gpu_goals(rows)
+    print("  BASELINES.md, torch.nn CPU fp32 kept B/u: LSTM 62-68, GRU 28-29; discrnn goals: "
+          "LSTM L=64 <= 4.0, L=256 <= 5.25, GRU L=64 <= 3.5")
+    errors = [r for r in rows if r.error]
+    for r in errors:
+        print(f"\nERROR in {r.label} {r.dtype}:\n{r.error}")
+
+    tag = device.type + ("_quick" if args.quick else "")
+    out = args.out or Path("results") / f"bench_rnn_{tag}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(out, rows, {**meta, "load_avg_1min_end": load_average()})
+    print(f"\nwrote {out}")
+    if not args.no_plot and plot(out.with_suffix(".png"), rows,
+                                 f"discrnn vs torch.nn, T={T} B={B} H={H}, {name} "
+                                 f"(torch {torch.__version__}, triton {triton.__version__})"):
+        print(f"wrote {out.with_suffix('.png')}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
