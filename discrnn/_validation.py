@@ -103,7 +103,7 @@ def check_code_tensor(name: str, codes, bits: int) -> torch.Tensor:
             f"{name} must have an integer dtype (uint8 preferred), got {codes.dtype}"
         )
     if codes.numel():
-        lo, hi = int(codes.min()), int(codes.max())
+        lo, hi = (int(v) for v in torch.aminmax(codes))  # one pass, one sync
         if lo < 0 or hi >= (1 << bits):
             raise ValueError(
                 f"{name} must lie in [0, {(1 << bits) - 1}] for bits={bits}, "
