@@ -11,13 +11,34 @@ What one step keeps for backward is the level codes, as uint8 ``[Q, bs, H]``:
 
 Straight-through derivatives come from the codes alone (``torch_code_derivative``: the mean of f'
 over the level's bin), as in ``discrete_*(..., grad="code")``.
+
+The per-step functions below keep their signatures (they are the reference of the Triton kernels);
+the forward ones run through :class:`LSTMForwardStep` / :class:`GRUForwardStep`, which the layers
+(``discrnn.rnn_function``, torch backend) call directly with preallocated buffers, a few aten calls
+per step. They are bit-identical to encoding and decoding each gate with ``codec_torch``:
+
+* all LSTM gate planes (both GRU r, z planes) are encoded in one pass with per-plane constants:
+  ``(act + a) * m`` with ``a`` 1 for the tanh plane, 0 otherwise, and ``m`` = (L - 1) / 2 or
+  L - 1 gives exactly the floats of ``torch_encode``; the floor is a truncating cast to int32 of
+  u + 0.5 >= 0 after the clamp (which cannot change an activation's code, so activations skip it);
+  decoding multiplies the code by 1 or 2 and adds 0 or -(L - 1) (small integers: exact) and divides
+  by L - 1 held as a tensor (one correctly rounded division), exactly ``torch_decode``;
+* tanh and sigmoid are evaluated on tensors whose innermost loop has the same length as in a
+  plane-by-plane evaluation (H for LSTM gate planes, bs * H for contiguous [bs, H] operands):
+  torch's CPU kernels vectorise the body of that loop and evaluate its tail in scalar code, which
+  can differ in the last ulp, so the loop shape is part of being bit-identical.
+
+Backward (:class:`StepTables`) decodes a whole chunk of codes at once by lookup tables of the L level
+values and straight-through derivatives, and of the products of two codes' values / derivatives
+(computed once with ``torch_decode`` and ``torch_code_derivative``: the same numbers as decoding
+each step, and the products torch would compute from them).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .codec_torch import torch_code_derivative, torch_decode, torch_encode
+from .codec_torch import torch_code_derivative, torch_decode
 
 LSTM_CODES = 5  # i, f, g, o, u
 GRU_CODES = 4  # r, z, n, h
@@ -27,22 +48,252 @@ _LSTM_KINDS = (_SIG, _SIG, _TANH, _SIG, _TANH)
 _GRU_KINDS = (_SIG, _SIG, _TANH, _TANH)
 
 
+class StepTables:
+    """Constants of the fast step math for one (levels, dtype, device): encode/decode constants as
+    0-dim tensors (cheaper per call than Python scalars, same values), and (built on first use)
+    lookup tables of the level values and straight-through derivatives.
+
+    ``dtype`` is the layer's dtype; the arithmetic runs in its compute dtype ``acc``. The layers keep
+    one instance per call (``LayerConfig.tables``), so nothing here is global state.
+    """
+
+    def __init__(self, levels: int, dtype: torch.dtype, device):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        span = levels - 1
+        self.levels, self.dtype, self.acc, self.device = levels, dtype, acc, device
+
+        def const(value):
+            return torch.full((), value, dtype=acc, device=device)
+
+        # A device tensor as divisor (see codec_torch.torch_decode): one correctly rounded division.
+        self.den = const(span)
+        self.span = const(span)
+        self.neg_span = const(-span)
+        self.half_span = const(span / 2)  # (L - 1) / 2: exact in every float dtype for L <= 256
+        self.one, self.two, self.half = const(1.0), const(2.0), const(0.5)
+        # Per-plane constants of the LSTM gate planes i, f, g, o: encode (v + [0, 0, 1, 0]) * mul,
+        # decode (k * dec_mul + dec_add) / (L - 1).
+        def column(values):
+            return torch.tensor(values, dtype=acc, device=device).view(4, 1)
+
+        self.gate_mul = column([span, span, span / 2, span])
+        self.gate_dec_mul = column([1.0, 1.0, 2.0, 1.0])
+        self.gate_dec_add = column([0.0, 0.0, -span, 0.0])
+        self._tables = None
+
+    def _build_tables(self):
+        k = torch.arange(self.levels, device=self.device).to(torch.uint8)
+        value = {kind: torch_decode(k, self.levels, kind, self.acc) for kind in (_SIG, _TANH)}
+        deriv = {kind: torch_code_derivative(k, self.levels, kind, self.acc) for kind in (_SIG, _TANH)}
+        # The level as the layer's dtype holds it (h_t fed to the next step), back in acc.
+        output = {kind: v.to(self.dtype).to(self.acc) for kind, v in value.items()}
+        self._tables = {"value": value, "deriv": deriv, "output": output}
+
+    def table(self, which: str, kind: str) -> torch.Tensor:
+        """[L] level values (``which`` = "value"), straight-through derivatives ("deriv") or values
+        as the layer's dtype rounds them ("output"), in acc: computed with ``torch_decode`` /
+        ``torch_code_derivative``, so a gather from them is bit-identical to decoding each code."""
+        if self._tables is None:
+            self._build_tables()
+        return self._tables[which][kind]
+
+    def pair_table(self, name: str) -> torch.Tensor:
+        """[L * L] products of two codes' values / derivatives, indexed by ``a * L + b`` (see
+        :meth:`pair_index`), each entry the product torch computes elementwise (one rounding).
+        ``a`` is a sigmoid code, ``b`` a tanh code:
+
+        "ab" = a * b (LSTM i g, o u), "b_da" = b * d_a (g d_i, u d_o), "a_db" = a * d_b (i d_g,
+        o d_u), "a_n" = (1 - a) * d_b (GRU (1 - z) d_n).
+        """
+        if self._tables is None:
+            self._build_tables()
+        pairs = self._tables.setdefault("pair", {})
+        if name not in pairs:
+            val, der = self._tables["value"], self._tables["deriv"]
+            a, b = val[_SIG][:, None], val[_TANH][None, :]
+            products = {
+                "ab": lambda: a * b,
+                "b_da": lambda: b * der[_SIG][:, None],
+                "a_db": lambda: a * der[_TANH][None, :],
+                "a_n": lambda: torch.rsub(a, 1.0) * der[_TANH][None, :],
+            }
+            pairs[name] = products[name]().reshape(-1)
+        return pairs[name]
+
+    def indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """uint8 codes [R, Q, H] (any strides) -> int32 indices [Q, R * H], plane by plane."""
+        R, Q, H = codes.shape
+        idx = torch.empty(Q, R, H, dtype=torch.int32, device=codes.device)
+        idx.copy_(codes.permute(1, 0, 2))
+        return idx.view(Q, R * H)
+
+    def pair_index(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Indices of code pairs into a :meth:`pair_table`: a * L + b (int32)."""
+        return torch.add(b, a, alpha=self.levels)
+
+    def gather(self, table: torch.Tensor, idx: torch.Tensor, shape) -> torch.Tensor:
+        """table[idx] for int32 indices ``idx`` (1-D), viewed as ``shape``."""
+        return table.index_select(0, idx).view(shape)
+
+    def lookup(self, which: str, kind: str, codes: torch.Tensor) -> torch.Tensor:
+        """:meth:`table` gathered at uint8 ``codes`` of any shape and strides."""
+        idx = codes.to(torch.int32).reshape(-1)
+        return self.table(which, kind).index_select(0, idx).view(codes.shape)
+
+    # Encode in place, then to integer codes. torch_encode computes k = floor(u + 0.5) with
+    # u = (v + 1) * (L - 1) / 2 (tanh) or v * (L - 1) (sigmoid), clamps k to [0, L - 1] and maps NaN
+    # to 0. Here u + 0.5 goes to int32 with a truncating cast, which is the same floor once u + 0.5 is
+    # clamped (clamp and floor commute for integer bounds), and needs no clamp at all for outputs of
+    # tanh / sigmoid (``activation=True``): u + 0.5 then lies in [0.5, L - 0.5].
+
+    def encode_tanh_(self, v: torch.Tensor, activation: bool, codes: torch.Tensor) -> torch.Tensor:
+        """v (tanh range, overwritten) -> int32 codes into ``codes``."""
+        v.add_(self.one).mul_(self.half_span).add_(self.half)
+        if not activation:
+            v.clamp_(0.0, float(self.levels - 1))
+        return codes.copy_(v.nan_to_num_(nan=0.0))
+
+    def decode_tanh(self, k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """int32 tanh codes -> level values (2k - (L - 1)) / (L - 1) into ``out`` (the sum exact)."""
+        return torch.add(self.neg_span, k, alpha=2, out=out).div_(self.den)
+
+
+def _padded_planes(bs: int, planes: int, H: int, acc, device) -> torch.Tensor:
+    """A [bs, planes, H] view into a buffer whose rows are one element longer: elementwise results
+    written there keep an innermost loop of H (see the module docstring)."""
+    return torch.empty(bs, planes, H + 1, dtype=acc, device=device)[:, :, :H]
+
+
+def _plane_pair(bs: int, H: int, acc, device) -> torch.Tensor:
+    """[2, bs, H]: two contiguous [bs, H] planes with a gap between them, so that an elementwise op
+    over both keeps the innermost loop of bs * H of one contiguous plane (see the module docstring)."""
+    n = bs * H
+    return torch.empty(2 * n + 1, dtype=acc, device=device).as_strided((2, bs, H), (n + 1, H, 1))
+
+
+class _Rows:
+    """Views of a step workspace for one batch size (built once per size)."""
+
+
+class LSTMForwardStep:
+    """Buffers of the fast LSTM forward step for up to ``B`` rows, and their views per batch size.
+
+    ``rows(bs).gates`` is where the caller may put the step's pre-activations in acc (then
+    ``gates=None`` in :meth:`__call__`), e.g. ``torch.addmm(..., out=rows(bs).gates)``.
+    """
+
+    def __init__(self, tables: StepTables, B: int, H: int, device):
+        acc = tables.acc
+        self.tables, self.H = tables, H
+        self._gates = torch.empty(B, 4 * H, dtype=acc, device=device)
+        self._act = _padded_planes(B, 4, H, acc, device)
+        self._vals = torch.empty(B, 4, H, dtype=acc, device=device)
+        self._ig = torch.empty(B, H, dtype=acc, device=device)
+        self._rows = {}
+
+    def rows(self, bs: int) -> _Rows:
+        v = self._rows.get(bs)
+        if v is None:
+            v = self._rows[bs] = _Rows()
+            v.gates = self._gates[:bs]
+            v.pre, v.pre_g = self._gate_views(v.gates, bs)
+            v.act = self._act[:bs]
+            v.act_g = v.act[:, 2]
+            v.ig = self._ig[:bs]
+            v.vals = self._vals[:bs]
+            v.i, v.f, v.g, v.o = v.vals.unbind(1)
+        return v
+
+    def _gate_views(self, gates, bs):
+        H = self.H
+        return gates.view(bs, 4, H), gates[:, 2 * H : 3 * H]
+
+    def __call__(self, v: _Rows, c_prev, k_gates, k_u, m_out=None, gates=None):
+        """One step for the rows of ``v``: c_prev [bs, H] (acc) -> c [bs, H], m = o * u [bs, H];
+        the codes, as int32, into ``k_gates`` ([bs, 4, H]: i, f, g, o) and ``k_u`` ([bs, H])."""
+        t = self.tables
+        if gates is None:
+            pre, pre_g = v.pre, v.pre_g
+        else:
+            gates = gates if gates.dtype == t.acc else gates.to(t.acc)
+            pre, pre_g = self._gate_views(gates, c_prev.shape[0])
+        act = v.act
+        torch.sigmoid(pre, out=act)  # planes i, f, o (g is overwritten next)
+        torch.tanh(pre_g, out=v.act_g)
+        v.act_g.add_(t.one)  # (v + 1) * (L - 1) / 2 for g, v * (L - 1) for i, f, o
+        act.mul_(t.gate_mul).add_(t.half).nan_to_num_(nan=0.0)
+        k_gates.copy_(act)  # truncation = floor (see StepTables)
+        torch.mul(k_gates, t.gate_dec_mul, out=v.vals).add_(t.gate_dec_add).div_(t.den)  # exact sum
+        c = torch.mul(v.f, c_prev)
+        c.add_(torch.mul(v.i, v.g, out=v.ig))
+        u = torch.tanh(c)
+        t.decode_tanh(t.encode_tanh_(u, True, k_u), out=u)
+        return c, torch.mul(v.o, u, out=m_out)
+
+
+class GRUForwardStep:
+    """Buffers of the fast GRU forward step for up to ``B`` rows, and their views per batch size.
+
+    ``rows(bs).gh`` is where the caller may put h W_hh^T + b_hh in acc (then ``gh=None``)."""
+
+    def __init__(self, tables: StepTables, B: int, H: int, device):
+        acc = tables.acc
+        self.tables, self.H, self.device = tables, H, device
+        self._gh = torch.empty(B, 3 * H, dtype=acc, device=device)
+        self._n = torch.empty(B, H, dtype=acc, device=device)
+        self._zh = torch.empty(B, H, dtype=acc, device=device)
+        self._rows = {}
+
+    def rows(self, bs: int) -> _Rows:
+        v = self._rows.get(bs)
+        if v is None:
+            v = self._rows[bs] = _Rows()
+            v.gh = self._gh[:bs]
+            v.gh_rz, v.gh_n = self._gh_views(v.gh, bs)
+            # r and z as two contiguous [bs, H] planes: the sigmoid runs the loops of torch's
+            # sigmoid(gx[:, :H] + gh[:, :H]) on a fresh [bs, H] tensor
+            v.rz = _plane_pair(bs, self.H, self.tables.acc, self.device)
+            v.rz_rows = v.rz.transpose(0, 1)
+            v.r, v.z = v.rz.unbind(0)
+            v.n, v.zh = self._n[:bs], self._zh[:bs]
+        return v
+
+    def _gh_views(self, gh, bs):
+        H = self.H
+        return gh[:, : 2 * H].view(bs, 2, H), gh[:, 2 * H :]
+
+    def __call__(self, v: _Rows, gx_rz, gx_n, h_prev, k_rz, k_n, k_h, h_out=None, gh=None):
+        """One step: gx_rz [bs, 2, H] and gx_n [bs, H] (x W_ih^T + b_ih, acc), h_prev [bs, H] ->
+        h [bs, H] (acc; into ``h_out`` when given); the codes, as int32, into ``k_rz`` ([2, bs, H]:
+        r, z), ``k_n`` and ``k_h`` ([bs, H])."""
+        t = self.tables
+        if gh is None:
+            gh_rz, gh_n = v.gh_rz, v.gh_n
+        else:
+            gh = gh if gh.dtype == t.acc else gh.to(t.acc)
+            gh_rz, gh_n = self._gh_views(gh, h_prev.shape[0])
+        if h_prev.dtype != t.acc:
+            h_prev = h_prev.to(t.acc)
+        torch.add(gx_rz, gh_rz, out=v.rz_rows)
+        v.rz.sigmoid_().mul_(t.span).add_(t.half).nan_to_num_(nan=0.0)
+        k_rz.copy_(v.rz)  # truncation = floor (see StepTables)
+        torch.div(k_rz, t.den, out=v.rz)
+        r, z = v.r, v.z
+        n = torch.mul(r, gh_n, out=v.n).add_(gx_n).tanh_()
+        n = t.decode_tanh(t.encode_tanh_(n, True, k_n), out=n)
+        h = torch.sub(t.one, z).mul_(n).add_(torch.mul(z, h_prev, out=v.zh))  # (1 - z) n + z h_prev
+        t.encode_tanh_(h, False, k_h)  # snap to the tanh grid
+        return t.decode_tanh(k_h, out=h if h_out is None else h_out)
+
+
 def lstm_step_forward(gates: torch.Tensor, c_prev: torch.Tensor, levels: int):
     """gates [bs, 4H] (pre-activations, bias included), c_prev [bs, H] (compute dtype) ->
     codes [5, bs, H] uint8, c [bs, H], m = o * u [bs, H] (compute dtype)."""
-    acc = c_prev.dtype
-    pre = gates.to(acc)
-    H = c_prev.shape[1]
-    codes = torch.empty(LSTM_CODES, *c_prev.shape, dtype=torch.uint8, device=c_prev.device)
-    for q in range(4):
-        z = pre[:, q * H : (q + 1) * H]
-        kind = _LSTM_KINDS[q]
-        codes[q] = torch_encode(torch.tanh(z) if kind == _TANH else torch.sigmoid(z), levels, kind)
-    i, f, g, o = (torch_decode(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(4))
-    c = f * c_prev + i * g
-    codes[4] = torch_encode(torch.tanh(c), levels, _TANH)
-    m = o * torch_decode(codes[4], levels, _TANH, acc)
-    return codes, c, m
+    bs, H = c_prev.shape
+    step = LSTMForwardStep(StepTables(levels, c_prev.dtype, c_prev.device), bs, H, c_prev.device)
+    k = torch.empty(LSTM_CODES, bs, H, dtype=torch.int32, device=c_prev.device)
+    c, m = step(step.rows(bs), c_prev, k[:4].transpose(0, 1), k[4], gates=gates)
+    return k.to(torch.uint8), c, m
 
 
 def lstm_recompute_cell(codes: torch.Tensor, c_prev: torch.Tensor, levels: int) -> torch.Tensor:
@@ -55,7 +306,8 @@ def lstm_recompute_cell(codes: torch.Tensor, c_prev: torch.Tensor, levels: int) 
 def lstm_output(codes: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
     """m = o * u from the saved codes (the unprojected h_t)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return (torch_decode(codes[3], levels, _SIG, acc) * torch_decode(codes[4], levels, _TANH, acc)).to(dtype)
+    o, u = torch_decode(codes[3], levels, _SIG, acc), torch_decode(codes[4], levels, _TANH, acc)
+    return (o * u).to(dtype)
 
 
 def lstm_step_backward(
@@ -79,16 +331,12 @@ def gru_step_forward(gx: torch.Tensor, gh: torch.Tensor, h_prev: torch.Tensor, l
     codes [4, bs, H] uint8 and h [bs, H] (compute dtype; exactly the level of codes[3])."""
     acc = torch.float64 if h_prev.dtype == torch.float64 else torch.float32
     gx, gh, h_prev = gx.to(acc), gh.to(acc), h_prev.to(acc)
-    H = h_prev.shape[1]
-    codes = torch.empty(GRU_CODES, *h_prev.shape, dtype=torch.uint8, device=h_prev.device)
-    codes[0] = torch_encode(torch.sigmoid(gx[:, :H] + gh[:, :H]), levels, _SIG)
-    codes[1] = torch_encode(torch.sigmoid(gx[:, H : 2 * H] + gh[:, H : 2 * H]), levels, _SIG)
-    r = torch_decode(codes[0], levels, _SIG, acc)
-    z = torch_decode(codes[1], levels, _SIG, acc)
-    codes[2] = torch_encode(torch.tanh(gx[:, 2 * H :] + r * gh[:, 2 * H :]), levels, _TANH)
-    n = torch_decode(codes[2], levels, _TANH, acc)
-    codes[3] = torch_encode((1.0 - z) * n + z * h_prev, levels, _TANH)  # snap to the tanh grid
-    return codes, torch_decode(codes[3], levels, _TANH, acc)
+    bs, H = h_prev.shape
+    step = GRUForwardStep(StepTables(levels, acc, h_prev.device), bs, H, h_prev.device)
+    k = torch.empty(GRU_CODES, bs, H, dtype=torch.int32, device=h_prev.device)
+    gx_rz = gx[:, : 2 * H].view(bs, 2, H)
+    h = step(step.rows(bs), gx_rz, gx[:, 2 * H :], h_prev, k[:2], k[2], k[3], gh=gh)
+    return k.to(torch.uint8), h
 
 
 def gru_step_backward(

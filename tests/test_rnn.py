@@ -472,3 +472,147 @@ def test_packed_state_errors():
     with pytest.raises(ValueError, match="levels=None"):
         DiscreteGRU(4, 6, levels=None)(x, packed_state=True)
     assert "mode='LSTM'" in repr(lstm_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked torch path: bit-identical forward, same gradients as the per-step path
+
+
+def _codec_lstm_step(gates, c_prev, levels):
+    """The LSTM step written directly with the codec's encode/decode, one gate plane at a time."""
+    from discrnn.kernels.codec_torch import torch_decode, torch_encode
+
+    acc, H = c_prev.dtype, c_prev.shape[1]
+    pre = gates.to(acc)
+    kinds = ("sigmoid", "sigmoid", "tanh", "sigmoid")
+    codes = torch.zeros(5, *c_prev.shape, dtype=torch.uint8)
+    for q, kind in enumerate(kinds):
+        z = pre[:, q * H : (q + 1) * H]
+        codes[q] = torch_encode(torch.tanh(z) if kind == "tanh" else torch.sigmoid(z), levels, kind)
+    i, f, g, o = (torch_decode(codes[q], levels, kinds[q], acc) for q in range(4))
+    c = f * c_prev + i * g
+    codes[4] = torch_encode(torch.tanh(c), levels, "tanh")
+    return codes, c, o * torch_decode(codes[4], levels, "tanh", acc)
+
+
+def _codec_gru_step(gx, gh, h_prev, levels):
+    from discrnn.kernels.codec_torch import torch_decode, torch_encode
+
+    acc = torch.float64 if h_prev.dtype == torch.float64 else torch.float32
+    gx, gh, h_prev = gx.to(acc), gh.to(acc), h_prev.to(acc)
+    H = h_prev.shape[1]
+    codes = torch.zeros(4, *h_prev.shape, dtype=torch.uint8)
+    codes[0] = torch_encode(torch.sigmoid(gx[:, :H] + gh[:, :H]), levels, "sigmoid")
+    codes[1] = torch_encode(torch.sigmoid(gx[:, H : 2 * H] + gh[:, H : 2 * H]), levels, "sigmoid")
+    r, z = (torch_decode(codes[q], levels, "sigmoid", acc) for q in range(2))
+    codes[2] = torch_encode(torch.tanh(gx[:, 2 * H :] + r * gh[:, 2 * H :]), levels, "tanh")
+    n = torch_decode(codes[2], levels, "tanh", acc)
+    codes[3] = torch_encode((1.0 - z) * n + z * h_prev, levels, "tanh")
+    return codes, torch_decode(codes[3], levels, "tanh", acc)
+
+
+@pytest.mark.parametrize("levels", [2, 3, 64, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_torch_step_math_bit_identical_to_codec(levels, dtype):
+    """rnn_torch's fused steps (all gate planes encoded in one pass, decode without the codec,
+    no clamp for activations) give the codec's codes and values bit for bit, NaN and Inf included."""
+    from discrnn.kernels import rnn_torch
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(levels)
+    for bs, H in [(1, 1), (3, 7), (16, 33), (5, 256)]:
+        gates = (4 * torch.randn(bs, 4 * H, generator=g, dtype=torch.float64)).to(dtype)
+        gates[0, 0], gates[-1, -1] = float("nan"), float("inf")
+        c_prev = 2 * torch.randn(bs, H, generator=g, dtype=acc)
+        c_prev[-1, 0] = float("-inf")
+        for got, expected in zip(rnn_torch.lstm_step_forward(gates, c_prev, levels),
+                                 _codec_lstm_step(gates, c_prev, levels)):
+            assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+        gx = (3 * torch.randn(bs, 3 * H, generator=g, dtype=torch.float64)).to(dtype)
+        gh = torch.randn(bs, 3 * H, generator=g, dtype=torch.float64).to(dtype)
+        h_prev = (3 * torch.rand(bs, H, generator=g, dtype=torch.float64) - 1.5).to(dtype)
+        gx[0, -1], h_prev[-1, 0] = float("nan"), float("inf")
+        for got, expected in zip(rnn_torch.gru_step_forward(gx, gh, h_prev, levels),
+                                 _codec_gru_step(gx, gh, h_prev, levels)):
+            assert torch.equal(got, expected)
+
+
+class _StepwiseTorchOps:
+    """The torch step math under other function objects: the layers do not recognise it as the
+    torch backend and run their per-step path (one ``ops`` call per step) with it."""
+
+    from discrnn.kernels import codec_torch as _codec
+    from discrnn.kernels import rnn_torch as _steps
+
+    lstm_step_forward = staticmethod(lambda *a: _StepwiseTorchOps._steps.lstm_step_forward(*a))
+    lstm_recompute_cell = staticmethod(lambda *a: _StepwiseTorchOps._steps.lstm_recompute_cell(*a))
+    lstm_output = staticmethod(lambda *a: _StepwiseTorchOps._steps.lstm_output(*a))
+    lstm_step_backward = staticmethod(lambda *a: _StepwiseTorchOps._steps.lstm_step_backward(*a))
+    gru_step_forward = staticmethod(lambda *a: _StepwiseTorchOps._steps.gru_step_forward(*a))
+    gru_step_backward = staticmethod(lambda *a: _StepwiseTorchOps._steps.gru_step_backward(*a))
+    pack = staticmethod(lambda *a: _StepwiseTorchOps._codec.torch_pack(*a))
+    unpack = staticmethod(lambda *a: _StepwiseTorchOps._codec.torch_unpack(*a))
+
+
+def _run_for_paths(module, x, hx, lengths, seed=3):
+    """Outputs, packed final state and gradients of one call (packed input when ``lengths``)."""
+    params = list(module.parameters())
+    leaves = [x] + [h for h in (hx if isinstance(hx, tuple) else (hx,))]
+    inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if lengths is not None else x
+    out, hx_out = module(inp, hx)
+    y = pad_packed_sequence(out)[0] if lengths is not None else out
+    outs = [y, *(hx_out if isinstance(hx_out, tuple) else (hx_out,))]
+    grads = torch.autograd.grad(one_loss(y, hx_out, seed), leaves + params)
+    with torch.no_grad():
+        _, state = module(inp, hx, packed_state=True)
+    packed = [t.data for t in (state.h, state.o, state.u) if t is not None]
+    packed += [state.c] if state.c is not None else []
+    return [o.detach() for o in outs], packed, list(grads)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, chunk, packed, dtype",
+    [
+        (DiscreteLSTM, dict(num_layers=2, bidirectional=True), 3, True, torch.float64),
+        (DiscreteLSTM, dict(proj_size=3, bidirectional=True), 4, True, torch.float64),
+        (DiscreteLSTM, dict(num_layers=2, dropout=0.3), 1, False, torch.float32),
+        (DiscreteLSTM, dict(bidirectional=True), 50, True, torch.float32),
+        (DiscreteLSTM, dict(proj_size=4), 5, False, torch.bfloat16),
+        (DiscreteGRU, dict(num_layers=2, bidirectional=True), 3, True, torch.float64),
+        (DiscreteGRU, dict(num_layers=2, dropout=0.3), 1, False, torch.float32),
+        (DiscreteGRU, dict(bidirectional=True), 50, True, torch.float32),
+        (DiscreteGRU, dict(), 4, False, torch.bfloat16),
+    ],
+)
+def test_chunked_torch_path_matches_per_step_path(monkeypatch, cls, kwargs, chunk, packed, dtype):
+    """The chunked torch path (whole-chunk decoding, per-step work cut to the recursion) against
+    the per-step ops path with the same step math: outputs, final and packed states bit for bit;
+    gradients to rounding. Packed batches make the active rows shrink (forward direction) and grow
+    (reverse direction) between steps and inside chunks."""
+    import discrnn.rnn as rnn_module
+
+    torch.manual_seed(0)
+    module = cls(5, 9, levels=64, chunk_size=chunk, **kwargs).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    T, B = 11, 5
+    D = (2 if module.bidirectional else 1) * module.num_layers
+    x = torch.randn(T, B, 5, generator=g).to(dtype).requires_grad_()
+    h0 = (0.5 * torch.randn(D, B, module.proj_size or 9, generator=g)).to(dtype).requires_grad_()
+    hx = h0
+    if cls is DiscreteLSTM:
+        hx = (h0, torch.randn(D, B, 9, generator=g).to(dtype).requires_grad_())
+    lengths = torch.tensor([7, 11, 2, 11, 5]) if packed else None
+    results = {}
+    for path in ("chunked", "per-step"):
+        if path == "per-step":
+            monkeypatch.setattr(rnn_module, "_step_ops", lambda backend: _StepwiseTorchOps)
+        torch.manual_seed(5)  # the same dropout masks
+        results[path] = _run_for_paths(module, x, hx, lengths)
+    (outs_a, packed_a, grads_a), (outs_b, packed_b, grads_b) = results["chunked"], results["per-step"]
+    for a, b in zip(outs_a + packed_a, outs_b + packed_b):
+        assert torch.equal(a, b)
+    atol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
+    names = ["d_input", "d_h0", "d_c0"][: 1 + (2 if cls is DiscreteLSTM else 1)]
+    names += [n for n, _ in module.named_parameters()]
+    for name, a, b in zip(names, grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=atol, rtol=atol, msg=name)
