@@ -12,9 +12,9 @@ elementwise inside one program: no reductions, nothing shared between programs. 
 
 * the tile's H axis is the contiguous axis of every operand (gate planes, states, code planes), so
   loads and stores are coalesced rows; the gate planes are Q such rows per tile row;
-* each code plane of the output ``[Q, bs, H]`` is a contiguous block, exactly what
-  ``rnn_function.CodeStore`` pads, packs and later unpacks into strided ``[Q, bs, Hp][:, :, :H]``
-  views.
+* each code plane of the output ``[Q, bs, H]`` is a contiguous block; ``rnn_function.CodeStore``
+  pads and packs the step's codes (stored per step as ``[bs, Q, Hp]``) and hands backward strided
+  ``[Q, bs, H]`` views of them.
 
 Inputs are read through their strides (row slices of a chunk's input projection ``xproj[rows]``,
 state prefixes ``c[:bs]``, unpacked code views), never copied; outputs are fresh contiguous tensors.
