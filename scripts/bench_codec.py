@@ -45,10 +45,8 @@ import ctypes
 import ctypes.util
 import math
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -56,6 +54,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from bench_env import device_name, git_commit, load_average  # noqa: E402  (scripts/ is on sys.path)
 import triton
 
 import discrnn
@@ -358,41 +357,6 @@ def bench_pack6_cpu(n: int, seed: int, run) -> list[Row]:
 
 # ---------------------------------------------------------------------------------------------
 # Reporting
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-            text=True, timeout=5, cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def load_average() -> float:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return math.nan
 
 
 def fmt(value: float | None, spec: str) -> str:
