@@ -40,20 +40,23 @@ class _TorchSteps:
     lstm_output = staticmethod(rnn_torch.lstm_output)
     lstm_step_backward = staticmethod(rnn_torch.lstm_step_backward)
     gru_step_forward = staticmethod(rnn_torch.gru_step_forward)
+    gru_output = staticmethod(rnn_torch.gru_output)
     gru_step_backward = staticmethod(rnn_torch.gru_step_backward)
     pack = staticmethod(codec_torch.torch_pack)
     unpack = staticmethod(codec_torch.torch_unpack)
 
 
 class _TritonSteps:
-    """One fused Triton kernel per step for the forward and for the backward cell update
-    (discrnn.kernels.rnn), and the Triton codec; CUDA tensors, or CPU under the interpreter."""
+    """One fused Triton kernel per step for the forward cell update (which packs the step's codes
+    into the code store) and one for the backward one (which reads them packed), from
+    discrnn.kernels.rnn, and the Triton codec; CUDA tensors, or CPU under the interpreter."""
 
     lstm_step_forward = staticmethod(triton_rnn.lstm_step_forward)
     lstm_recompute_cell = staticmethod(triton_rnn.lstm_recompute_cell)
     lstm_output = staticmethod(triton_rnn.lstm_output)
     lstm_step_backward = staticmethod(triton_rnn.lstm_step_backward)
     gru_step_forward = staticmethod(triton_rnn.gru_step_forward)
+    gru_output = staticmethod(triton_rnn.gru_output)
     gru_step_backward = staticmethod(triton_rnn.gru_step_backward)
     pack = staticmethod(triton_codec.triton_pack)  # (codes, bits)
     unpack = staticmethod(triton_codec.triton_unpack)  # (packed, bits, numel)

@@ -128,28 +128,19 @@ class CodeStore:
         data[self._span(first, last)] = self.pack(rows.reshape(-1), self.bits)
 
     def read_rows(self, data: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        """Codes of steps first..last (processing order) as one [sum bs, Q, Hp] uint8 tensor."""
+        """Codes of steps first..last (processing order) as one [sum bs, Q, Hp] uint8 tensor (the
+        torch path: it decodes whole chunks by lookup tables)."""
         rows = sum(self.layout.proc_sizes(first, last))
         flat = self.unpack(data[self._span(first, last)], self.bits, rows * self.n_codes * self.padded)
         return flat.view(rows, self.n_codes, self.padded)
 
-    def write(self, data: torch.Tensor, first: int, codes: list[torch.Tensor]) -> None:
-        """Store steps first .. first + len(codes) - 1 (processing order), each [Q, bs, H] uint8,
-        into ``data`` (a buffer from :meth:`new_buffer`)."""
-        buf = self.rows_buffer(sum(c.shape[1] for c in codes))
-        pos = 0
-        for c in codes:
-            buf[pos : pos + c.shape[1], :, : self.hidden] = c.transpose(0, 1)
-            pos += c.shape[1]
-        self.write_rows(data, first, first + len(codes) - 1, buf)
-
-    def read(self, data: torch.Tensor, first: int, last: int) -> list[torch.Tensor]:
-        """Codes of steps first..last (processing order) as a list of [Q, bs, H] uint8 views."""
-        rows = self.read_rows(data, first, last)
-        return [
-            block.transpose(0, 1)[:, :, : self.hidden]
-            for block in rows.split(self.layout.proc_sizes(first, last))
-        ]
+    def rows_at(self, data: torch.Tensor, first: int, last: int) -> rnn_torch.CodeRows:
+        """Steps first..last (processing order) of ``data`` as one run of packed code rows, which
+        the Triton step kernels write and read in place."""
+        rows = sum(self.layout.proc_sizes(first, last))
+        return rnn_torch.CodeRows.packed(
+            data, self.step_offsets[first], rows, self.n_codes, self.hidden, self.bits
+        )
 
 
 class LayerConfig:
@@ -157,7 +148,9 @@ class LayerConfig:
 
     ``input_source``: None when the layer keeps its input tensor for backward (the first layer), or
     a :class:`CodedInput` that rebuilds the input from the previous layer's codes (inner layers).
-    After forward, ``store`` and ``output_from_codes`` describe this layer's codes to the next layer.
+    After forward, ``store`` and ``output_rows`` describe this layer's codes to the next layer:
+    ``output_rows(data, first, last)`` rebuilds the outputs of processing steps first..last (rows in
+    processing order, the layer's dtype) from the code buffer ``data``.
     """
 
     def __init__(self, batch_sizes, levels, bits, chunk, reverse, ops, input_source=None):
@@ -165,7 +158,7 @@ class LayerConfig:
         self.levels, self.bits, self.chunk, self.ops = levels, bits, chunk, ops
         self.input_source = input_source
         self.store = None
-        self.output_from_codes = None
+        self.output_rows = None
         self.chunked = _is_torch_ops(ops)  # the chunked torch path (see the module docstring)
         self._tables = {}
 
@@ -180,25 +173,6 @@ class LayerConfig:
         order = self.layout.order
         for first in range(0, len(order), self.chunk):
             yield first, order[first : first + self.chunk]
-
-
-def _previous_output(codes_prev, bs, h0, out_fn):
-    """h_{s-1} for the bs active rows of processing step s: the previous step's output where that
-    step had the row active (rebuilt from its codes), h0 for rows that start at step s (all rows at
-    s = 0, and rows of shorter sequences in the reverse direction)."""
-    h_prev = h0[:bs].clone()
-    if codes_prev is not None:
-        n = min(bs, codes_prev.shape[1])
-        h_prev[:n] = out_fn(codes_prev)[:n]
-    return h_prev
-
-
-def _chunk_codes(store, data, first, last):
-    """Codes of steps first..last, and of step first - 1 (whose output is h_{first-1}) or None."""
-    if first == 0:
-        return None, store.read(data, first, last)
-    codes = store.read(data, first - 1, last)
-    return codes[0], codes[1:]
 
 
 def _chunk_rows(store, data, first, last):
@@ -275,8 +249,7 @@ class CodedInput:
         for cfg, data in zip(self.prev_cfgs, kept):
             # processing indices of these times in that direction form one contiguous run
             a, b = (T - 1 - t_last, T - 1 - t_first) if cfg.layout.reverse else (t_first, t_last)
-            codes = cfg.layout.to_time_order(cfg.store.read_rows(data, a, b), a, b)
-            parts.append(cfg.output_from_codes(codes[:, :, : cfg.store.hidden].transpose(0, 1)))
+            parts.append(cfg.layout.to_time_order(cfg.output_rows(data, a, b), a, b))
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if self.mask is not None:
             x = x * self.mask.scaled_rows(kept[-1], lo, hi, x.dtype)
@@ -331,37 +304,42 @@ def _input_rows(ctx, cfg, kept, lo, hi):
     return cfg.input_source.rows(kept, lo, hi)
 
 
-def _lstm_output_fn(ops, levels, dtype, w_hr):
-    def output_from_codes(codes):
-        m = ops.lstm_output(codes, levels, dtype)
+def _lstm_output_rows_fn(store, ops, levels, dtype, w_hr):
+    """``LayerConfig.output_rows`` of the Triton path: one output kernel over the packed rows."""
+
+    def output_rows(data, first, last):
+        m = ops.lstm_output(store.rows_at(data, first, last), levels, dtype)
         return m if w_hr is None else m @ w_hr.t()
 
-    return output_from_codes
+    return output_rows
 
 
-def _gru_output_fn(levels, dtype):
-    def output_from_codes(codes):  # h_t exactly as the forward pass fed it to the next step
-        return codec_torch.torch_decode(codes[3], levels, "tanh", _acc(dtype)).to(dtype)
+def _gru_output_rows_fn(store, ops, levels, dtype):
+    def output_rows(data, first, last):  # h_t exactly as the forward pass fed it to the next step
+        return ops.gru_output(store.rows_at(data, first, last), levels, dtype)
 
-    return output_from_codes
+    return output_rows
 
 
-def _lstm_output_fn_tables(tables, w_hr):
-    """As :func:`_lstm_output_fn`, decoding by the layer's lookup tables (bit-identical)."""
+def _lstm_output_rows_fn_tables(store, tables, w_hr):
+    """As :func:`_lstm_output_rows_fn` for the torch path, decoding by the layer's lookup tables
+    (bit-identical)."""
 
-    def output_from_codes(codes):
-        m = (tables.lookup("value", _SIG, codes[3]) * tables.lookup("value", _TANH, codes[4]))
-        m = m.to(tables.dtype)
+    def output_rows(data, first, last):
+        codes = store.read_rows(data, first, last)
+        m = tables.lookup("value", _SIG, codes[:, 3, : store.hidden])
+        m = (m * tables.lookup("value", _TANH, codes[:, 4, : store.hidden])).to(tables.dtype)
         return m if w_hr is None else m @ w_hr.t()
 
-    return output_from_codes
+    return output_rows
 
 
-def _gru_output_fn_tables(tables):
-    def output_from_codes(codes):
-        return tables.lookup("value", _TANH, codes[3]).to(tables.dtype)
+def _gru_output_rows_fn_tables(store, tables):
+    def output_rows(data, first, last):
+        codes = store.read_rows(data, first, last)
+        return tables.lookup("value", _TANH, codes[:, 3, : store.hidden]).to(tables.dtype)
 
-    return output_from_codes
+    return output_rows
 
 
 def _finish_rows(layout: SequenceLayout) -> list[int]:
@@ -772,12 +750,12 @@ class LSTMLayerFunction(torch.autograd.Function):
             y, h, c, final_codes, checkpoints = _lstm_forward_chunked(
                 x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes
             )
-            cfg.output_from_codes = _lstm_output_fn_tables(cfg.tables(dtype, x.device), w_hr)
+            cfg.output_rows = _lstm_output_rows_fn_tables(store, cfg.tables(dtype, x.device), w_hr)
         else:
             y, h, c, final_codes, checkpoints = LSTMLayerFunction._forward_steps(
                 x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes
             )
-            cfg.output_from_codes = _lstm_output_fn(ops, levels, dtype, w_hr)
+            cfg.output_rows = _lstm_output_rows_fn(store, ops, levels, dtype, w_hr)
         cfg.store = store
         ctx.cfg = cfg
         ctx.has_bias = b is not None
@@ -789,7 +767,8 @@ class LSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def _forward_steps(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes):
-        """Forward through the per-step ``ops`` functions (any step backend)."""
+        """Forward through the per-step ``ops`` functions (the Triton kernels): each step's kernel
+        packs its codes straight into the code store and the final-state codes into place."""
         layout, levels, ops = cfg.layout, cfg.levels, cfg.ops
         dtype, acc = x.dtype, _acc(x.dtype)
         h = h0.clone()
@@ -797,6 +776,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         y = torch.empty(layout.total_rows, h0.shape[1], dtype=dtype, device=x.device)
         # o and u codes of each row's last step: the packed final state (h = o * u)
         final_codes = torch.empty(2, *c0.shape, dtype=torch.uint8, device=x.device)
+        finish = _finish_rows(layout)
         checkpoints = []
         for first, steps in cfg.chunks():
             if first:
@@ -805,20 +785,17 @@ class LSTMLayerFunction(torch.autograd.Function):
             xproj = x[lo:hi] @ w_ih.t()
             if b is not None:
                 xproj += b
-            chunk_codes = []
-            for t in steps:
+            for s, t in enumerate(steps, start=first):
                 bs, rows = layout.batch_sizes[t], layout.rows(t)
                 gates = torch.addmm(xproj[rows.start - lo : rows.stop - lo], h[:bs], w_hh.t())
-                codes, c_new, m = ops.lstm_step_forward(gates, c[:bs], levels)
+                out = store.rows_at(codes_data, s, s) if keep_codes else None
+                _, c_new, m = ops.lstm_step_forward(
+                    gates, c[:bs], levels, out=out, final=final_codes, done=finish[s], store=keep_codes
+                )
                 h_new = m.to(dtype) if w_hr is None else m.to(dtype) @ w_hr.t()
                 y[rows] = h_new
                 h[:bs] = h_new
                 c[:bs] = c_new
-                final_codes[:, :bs] = codes[3:5]
-                if keep_codes:
-                    chunk_codes.append(codes)
-            if keep_codes:
-                store.write(codes_data, first, chunk_codes)
         return y, h, c, final_codes, checkpoints
 
     @staticmethod
@@ -852,62 +829,81 @@ class LSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward_steps(ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, dy, dh_n, dc_n):
-        """Backward through the per-step ``ops`` functions (any step backend)."""
+        """Backward through the per-step ``ops`` functions (the Triton kernels), which read the
+        packed codes in place; h_{t-1} of a whole chunk comes from one output launch."""
         cfg = ctx.cfg
         store, layout, levels, ops = cfg.store, cfg.layout, cfg.levels, cfg.ops
+        sizes = layout.batch_sizes
         dtype, acc, device = ctx.x_dtype, _acc(ctx.x_dtype), ctx.x_device
+        P = h0.shape[1]
         w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
         w_hr_a = w_hr.to(acc) if w_hr is not None else None
-        out_fn = cfg.output_from_codes
+        c_init, h_init = c0.to(acc), h0.to(acc)
 
         dh_state = torch.zeros_like(h0, dtype=acc) if dh_n is None else dh_n.to(acc).clone()
         dc_state = torch.zeros_like(c0, dtype=acc) if dc_n is None else dc_n.to(acc).clone()
-        if dy is None:
-            dy = torch.zeros(layout.total_rows, h0.shape[1], dtype=dtype, device=device)
         d_w_ih = torch.zeros_like(w_ih, dtype=acc)
         d_w_hh = torch.zeros_like(w_hh, dtype=acc)
         d_b = torch.zeros(w_ih.shape[0], dtype=acc, device=device) if ctx.has_bias else None
         d_w_hr = torch.zeros_like(w_hr, dtype=acc) if w_hr is not None else None
         dx = torch.empty(ctx.x_shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
 
+        def as_output(m):  # h_t exactly as the forward pass fed it to the next step, in acc
+            m = m.to(dtype)
+            return (m if w_hr is None else m @ w_hr.t()).to(acc)
+
         chunks = list(cfg.chunks())
         for k in range(len(chunks) - 1, -1, -1):
             first, steps = chunks[k]
             last = first + len(steps) - 1
-            before, codes = _chunk_codes(store, codes_data, first, last)
-            # Cell states before each step, recomputed from the checkpoint with the saved codes.
-            c_full = (c0.to(acc) if k == 0 else checkpoints[k - 1]).clone()
-            c_prevs = []
-            for s, t in enumerate(steps):
-                bs = layout.batch_sizes[t]
-                c_prevs.append(c_full[:bs].clone())
-                c_full[:bs] = ops.lstm_recompute_cell(codes[s], c_full[:bs], levels)
             lo, hi = layout.row_span(steps)
-            d_gates = torch.empty(hi - lo, w_ih.shape[0], dtype=acc, device=device)
-            h_prev_rows = torch.empty(hi - lo, h0.shape[1], dtype=acc, device=device)
-            for s in range(len(steps) - 1, -1, -1):
-                t = steps[s]
-                bs, rows = layout.batch_sizes[t], layout.rows(t)
-                local = slice(rows.start - lo, rows.stop - lo)
-                dh = dh_state[:bs] + dy[rows].to(acc)
+            psizes = [sizes[t] for t in steps]
+            step_codes = [store.rows_at(codes_data, s, s) for s in range(first, last + 1)]
+
+            # Cell states before each step, rebuilt from the checkpoint with the saved codes.
+            c_prevs = [(checkpoints[k - 1] if k else c_init)[: psizes[0]]]
+            for j in range(len(steps) - 1):
+                c_next = ops.lstm_recompute_cell(step_codes[j], c_prevs[j], levels)
+                c_prevs.append(_step_input(c_next, psizes[j], psizes[j + 1], c_init))
+
+            # m = o * u of every step of the chunk and of the step before it, one launch.
+            m_rows = ops.lstm_output(store.rows_at(codes_data, max(first - 1, 0), last), levels, acc)
+            n_before = sizes[layout.order[first - 1]] if first else 0
+            m_chunk = layout.to_time_order(m_rows[n_before:], first, last)
+            before = as_output(m_rows[:n_before]) if first else None
+            del m_rows
+
+            def split(rows):
+                return _split_steps(rows, cfg, steps, lo)
+
+            dgates = torch.empty(hi - lo, w_ih.shape[0], dtype=acc, device=device)
+            dhs = torch.empty(hi - lo, P, dtype=acc, device=device) if w_hr is not None else None
+            dg_s, dh_s = split(dgates), split(dhs) if dhs is not None else None
+            dy_s = split(dy[lo:hi]) if dy is not None else None
+            for j in range(len(steps) - 1, -1, -1):
+                bs = psizes[j]
+                dh = dh_state[:bs] if dy_s is None else dh_state[:bs] + dy_s[j].to(acc)
                 if w_hr is not None:
-                    m = ops.lstm_output(codes[s], levels, acc)
-                    d_w_hr += dh.t() @ m
+                    dh_s[j].copy_(dh)
                     dm = dh @ w_hr_a
                 else:
                     dm = dh
-                dg, dc_prev = ops.lstm_step_backward(codes[s], c_prevs[s], dm, dc_state[:bs], levels)
-                d_gates[local] = dg
-                dh_state[:bs] = dg @ w_hh_a
+                dg, dc_prev = ops.lstm_step_backward(step_codes[j], c_prevs[j], dm, dc_state[:bs], levels)
+                dg_s[j].copy_(dg)
+                torch.mm(dg, w_hh_a, out=dh_state[:bs])
                 dc_state[:bs] = dc_prev
-                prev_codes = codes[s - 1] if s > 0 else before
-                h_prev_rows[local] = _previous_output(prev_codes, bs, h0, out_fn).to(acc)
-            d_w_hh += d_gates.t() @ h_prev_rows
-            d_w_ih += d_gates.t() @ _input_rows(ctx, cfg, kept, lo, hi).to(acc)
+            del c_prevs
+
+            h_prev = _previous_rows(as_output(m_chunk), before, h_init, cfg, steps, lo, acc)
+            d_w_hh.addmm_(dgates.t(), h_prev)
+            del h_prev
+            d_w_ih.addmm_(dgates.t(), _input_rows(ctx, cfg, kept, lo, hi).to(acc))
             if d_b is not None:
-                d_b += d_gates.sum(0)
+                d_b += dgates.sum(0)
+            if d_w_hr is not None:
+                d_w_hr.addmm_(dhs.t(), m_chunk)
             if dx is not None:
-                dx[lo:hi] = (d_gates @ w_ih_a).to(dtype)
+                _mm_into(dgates, w_ih_a, dx[lo:hi])
         return dx, dh_state, dc_state, d_w_ih, d_w_hh, d_b, d_w_hr
 
 
@@ -925,12 +921,12 @@ class GRULayerFunction(torch.autograd.Function):
             y, h, final_codes = _gru_forward_chunked(
                 x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes
             )
-            cfg.output_from_codes = _gru_output_fn_tables(cfg.tables(dtype, x.device))
+            cfg.output_rows = _gru_output_rows_fn_tables(store, cfg.tables(dtype, x.device))
         else:
             y, h, final_codes = GRULayerFunction._forward_steps(
                 x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes
             )
-            cfg.output_from_codes = _gru_output_fn(levels, dtype)
+            cfg.output_rows = _gru_output_rows_fn(store, ops, levels, dtype)
         cfg.store = store
         ctx.cfg = cfg
         ctx.has_bias = b_ih is not None
@@ -941,34 +937,32 @@ class GRULayerFunction(torch.autograd.Function):
 
     @staticmethod
     def _forward_steps(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes):
-        """Forward through the per-step ``ops`` functions (any step backend)."""
+        """Forward through the per-step ``ops`` functions (the Triton kernels), which pack the codes
+        straight into the code store (see :meth:`LSTMLayerFunction._forward_steps`)."""
         layout, levels, ops = cfg.layout, cfg.levels, cfg.ops
         dtype = x.dtype
         h = h0.clone()
         y = torch.empty(layout.total_rows, w_hh.shape[1], dtype=dtype, device=x.device)
         final_codes = torch.empty(1, *h0.shape, dtype=torch.uint8, device=x.device)
+        finish = _finish_rows(layout)
         for first, steps in cfg.chunks():
             lo, hi = layout.row_span(steps)
             gx = x[lo:hi] @ w_ih.t()
             if b_ih is not None:
                 gx += b_ih
-            chunk_codes = []
-            for t in steps:
+            for s, t in enumerate(steps, start=first):
                 bs, rows = layout.batch_sizes[t], layout.rows(t)
                 gh = h[:bs] @ w_hh.t()
                 if b_hh is not None:
                     gh += b_hh
-                codes, h_new = ops.gru_step_forward(
-                    gx[rows.start - lo : rows.stop - lo], gh, h[:bs], levels
+                out = store.rows_at(codes_data, s, s) if keep_codes else None
+                _, h_new = ops.gru_step_forward(
+                    gx[rows.start - lo : rows.stop - lo], gh, h[:bs], levels,
+                    out=out, final=final_codes, done=finish[s], store=keep_codes,
                 )
                 h_new = h_new.to(dtype)
                 y[rows] = h_new
                 h[:bs] = h_new
-                final_codes[0, :bs] = codes[3]
-                if keep_codes:
-                    chunk_codes.append(codes)
-            if keep_codes:
-                store.write(codes_data, first, chunk_codes)
         return y, h, final_codes
 
     @staticmethod
@@ -996,19 +990,19 @@ class GRULayerFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward_steps(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, dy, dh_n):
-        """Backward through the per-step ``ops`` functions (any step backend)."""
+        """Backward through the per-step ``ops`` functions (the Triton kernels), which read the
+        packed codes in place; h_{t-1} of a whole chunk comes from one output launch."""
         cfg = ctx.cfg
         store, layout, levels, ops = cfg.store, cfg.layout, cfg.levels, cfg.ops
+        sizes = layout.batch_sizes
         dtype, acc, device = ctx.x_dtype, _acc(ctx.x_dtype), ctx.x_device
         H = w_hh.shape[1]
         w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
         w_hn_a = w_hh_a[2 * H :]
         b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
+        h_init = h0.to(acc)
 
-        out_fn = cfg.output_from_codes
         dh_state = torch.zeros_like(h0, dtype=acc) if dh_n is None else dh_n.to(acc).clone()
-        if dy is None:
-            dy = torch.zeros(layout.total_rows, H, dtype=dtype, device=device)
         d_w_ih = torch.zeros_like(w_ih, dtype=acc)
         d_w_hh = torch.zeros_like(w_hh, dtype=acc)
         d_b_ih = torch.zeros(3 * H, dtype=acc, device=device) if ctx.has_bias else None
@@ -1018,37 +1012,46 @@ class GRULayerFunction(torch.autograd.Function):
         chunks = list(cfg.chunks())
         for k in range(len(chunks) - 1, -1, -1):
             first, steps = chunks[k]
-            before, codes = _chunk_codes(store, codes_data, first, first + len(steps) - 1)
+            last = first + len(steps) - 1
             lo, hi = layout.row_span(steps)
-            h_prev_rows = torch.empty(hi - lo, H, dtype=acc, device=device)
-            for s, t in enumerate(steps):
-                rows = layout.rows(t)
-                prev_codes = codes[s - 1] if s > 0 else before
-                h_prev_rows[rows.start - lo : rows.stop - lo] = _previous_output(
-                    prev_codes, layout.batch_sizes[t], h0, out_fn
-                ).to(acc)
+            psizes = [sizes[t] for t in steps]
+
+            # h_t of every step of the chunk and of the step before it, as forward fed them on.
+            h_rows = ops.gru_output(store.rows_at(codes_data, max(first - 1, 0), last), levels, dtype)
+            h_rows = h_rows.to(acc)
+            n_before = sizes[layout.order[first - 1]] if first else 0
+            out_rows = layout.to_time_order(h_rows[n_before:], first, last)
+            before = h_rows[:n_before] if first else None
+            h_prev = _previous_rows(out_rows, before, h_init, cfg, steps, lo, acc)
+            del h_rows, out_rows, before
             # h W_hn^T + b_hn, needed for dr, is recomputed for the whole chunk in one matmul.
-            gh_n_rows = h_prev_rows @ w_hn_a.t()
+            gh_n = h_prev @ w_hn_a.t()
             if b_hn_a is not None:
-                gh_n_rows += b_hn_a
+                gh_n += b_hn_a
+
+            def split(rows):
+                return _split_steps(rows, cfg, steps, lo)
+
             d_gx = torch.empty(hi - lo, 3 * H, dtype=acc, device=device)
             d_gh = torch.empty(hi - lo, 3 * H, dtype=acc, device=device)
-            for s in range(len(steps) - 1, -1, -1):
-                t = steps[s]
-                bs, rows = layout.batch_sizes[t], layout.rows(t)
-                local = slice(rows.start - lo, rows.stop - lo)
-                dh = dh_state[:bs] + dy[rows].to(acc)
+            h_prev_s, gh_n_s, d_gx_s, d_gh_s = split(h_prev), split(gh_n), split(d_gx), split(d_gh)
+            dy_s = split(dy[lo:hi]) if dy is not None else None
+            for j in range(len(steps) - 1, -1, -1):
+                bs = psizes[j]
+                dh = dh_state[:bs] if dy_s is None else dh_state[:bs] + dy_s[j].to(acc)
                 dgx, dgh, dh_direct = ops.gru_step_backward(
-                    codes[s], h_prev_rows[local], gh_n_rows[local], dh, levels
+                    store.rows_at(codes_data, first + j, first + j), h_prev_s[j], gh_n_s[j], dh,
+                    levels,
                 )
-                d_gx[local] = dgx
-                d_gh[local] = dgh
-                dh_state[:bs] = torch.addmm(dh_direct, dgh, w_hh_a)
-            d_w_ih += d_gx.t() @ _input_rows(ctx, cfg, kept, lo, hi).to(acc)
-            d_w_hh += d_gh.t() @ h_prev_rows
+                d_gx_s[j].copy_(dgx)
+                d_gh_s[j].copy_(dgh)
+                torch.addmm(dh_direct, dgh, w_hh_a, out=dh_state[:bs])
+            del gh_n, gh_n_s
+            d_w_ih.addmm_(d_gx.t(), _input_rows(ctx, cfg, kept, lo, hi).to(acc))
+            d_w_hh.addmm_(d_gh.t(), h_prev)
             if d_b_ih is not None:
                 d_b_ih += d_gx.sum(0)
                 d_b_hh += d_gh.sum(0)
             if dx is not None:
-                dx[lo:hi] = (d_gx @ w_ih_a).to(dtype)
+                _mm_into(d_gx, w_ih_a, dx[lo:hi])
         return dx, dh_state, d_w_ih, d_w_hh, d_b_ih, d_b_hh

@@ -1,36 +1,43 @@
 """Triton step kernels of the discrete LSTM and GRU cells: per time step, ONE fused elementwise
-kernel for the forward cell update and ONE for the backward one.
+kernel for the forward cell update, which also bit-packs the step's codes into the layer's code
+store, and ONE for the backward one, which reads them packed.
 
-Same signatures, return values and dtype rules as :mod:`discrnn.kernels.rnn_torch` (the reference
-and test oracle); read its docstring first. The recurrent matmuls (``h W_hh^T``, ``dgates W_hh``)
-stay in torch: these kernels do everything between them.
+Same math, signatures, return values and dtype rules as :mod:`discrnn.kernels.rnn_torch` (the
+reference and test oracle); read its docstring first. The recurrent matmuls (``h W_hh^T``,
+``dgates W_hh``) stay in torch: these kernels do everything between them.
 
 Layout of a launch: a 2-D grid of [BLOCK_B, BLOCK_H] tiles over [bs, H] (batch rows x hidden units).
 A program loads, for its tile, every gate plane of the pre-activation matrix (gate q of unit j in
 row b sits at column ``q * H + j`` of ``[bs, Q * H]``), so the whole cell update of a unit is
 elementwise inside one program: no reductions, nothing shared between programs. Why this layout:
 
-* the tile's H axis is the contiguous axis of every operand (gate planes, states, code planes), so
+* the tile's H axis is the contiguous axis of every operand (gate planes, states, code rows), so
   loads and stores are coalesced rows; the gate planes are Q such rows per tile row;
-* each code plane of the output ``[Q, bs, H]`` is a contiguous block; ``rnn_function.CodeStore``
-  pads and packs the step's codes (stored per step as ``[bs, Q, Hp]``) and hands backward strided
-  ``[Q, bs, H]`` views of them.
+* codes are addressed as :class:`~discrnn.kernels.rnn_torch.CodeRows`: plane q of row b is a byte
+  row, unit j at bits [j * BITS, (j + 1) * BITS). The forward kernel packs each tile row's codes in
+  groups of ``G = 8 / gcd(BITS, 8)`` units (G * BITS bits = whole bytes, at most 56 bits: one
+  int64 word) and stores the group's bytes; BLOCK_H is a multiple of 8 >= G, so groups never
+  straddle tiles and no two programs write one byte. Units hidden..padded-1 of a row (the code
+  store pads rows to a multiple of 8 units) are written as code 0 by the programs covering them.
+  Readers fetch, per unit, the (at most two) bytes that hold its bits and shift them into place;
+* the layers' code store keeps a step's codes as rows [bs, Q, padded] one after another, so a run
+  of steps is one :class:`CodeRows` and the output kernel decodes a whole chunk in one launch.
 
 Inputs are read through their strides (row slices of a chunk's input projection ``xproj[rows]``,
-state prefixes ``c[:bs]``, unpacked code views), never copied; outputs are fresh contiguous tensors.
-Dtypes: the compute dtype ACC is float64 for float64 and float32 otherwise. The LSTM takes ACC from
-``c_prev`` (which must be float32 or float64, as in the layers) and reads gates of any float dtype
-directly. GRU inputs of mixed dtypes, and ``dm``/``dc``/``dh``/``h_prev``/``gh_n`` of a backward
-call that are not in ACC, are converted to ACC on the host first (the layers never need that).
+state prefixes ``c[:bs]``), never copied; float outputs are fresh contiguous tensors. Dtypes: the
+compute dtype ACC is float64 for float64 and float32 otherwise. The LSTM takes ACC from ``c_prev``
+(which must be float32 or float64, as in the layers) and reads gates of any float dtype directly.
+GRU inputs of mixed dtypes, and ``dm``/``dc``/``dh``/``h_prev``/``gh_n`` of a backward call that
+are not in ACC, are converted to ACC on the host first (the layers never need that).
 
 Exactness against the torch reference:
 
-* Given the codes, everything is exact: decoding is a correctly rounded division (``div_rn``), and
-  ``c = f * c_prev + i * g``, ``m = o * u``, ``(1 - z) * n + z * h_prev`` and ``gx_n + r * gh_n``
-  are evaluated as in torch, one rounding per operation, with fused multiply-add off (every launch
-  passes ``enable_fp_fusion=False``). So c, m and h match torch bit for bit, and
-  ``lstm_recompute_cell`` reproduces the forward kernel's c exactly, which backward relies on (it
-  rebuilds c from the codes between the float32 checkpoints).
+* Given the codes, everything is exact: packing is the codec's bit stream, decoding is a correctly
+  rounded division (``div_rn``), and ``c = f * c_prev + i * g``, ``m = o * u``,
+  ``(1 - z) * n + z * h_prev`` and ``gx_n + r * gh_n`` are evaluated as in torch, one rounding per
+  operation, with fused multiply-add off (every launch passes ``enable_fp_fusion=False``). So c, m
+  and h match torch bit for bit, and ``lstm_recompute_cell`` reproduces the forward kernel's c
+  exactly, which backward relies on (it rebuilds c from the codes between the float checkpoints).
 * The codes themselves: tanh and sigmoid are written with ``exp`` (no libdevice in the interpreter)
   and may differ from torch's in the last ulp, so an activation that lands on a level boundary can
   move one level. Rare (measured under the interpreter: none in 786k codes of random steps; 4-10% of
@@ -42,8 +49,8 @@ Exactness against the torch reference:
 
 Tiles: on a GPU a program takes ``GPU_TILE.elems`` = 1024 elements, ``BLOCK_H`` = next_pow2(H)
 clamped to [16, 128] and ``BLOCK_B = 1024 // BLOCK_H`` (four tile shapes in all, so few compiled
-variants per ``levels``). The interpreter pays ~1-10 ms per program, so there a tile covers up to
-65536 elements fitted to [bs, H]: most launches are one program.
+variants per ``levels`` and ``bits``). The interpreter pays ~1-10 ms per program, so there a tile
+covers up to 65536 elements fitted to [bs, H]: most launches are one program.
 """
 
 from __future__ import annotations
@@ -55,13 +62,17 @@ import triton
 import triton.language as tl
 
 from .codec import INTERPRETING, _code_derivative, _decode, _encode, _round_to, _sigmoid, _tanh
+from .codec_torch import group_bytes, group_codes
+from .rnn_torch import CodeRows, as_code_rows
 
 __all__ = [
+    "CodeRows",
     "lstm_step_forward",
     "lstm_recompute_cell",
     "lstm_output",
     "lstm_step_backward",
     "gru_step_forward",
+    "gru_output",
     "gru_step_backward",
 ]
 
@@ -70,23 +81,86 @@ GRU_CODES = 4  # r, z, n, h
 
 
 # Interpreter note: every call of a @triton.jit helper costs the interpreter ~1.5 ms (it re-patches
-# triton.language), so tile offsets and loads are written inline rather than in helpers.
+# triton.language), so tile offsets and float loads are written inline; the code loads and stores,
+# which would be ten lines each, are helpers.
 
 
-@triton.jit(do_not_specialize=["bs"])
+@triton.jit
+def _load_codes(row_ptr, cols, mask, BITS: tl.constexpr):
+    """int32 codes [BLOCK_B, BLOCK_H] of units ``cols`` [BLOCK_H] (int64) from the byte rows that
+    start at ``row_ptr`` [BLOCK_B] (uint8 pointers)."""
+    bit = cols * BITS
+    shift = (bit & 7).to(tl.int32)[None, :]
+    byte_ptr = row_ptr[:, None] + (bit >> 3)[None, :]
+    word = tl.load(byte_ptr, mask=mask, other=0).to(tl.int32)
+    if 8 % BITS != 0:  # only then can a code straddle two bytes (never past the end of its row)
+        spill = mask & (shift + BITS > 8)
+        word = word | (tl.load(byte_ptr + 1, mask=spill, other=0).to(tl.int32) << 8)
+    return (word >> shift) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _store_codes(
+    row_ptr,  # [BLOCK_B] uint8 pointers: plane row starts
+    code,  # [BLOCK_B, BLOCK_H] int32 codes of units col0 .. col0 + BLOCK_H - 1
+    row_ok,  # [BLOCK_B] bool
+    col0,
+    H,
+    H_PAD,
+    BITS: tl.constexpr,
+    GROUP_CODES: tl.constexpr,
+    GROUP_BYTES_POW2: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Pack a tile's codes into its byte rows: units >= H become code 0, units >= H_PAD are not
+    written. Groups of GROUP_CODES units fill whole bytes, so tiles never share a byte."""
+    cols = col0 + tl.arange(0, BLOCK_H)
+    code = tl.where((cols < H)[None, :], code, 0)
+    if BITS == 8:
+        mask = row_ok[:, None] & (cols < H_PAD)[None, :]
+        tl.store(row_ptr[:, None] + cols[None, :], code.to(tl.uint8), mask=mask)
+    else:
+        N_GROUPS: tl.constexpr = BLOCK_H // GROUP_CODES
+        GROUP_BYTES: tl.constexpr = GROUP_CODES * BITS // 8
+        grouped = tl.reshape(code, (BLOCK_B, N_GROUPS, GROUP_CODES)).to(tl.int64)
+        shifts = (tl.arange(0, GROUP_CODES) * BITS).to(tl.int64)
+        word = tl.sum(grouped << shifts[None, None, :], axis=2)  # [BLOCK_B, N_GROUPS]; disjoint
+        lanes = tl.arange(0, GROUP_BYTES_POW2)  # masked to GROUP_BYTES
+        byte = (word[:, :, None] >> (lanes * 8).to(tl.int64)[None, None, :]) & 0xFF
+        group = col0 // GROUP_CODES + tl.arange(0, N_GROUPS)  # [N_GROUPS] int64
+        ptr = row_ptr[:, None, None] + (group * GROUP_BYTES)[None, :, None] + lanes[None, None, :]
+        mask = row_ok[:, None, None] & (group * GROUP_CODES < H_PAD)[None, :, None]
+        mask = mask & (lanes < GROUP_BYTES)[None, None, :]
+        tl.store(ptr, byte.to(tl.uint8), mask=mask)
+
+
+@triton.jit(do_not_specialize=["bs", "code_offset", "done"])
 def _lstm_step_fwd_kernel(
     GATES,  # [bs, 4H] pre-activations i, f, g, o; any float dtype; strided
     C_PREV,  # [bs, H] float32/64 (its dtype is ACC); strided
-    CODES,  # [5, bs, H] uint8 out (i, f, g, o, u), contiguous
+    CODES,  # uint8 code rows out (i, f, g, o, u), when STORE_CODES
+    FINAL,  # [2, B, H] uint8 out (o, u of rows done..bs-1), contiguous, when STORE_FINAL
     C,  # [bs, H] ACC out, contiguous
     M,  # [bs, H] ACC out (o * u), contiguous
     bs,
     H,
+    H_PAD,  # units per code row (>= H); the grid covers them
+    code_offset,
+    done,
     stride_gb,
     stride_gh,
     stride_cb,
     stride_ch,
+    stride_kq,
+    stride_kb,
+    stride_fq,
     LEVELS: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP_CODES: tl.constexpr,
+    GROUP_BYTES_POW2: tl.constexpr,
+    STORE_CODES: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -94,9 +168,11 @@ def _lstm_step_fwd_kernel(
         ACC: tl.constexpr = tl.float64
     else:
         ACC: tl.constexpr = tl.float32
+    col0 = tl.program_id(1).to(tl.int64) * BLOCK_H
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
-    mask = (rows[:, None] < bs) & (cols[None, :] < H)  # [BLOCK_B, BLOCK_H]
+    cols = col0 + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    row_ok = rows < bs
+    mask = row_ok[:, None] & (cols[None, :] < H)  # [BLOCK_B, BLOCK_H]
 
     gates = GATES + rows[:, None] * stride_gb  # [BLOCK_B, 1]; gate q of unit j is column q*H + j
     # [BLOCK_B, BLOCK_H] each
@@ -120,29 +196,40 @@ def _lstm_step_fwd_kernel(
     m = o * _decode(k_u, LEVELS, "tanh", ACC)
 
     out = rows[:, None] * H + cols[None, :]  # [BLOCK_B, BLOCK_H] int64 into contiguous [bs, H]
-    plane = bs.to(tl.int64) * H  # one code plane of [5, bs, H]
-    tl.store(CODES + out, k_i.to(tl.uint8), mask=mask)
-    tl.store(CODES + plane + out, k_f.to(tl.uint8), mask=mask)
-    tl.store(CODES + 2 * plane + out, k_g.to(tl.uint8), mask=mask)
-    tl.store(CODES + 3 * plane + out, k_o.to(tl.uint8), mask=mask)
-    tl.store(CODES + 4 * plane + out, k_u.to(tl.uint8), mask=mask)
     tl.store(C + out, c, mask=mask)
     tl.store(M + out, m, mask=mask)
+    if STORE_CODES:
+        row = CODES + code_offset + rows * stride_kb  # [BLOCK_B]; plane q at + q * stride_kq
+        _store_codes(row, k_i, row_ok, col0, H, H_PAD, BITS, GROUP_CODES, GROUP_BYTES_POW2,
+                     BLOCK_B, BLOCK_H)
+        _store_codes(row + stride_kq, k_f, row_ok, col0, H, H_PAD, BITS, GROUP_CODES,
+                     GROUP_BYTES_POW2, BLOCK_B, BLOCK_H)
+        _store_codes(row + 2 * stride_kq, k_g, row_ok, col0, H, H_PAD, BITS, GROUP_CODES,
+                     GROUP_BYTES_POW2, BLOCK_B, BLOCK_H)
+        _store_codes(row + 3 * stride_kq, k_o, row_ok, col0, H, H_PAD, BITS, GROUP_CODES,
+                     GROUP_BYTES_POW2, BLOCK_B, BLOCK_H)
+        _store_codes(row + 4 * stride_kq, k_u, row_ok, col0, H, H_PAD, BITS, GROUP_CODES,
+                     GROUP_BYTES_POW2, BLOCK_B, BLOCK_H)
+    if STORE_FINAL:  # rows whose sequence ends here: their o, u codes are the packed final state
+        final_mask = mask & (rows >= done)[:, None]
+        tl.store(FINAL + out, k_o.to(tl.uint8), mask=final_mask)
+        tl.store(FINAL + stride_fq + out, k_u.to(tl.uint8), mask=final_mask)
 
 
-@triton.jit(do_not_specialize=["bs"])
+@triton.jit(do_not_specialize=["bs", "code_offset"])
 def _lstm_cell_kernel(
-    CODES,  # [>=3, bs, H] uint8 (i, f, g, ...); strided
+    CODES,  # uint8 code rows (i, f, g, ...)
     C_PREV,  # [bs, H] float32/64 (ACC); strided
     C,  # [bs, H] ACC out, contiguous
     bs,
     H,
+    code_offset,
     stride_kq,
     stride_kb,
-    stride_kh,
     stride_cb,
     stride_ch,
     LEVELS: tl.constexpr,
+    BITS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -154,11 +241,10 @@ def _lstm_cell_kernel(
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     mask = (rows[:, None] < bs) & (cols[None, :] < H)  # [BLOCK_B, BLOCK_H]
 
-    # plane q of the codes is at code + q * stride_kq
-    code = CODES + rows[:, None] * stride_kb + cols[None, :] * stride_kh
-    k_i = tl.load(code, mask=mask, other=0).to(tl.int32)  # widened: uint8 arithmetic wraps
-    k_f = tl.load(code + stride_kq, mask=mask, other=0).to(tl.int32)
-    k_g = tl.load(code + 2 * stride_kq, mask=mask, other=0).to(tl.int32)
+    row = CODES + code_offset + rows * stride_kb  # [BLOCK_B]; plane q at + q * stride_kq
+    k_i = _load_codes(row, cols, mask, BITS)
+    k_f = _load_codes(row + stride_kq, cols, mask, BITS)
+    k_g = _load_codes(row + 2 * stride_kq, cols, mask, BITS)
     c_prev = tl.load(C_PREV + rows[:, None] * stride_cb + cols[None, :] * stride_ch, mask=mask,
                      other=0.0)
     i = _decode(k_i, LEVELS, "sigmoid", ACC)
@@ -168,20 +254,22 @@ def _lstm_cell_kernel(
     tl.store(C + rows[:, None] * H + cols[None, :], c, mask=mask)
 
 
-@triton.jit(do_not_specialize=["bs"])
-def _lstm_output_kernel(
-    CODES,  # [5, bs, H] uint8; strided
-    M,  # [bs, H] out, any float dtype (ACC: float64 for float64, else float32), contiguous
+@triton.jit(do_not_specialize=["bs", "code_offset"])
+def _output_kernel(
+    CODES,  # uint8 code rows
+    OUT,  # [bs, H] out, any float dtype (ACC: float64 for float64, else float32), contiguous
     bs,
     H,
+    code_offset,
     stride_kq,
     stride_kb,
-    stride_kh,
     LEVELS: tl.constexpr,
+    BITS: tl.constexpr,
+    CELL: tl.constexpr,  # "lstm": m = o * u (planes 3, 4); "gru": h (plane 3)
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    if M.dtype.element_ty == tl.float64:
+    if OUT.dtype.element_ty == tl.float64:
         ACC: tl.constexpr = tl.float64
     else:
         ACC: tl.constexpr = tl.float32
@@ -189,16 +277,20 @@ def _lstm_output_kernel(
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     mask = (rows[:, None] < bs) & (cols[None, :] < H)  # [BLOCK_B, BLOCK_H]
 
-    code = CODES + rows[:, None] * stride_kb + cols[None, :] * stride_kh
-    k_o = tl.load(code + 3 * stride_kq, mask=mask, other=0).to(tl.int32)
-    k_u = tl.load(code + 4 * stride_kq, mask=mask, other=0).to(tl.int32)
-    m = _decode(k_o, LEVELS, "sigmoid", ACC) * _decode(k_u, LEVELS, "tanh", ACC)
-    tl.store(M + rows[:, None] * H + cols[None, :], _round_to(m, M.dtype.element_ty), mask=mask)
+    row = CODES + code_offset + rows * stride_kb
+    if CELL == "lstm":
+        k_o = _load_codes(row + 3 * stride_kq, cols, mask, BITS)
+        k_u = _load_codes(row + 4 * stride_kq, cols, mask, BITS)
+        value = _decode(k_o, LEVELS, "sigmoid", ACC) * _decode(k_u, LEVELS, "tanh", ACC)
+    else:
+        value = _decode(_load_codes(row + 3 * stride_kq, cols, mask, BITS), LEVELS, "tanh", ACC)
+    out = OUT + rows[:, None] * H + cols[None, :]
+    tl.store(out, _round_to(value, OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["bs"])
+@triton.jit(do_not_specialize=["bs", "code_offset"])
 def _lstm_step_bwd_kernel(
-    CODES,  # [5, bs, H] uint8; strided
+    CODES,  # uint8 code rows (i, f, g, o, u)
     C_PREV,  # [bs, H] ACC; strided
     DM,  # [bs, H] ACC, dL/dm_t; strided
     DC,  # [bs, H] ACC, dL/dc_t from step t+1; strided
@@ -206,9 +298,9 @@ def _lstm_step_bwd_kernel(
     DC_PREV,  # [bs, H] ACC out, contiguous
     bs,
     H,
+    code_offset,
     stride_kq,
     stride_kb,
-    stride_kh,
     stride_cb,
     stride_ch,
     stride_mb,
@@ -216,6 +308,7 @@ def _lstm_step_bwd_kernel(
     stride_db,
     stride_dh,
     LEVELS: tl.constexpr,
+    BITS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -227,13 +320,12 @@ def _lstm_step_bwd_kernel(
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     mask = (rows[:, None] < bs) & (cols[None, :] < H)  # [BLOCK_B, BLOCK_H]
 
-    # plane q of the codes is at code + q * stride_kq
-    code = CODES + rows[:, None] * stride_kb + cols[None, :] * stride_kh
-    k_i = tl.load(code, mask=mask, other=0).to(tl.int32)  # [BLOCK_B, BLOCK_H]
-    k_f = tl.load(code + stride_kq, mask=mask, other=0).to(tl.int32)
-    k_g = tl.load(code + 2 * stride_kq, mask=mask, other=0).to(tl.int32)
-    k_o = tl.load(code + 3 * stride_kq, mask=mask, other=0).to(tl.int32)
-    k_u = tl.load(code + 4 * stride_kq, mask=mask, other=0).to(tl.int32)
+    row = CODES + code_offset + rows * stride_kb  # [BLOCK_B]; plane q at + q * stride_kq
+    k_i = _load_codes(row, cols, mask, BITS)  # [BLOCK_B, BLOCK_H] int32
+    k_f = _load_codes(row + stride_kq, cols, mask, BITS)
+    k_g = _load_codes(row + 2 * stride_kq, cols, mask, BITS)
+    k_o = _load_codes(row + 3 * stride_kq, cols, mask, BITS)
+    k_u = _load_codes(row + 4 * stride_kq, cols, mask, BITS)
     c_prev = tl.load(C_PREV + rows[:, None] * stride_cb + cols[None, :] * stride_ch, mask=mask,
                      other=0.0)
     dm = tl.load(DM + rows[:, None] * stride_mb + cols[None, :] * stride_mh, mask=mask, other=0.0)
@@ -259,22 +351,33 @@ def _lstm_step_bwd_kernel(
     tl.store(DC_PREV + rows[:, None] * H + cols[None, :], dc * f, mask=mask)
 
 
-@triton.jit(do_not_specialize=["bs"])
+@triton.jit(do_not_specialize=["bs", "code_offset", "done"])
 def _gru_step_fwd_kernel(
     GX,  # [bs, 3H] x W_ih^T + b_ih (r, z, n); strided
     GH,  # [bs, 3H] h W_hh^T + b_hh; strided
     H_PREV,  # [bs, H]; strided. GX, GH, H_PREV share one float dtype; ACC follows it
-    CODES,  # [4, bs, H] uint8 out (r, z, n, h), contiguous
+    CODES,  # uint8 code rows out (r, z, n, h), when STORE_CODES
+    FINAL,  # [1, B, H] uint8 out (h codes of rows done..bs-1), contiguous, when STORE_FINAL
     H_OUT,  # [bs, H] ACC out, contiguous
     bs,
     H,
+    H_PAD,
+    code_offset,
+    done,
     stride_xb,
     stride_xh,
     stride_gb,
     stride_gh,
     stride_pb,
     stride_ph,
+    stride_kq,
+    stride_kb,
     LEVELS: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP_CODES: tl.constexpr,
+    GROUP_BYTES_POW2: tl.constexpr,
+    STORE_CODES: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -282,9 +385,11 @@ def _gru_step_fwd_kernel(
         ACC: tl.constexpr = tl.float64
     else:
         ACC: tl.constexpr = tl.float32
+    col0 = tl.program_id(1).to(tl.int64) * BLOCK_H
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
-    mask = (rows[:, None] < bs) & (cols[None, :] < H)  # [BLOCK_B, BLOCK_H]
+    cols = col0 + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    row_ok = rows < bs
+    mask = row_ok[:, None] & (cols[None, :] < H)  # [BLOCK_B, BLOCK_H]
 
     gx = GX + rows[:, None] * stride_xb  # [BLOCK_B, 1]; gate q of unit j is column q*H + j
     gh = GH + rows[:, None] * stride_gb
@@ -308,17 +413,24 @@ def _gru_step_fwd_kernel(
     k_h = _encode((1.0 - z) * n + z * h_prev, LEVELS, "tanh")  # snap to the tanh grid
 
     out = rows[:, None] * H + cols[None, :]  # [BLOCK_B, BLOCK_H] int64 into contiguous [bs, H]
-    plane = bs.to(tl.int64) * H  # one code plane of [4, bs, H]
-    tl.store(CODES + out, k_r.to(tl.uint8), mask=mask)
-    tl.store(CODES + plane + out, k_z.to(tl.uint8), mask=mask)
-    tl.store(CODES + 2 * plane + out, k_n.to(tl.uint8), mask=mask)
-    tl.store(CODES + 3 * plane + out, k_h.to(tl.uint8), mask=mask)
     tl.store(H_OUT + out, _decode(k_h, LEVELS, "tanh", ACC), mask=mask)
+    if STORE_CODES:
+        row = CODES + code_offset + rows * stride_kb  # [BLOCK_B]; plane q at + q * stride_kq
+        _store_codes(row, k_r, row_ok, col0, H, H_PAD, BITS, GROUP_CODES, GROUP_BYTES_POW2,
+                     BLOCK_B, BLOCK_H)
+        _store_codes(row + stride_kq, k_z, row_ok, col0, H, H_PAD, BITS, GROUP_CODES,
+                     GROUP_BYTES_POW2, BLOCK_B, BLOCK_H)
+        _store_codes(row + 2 * stride_kq, k_n, row_ok, col0, H, H_PAD, BITS, GROUP_CODES,
+                     GROUP_BYTES_POW2, BLOCK_B, BLOCK_H)
+        _store_codes(row + 3 * stride_kq, k_h, row_ok, col0, H, H_PAD, BITS, GROUP_CODES,
+                     GROUP_BYTES_POW2, BLOCK_B, BLOCK_H)
+    if STORE_FINAL:  # rows whose sequence ends here: their h code is the packed final state
+        tl.store(FINAL + out, k_h.to(tl.uint8), mask=mask & (rows >= done)[:, None])
 
 
-@triton.jit(do_not_specialize=["bs"])
+@triton.jit(do_not_specialize=["bs", "code_offset"])
 def _gru_step_bwd_kernel(
-    CODES,  # [4, bs, H] uint8 (r, z, n, h); strided
+    CODES,  # uint8 code rows (r, z, n, h)
     H_PREV,  # [bs, H] ACC; strided
     GH_N,  # [bs, H] ACC, h_prev W_hn^T + b_hn; strided
     DH,  # [bs, H] ACC, dL/dh_t; strided
@@ -327,9 +439,9 @@ def _gru_step_bwd_kernel(
     DH_DIRECT,  # [bs, H] ACC out (dh * z), contiguous
     bs,
     H,
+    code_offset,
     stride_kq,
     stride_kb,
-    stride_kh,
     stride_pb,
     stride_ph,
     stride_nb,
@@ -337,6 +449,7 @@ def _gru_step_bwd_kernel(
     stride_db,
     stride_dh,
     LEVELS: tl.constexpr,
+    BITS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -348,11 +461,10 @@ def _gru_step_bwd_kernel(
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     mask = (rows[:, None] < bs) & (cols[None, :] < H)  # [BLOCK_B, BLOCK_H]
 
-    # plane q of the codes is at code + q * stride_kq
-    code = CODES + rows[:, None] * stride_kb + cols[None, :] * stride_kh
-    k_r = tl.load(code, mask=mask, other=0).to(tl.int32)  # [BLOCK_B, BLOCK_H]
-    k_z = tl.load(code + stride_kq, mask=mask, other=0).to(tl.int32)
-    k_n = tl.load(code + 2 * stride_kq, mask=mask, other=0).to(tl.int32)
+    row = CODES + code_offset + rows * stride_kb  # [BLOCK_B]; plane q at + q * stride_kq
+    k_r = _load_codes(row, cols, mask, BITS)  # [BLOCK_B, BLOCK_H] int32
+    k_z = _load_codes(row + stride_kq, cols, mask, BITS)
+    k_n = _load_codes(row + 2 * stride_kq, cols, mask, BITS)
     h_prev = tl.load(H_PREV + rows[:, None] * stride_pb + cols[None, :] * stride_ph, mask=mask,
                      other=0.0)
     gh_n = tl.load(GH_N + rows[:, None] * stride_nb + cols[None, :] * stride_nh, mask=mask,
@@ -379,14 +491,15 @@ def _gru_step_bwd_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # Host launchers: the signatures and return values of discrnn.kernels.rnn_torch. They check shapes,
-# dtypes and devices (cheap, no sync) and otherwise trust the caller, as the layers do.
+# dtypes, devices and that code rows lie inside their buffer (cheap, no sync) and otherwise trust
+# the caller, as the layers do.
 
 
 class TileRule(NamedTuple):
     """How a launch picks its [BLOCK_B, BLOCK_H] tile for a [bs, H] step."""
 
     elems: int  # BLOCK_B * BLOCK_H at most
-    min_h: int
+    min_h: int  # >= 8: a tile row holds whole groups of packed codes
     max_h: int
     fit_rows: bool  # shrink BLOCK_B to next_pow2(bs) (interpreter: fewer elements to emulate)
 
@@ -409,7 +522,7 @@ class TileRule(NamedTuple):
 # rows of >= 16 units keep loads coalesced, and a step of bs x H = 64 x 512 gets 32 programs.
 GPU_TILE = TileRule(elems=1024, min_h=16, max_h=128, fit_rows=False)
 # Interpreter: ~1-10 ms per program, so one program per launch up to 65536 elements.
-INTERPRETER_TILE = TileRule(elems=1 << 16, min_h=1, max_h=1 << 16, fit_rows=True)
+INTERPRETER_TILE = TileRule(elems=1 << 16, min_h=8, max_h=1 << 16, fit_rows=True)
 TILE = INTERPRETER_TILE if INTERPRETING else GPU_TILE  # tests swap in small tiles
 
 
@@ -441,83 +554,142 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _launch(kernel, bs: int, H: int, args, levels: int) -> None:
-    block_b, block_h = TILE.tile(bs, H)
-    grid = (triton.cdiv(bs, block_b), triton.cdiv(H, block_h))
-    kernel[grid](
-        *args, LEVELS=levels, BLOCK_B=block_b, BLOCK_H=block_h, enable_fp_fusion=False
-    )
+def _code_args(codes, planes: int, bs: int, H: int, device) -> tuple:
+    """Codes (uint8 tensor [Q, bs, H] or CodeRows) -> (kernel args, BITS) after checking them."""
+    rows = as_code_rows(codes)
+    rows.check("codes", planes, bs, H, device)
+    return (rows.data, rows.offset, rows.plane_stride, rows.row_stride), rows.bits
 
 
-def lstm_step_forward(gates: torch.Tensor, c_prev: torch.Tensor, levels: int):
+def _launch(kernel, bs: int, width: int, args, **constexprs) -> None:
+    """One program per tile of [bs, width] (width: H, or the padded code row when packing)."""
+    block_b, block_h = TILE.tile(bs, width)
+    if block_h % constexprs.get("GROUP_CODES", 1):
+        raise ValueError(f"tile rows of {block_h} units cannot hold whole groups of "
+                         f"{constexprs['GROUP_CODES']} packed codes (TileRule.min_h must be >= 8)")
+    grid = (triton.cdiv(bs, block_b), triton.cdiv(width, block_h))
+    kernel[grid](*args, **constexprs, BLOCK_B=block_b, BLOCK_H=block_h, enable_fp_fusion=False)
+
+
+def _forward_target(out, planes: int, bs: int, H: int, device, store: bool):
+    """(CodeRows a forward launch packs its codes into or None, what it returns as codes)."""
+    if not store:
+        return None, None
+    if out is None:  # rnn_torch's return: a fresh uint8 tensor [planes, bs, H]
+        codes = torch.empty(planes, bs, H, dtype=torch.uint8, device=device)
+        return CodeRows.of_tensor(codes), codes
+    rows = as_code_rows(out)
+    rows.check("out", planes, bs, H, device)
+    return rows, out
+
+
+def _check_final(final, planes: int, bs: int, H: int, device) -> None:
+    if final is None:
+        return
+    if (final.dtype != torch.uint8 or final.dim() != 3 or final.shape[0] != planes
+            or final.shape[1] < bs or final.shape[2] != H or not final.is_contiguous()):
+        raise ValueError(f"final must be a contiguous uint8 tensor [{planes}, >= {bs}, {H}], got "
+                         f"{final.dtype} {tuple(final.shape)}")
+    _check("final", final, tuple(final.shape), device)
+
+
+def _code_outputs(rows: CodeRows | None, final, H: int, device):
+    """(CODES, FINAL, H_PAD, code_offset, stride_kq, stride_kb), constexprs of a forward launch."""
+    bits = rows.bits if rows is not None else 8
+    constexprs = dict(BITS=bits, GROUP_CODES=group_codes(bits),
+                      GROUP_BYTES_POW2=triton.next_power_of_2(group_bytes(bits)),
+                      STORE_CODES=rows is not None, STORE_FINAL=final is not None)
+    if rows is None or final is None:  # a pointer for the disabled output, never written
+        spare = torch.empty(1, dtype=torch.uint8, device=device)
+        final = spare if final is None else final
+    if rows is None:
+        return (spare, final, H, 0, 0, 0), constexprs
+    return (rows.data, final, rows.padded, rows.offset, rows.plane_stride, rows.row_stride), constexprs
+
+
+def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store=True):
     """gates [bs, 4H] (pre-activations, bias included, any float dtype, any strides), c_prev [bs, H]
-    (float32/64: the compute dtype) -> codes [5, bs, H] uint8, c [bs, H], m = o * u [bs, H]
-    (compute dtype). One kernel."""
+    (float32/64: the compute dtype) -> codes, c [bs, H], m = o * u [bs, H] (compute dtype). One
+    kernel. ``out``, ``final``, ``done``, ``store``: as ``rnn_torch.lstm_step_forward`` (the codes
+    are packed into ``out`` by this kernel)."""
     _check_acc("c_prev", c_prev)
     bs, H = c_prev.shape
     _check("gates", gates, (bs, 4 * H), c_prev.device)
     _check_device(c_prev.device)
     acc, dev = c_prev.dtype, c_prev.device
-    codes = torch.empty(LSTM_CODES, bs, H, dtype=torch.uint8, device=dev)
+    rows, returned = _forward_target(out, LSTM_CODES, bs, H, dev, store)
+    _check_final(final, 2, bs, H, dev)
     c = torch.empty(bs, H, dtype=acc, device=dev)
     m = torch.empty(bs, H, dtype=acc, device=dev)
     if bs * H:
-        args = (gates, c_prev, codes, c, m, bs, H, *gates.stride(), *c_prev.stride())
-        _launch(_lstm_step_fwd_kernel, bs, H, args, levels)
-    return codes, c, m
+        (codes, fin, width, offset, stride_kq, stride_kb), constexprs = _code_outputs(rows, final, H, dev)
+        args = (gates, c_prev, codes, fin, c, m, bs, H, width, offset, done, *gates.stride(),
+                *c_prev.stride(), stride_kq, stride_kb, fin.stride(0) if final is not None else 0)
+        _launch(_lstm_step_fwd_kernel, bs, width, args, LEVELS=levels, **constexprs)
+    return returned, c, m
 
 
-def lstm_recompute_cell(codes: torch.Tensor, c_prev: torch.Tensor, levels: int) -> torch.Tensor:
-    """c_t from the saved i, f, g codes ([>=3, bs, H] uint8, any strides) and c_{t-1} [bs, H]
+def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int) -> torch.Tensor:
+    """c_t from the saved i, f, g codes (uint8 [>=3, bs, H] or CodeRows) and c_{t-1} [bs, H]
     (float32/64): bit-identical to the c that :func:`lstm_step_forward` returned."""
     _check_acc("c_prev", c_prev)
     bs, H = c_prev.shape
-    _check("codes", codes[:3], (3, bs, H), c_prev.device)
     _check_device(c_prev.device)
+    code_args, bits = _code_args(codes, 3, bs, H, c_prev.device)
     c = torch.empty(bs, H, dtype=c_prev.dtype, device=c_prev.device)
     if bs * H:
-        args = (codes, c_prev, c, bs, H, *codes.stride(), *c_prev.stride())
-        _launch(_lstm_cell_kernel, bs, H, args, levels)
+        args = (code_args[0], c_prev, c, bs, H, *code_args[1:], *c_prev.stride())
+        _launch(_lstm_cell_kernel, bs, H, args, LEVELS=levels, BITS=bits)
     return c
 
 
-def lstm_output(codes: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
-    """m = o * u [bs, H] in ``dtype`` from the saved codes [5, bs, H] uint8 (any strides)."""
-    _, bs, H = codes.shape
-    _check("codes", codes, (LSTM_CODES, bs, H), codes.device)
-    _check_device(codes.device)
-    m = torch.empty(bs, H, dtype=dtype, device=codes.device)
+def _output(codes, levels: int, dtype: torch.dtype, cell: str, planes: int) -> torch.Tensor:
+    rows = as_code_rows(codes)
+    bs, H = rows.rows, rows.hidden
+    _check_device(rows.data.device)
+    code_args, bits = _code_args(rows, planes, bs, H, rows.data.device)
+    out = torch.empty(bs, H, dtype=dtype, device=rows.data.device)
     if bs * H:
-        _launch(_lstm_output_kernel, bs, H, (codes, m, bs, H, *codes.stride()), levels)
-    return m
+        args = (code_args[0], out, bs, H, *code_args[1:])
+        _launch(_output_kernel, bs, H, args, LEVELS=levels, BITS=bits, CELL=cell)
+    return out
 
 
-def lstm_step_backward(
-    codes: torch.Tensor, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.Tensor, levels: int
-):
-    """Backward of one step: codes [5, bs, H], c_prev [bs, H] (float32/64), dm = dL/dm_t and
-    dc = dL/dc_t [bs, H] (converted to c_prev's dtype) -> dgates [bs, 4H] (i, f, g, o), dc_prev
-    [bs, H], both in c_prev's dtype. One kernel."""
+def lstm_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
+    """m = o * u [bs, H] in ``dtype`` from the saved codes (uint8 [5, bs, H] or CodeRows)."""
+    return _output(codes, levels, dtype, "lstm", LSTM_CODES)
+
+
+def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
+    """h_t [bs, H] in ``dtype`` from the saved codes (uint8 [4, bs, H] or CodeRows)."""
+    return _output(codes, levels, dtype, "gru", GRU_CODES)
+
+
+def lstm_step_backward(codes, c_prev, dm, dc, levels: int):
+    """Backward of one step: codes (uint8 [5, bs, H] or CodeRows), c_prev [bs, H] (float32/64),
+    dm = dL/dm_t and dc = dL/dc_t [bs, H] (converted to c_prev's dtype) -> dgates [bs, 4H]
+    (i, f, g, o), dc_prev [bs, H], both in c_prev's dtype. One kernel."""
     _check_acc("c_prev", c_prev)
     bs, H = c_prev.shape
     acc, dev = c_prev.dtype, c_prev.device
-    for name, t in (("codes", codes), ("dm", dm), ("dc", dc)):
-        _check(name, t, (LSTM_CODES, bs, H) if name == "codes" else (bs, H), dev)
+    for name, t in (("dm", dm), ("dc", dc)):
+        _check(name, t, (bs, H), dev)
     _check_device(dev)
+    code_args, bits = _code_args(codes, LSTM_CODES, bs, H, dev)
     dm, dc = _as(dm, acc), _as(dc, acc)
     dgates = torch.empty(bs, 4 * H, dtype=acc, device=dev)
     dc_prev = torch.empty(bs, H, dtype=acc, device=dev)
     if bs * H:
-        args = (codes, c_prev, dm, dc, dgates, dc_prev, bs, H, *codes.stride(), *c_prev.stride(),
-                *dm.stride(), *dc.stride())
-        _launch(_lstm_step_bwd_kernel, bs, H, args, levels)
+        args = (code_args[0], c_prev, dm, dc, dgates, dc_prev, bs, H, *code_args[1:],
+                *c_prev.stride(), *dm.stride(), *dc.stride())
+        _launch(_lstm_step_bwd_kernel, bs, H, args, LEVELS=levels, BITS=bits)
     return dgates, dc_prev
 
 
-def gru_step_forward(gx: torch.Tensor, gh: torch.Tensor, h_prev: torch.Tensor, levels: int):
+def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True):
     """gx = x W_ih^T + b_ih [bs, 3H], gh = h W_hh^T + b_hh [bs, 3H], h_prev [bs, H] (any float
-    dtype, any strides) -> codes [4, bs, H] uint8 and h [bs, H] in the compute dtype (exactly the
-    level of codes[3]). One kernel."""
+    dtype, any strides) -> codes, h [bs, H] in the compute dtype (exactly the level of the h code).
+    One kernel. ``out``, ``final``, ``done``, ``store``: as ``rnn_torch.gru_step_forward``."""
     bs, H = h_prev.shape
     dev = h_prev.device
     _check("gx", gx, (bs, 3 * H), dev)
@@ -526,32 +698,34 @@ def gru_step_forward(gx: torch.Tensor, gh: torch.Tensor, h_prev: torch.Tensor, l
     acc = _acc(h_prev.dtype)
     if not gx.dtype == gh.dtype == h_prev.dtype:  # one input dtype per kernel: meet in ACC
         gx, gh, h_prev = _as(gx, acc), _as(gh, acc), _as(h_prev, acc)
-    codes = torch.empty(GRU_CODES, bs, H, dtype=torch.uint8, device=dev)
+    rows, returned = _forward_target(out, GRU_CODES, bs, H, dev, store)
+    _check_final(final, 1, bs, H, dev)
     h = torch.empty(bs, H, dtype=acc, device=dev)
     if bs * H:
-        args = (gx, gh, h_prev, codes, h, bs, H, *gx.stride(), *gh.stride(), *h_prev.stride())
-        _launch(_gru_step_fwd_kernel, bs, H, args, levels)
-    return codes, h
+        (codes, fin, width, offset, stride_kq, stride_kb), constexprs = _code_outputs(rows, final, H, dev)
+        args = (gx, gh, h_prev, codes, fin, h, bs, H, width, offset, done, *gx.stride(),
+                *gh.stride(), *h_prev.stride(), stride_kq, stride_kb)
+        _launch(_gru_step_fwd_kernel, bs, width, args, LEVELS=levels, **constexprs)
+    return returned, h
 
 
-def gru_step_backward(
-    codes: torch.Tensor, h_prev: torch.Tensor, gh_n: torch.Tensor, dh: torch.Tensor, levels: int
-):
-    """Backward of one step: codes [4, bs, H], h_prev [bs, H], gh_n = h_prev W_hn^T + b_hn [bs, H],
-    dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H], dh_prev_direct = dh * z [bs, H], in the
-    compute dtype of h_prev. One kernel."""
+def gru_step_backward(codes, h_prev, gh_n, dh, levels: int):
+    """Backward of one step: codes (uint8 [4, bs, H] or CodeRows), h_prev [bs, H], gh_n =
+    h_prev W_hn^T + b_hn [bs, H], dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H],
+    dh_prev_direct = dh * z [bs, H], in the compute dtype of h_prev. One kernel."""
     bs, H = h_prev.shape
     dev = h_prev.device
-    for name, t in (("codes", codes), ("gh_n", gh_n), ("dh", dh)):
-        _check(name, t, (GRU_CODES, bs, H) if name == "codes" else (bs, H), dev)
+    for name, t in (("gh_n", gh_n), ("dh", dh)):
+        _check(name, t, (bs, H), dev)
     _check_device(dev)
+    code_args, bits = _code_args(codes, GRU_CODES, bs, H, dev)
     acc = _acc(h_prev.dtype)
     h_prev, gh_n, dh = _as(h_prev, acc), _as(gh_n, acc), _as(dh, acc)
     dgx = torch.empty(bs, 3 * H, dtype=acc, device=dev)
     dgh = torch.empty(bs, 3 * H, dtype=acc, device=dev)
     dh_direct = torch.empty(bs, H, dtype=acc, device=dev)
     if bs * H:
-        args = (codes, h_prev, gh_n, dh, dgx, dgh, dh_direct, bs, H, *codes.stride(),
+        args = (code_args[0], h_prev, gh_n, dh, dgx, dgh, dh_direct, bs, H, *code_args[1:],
                 *h_prev.stride(), *gh_n.stride(), *dh.stride())
-        _launch(_gru_step_bwd_kernel, bs, H, args, levels)
+        _launch(_gru_step_bwd_kernel, bs, H, args, LEVELS=levels, BITS=bits)
     return dgx, dgh, dh_direct

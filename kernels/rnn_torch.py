@@ -36,9 +36,11 @@ each step, and the products torch would compute from them).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from .codec_torch import torch_code_derivative, torch_decode
+from .codec_torch import torch_code_derivative, torch_decode, torch_pack, torch_unpack
 
 LSTM_CODES = 5  # i, f, g, o, u
 GRU_CODES = 4  # r, z, n, h
@@ -286,36 +288,155 @@ class GRUForwardStep:
         return t.decode_tanh(k_h, out=h if h_out is None else h_out)
 
 
-def lstm_step_forward(gates: torch.Tensor, c_prev: torch.Tensor, levels: int):
+class CodeRows(NamedTuple):
+    """Where the codes of ``rows`` batch rows of a step (or of a run of steps) live in a uint8 buffer.
+
+    Plane q of row r is a byte row starting at byte ``offset + q * plane_stride + r * row_stride`` of
+    ``data``'s storage view; it holds units 0..padded-1, unit j in bits [j * bits, (j + 1) * bits),
+    the codec's little-endian bit stream; units hidden..padded-1 hold code 0. ``padded * bits`` is a
+    multiple of 8, so every byte row is whole bytes and no two rows share a byte.
+
+    Two forms: :meth:`packed`, the layers' code store (``discrnn.rnn_function.CodeStore``: the rows'
+    [planes, padded] codes one after another, so consecutive steps are one run of rows), and
+    :meth:`of_tensor`, a plain uint8 tensor [planes, rows, hidden] (bits = 8, any plane and row
+    strides), the form the step functions return when no ``out`` is given.
+    """
+
+    data: torch.Tensor
+    offset: int
+    rows: int
+    planes: int
+    hidden: int
+    padded: int
+    bits: int
+    plane_stride: int
+    row_stride: int
+
+    @property
+    def row_bytes(self) -> int:
+        return self.padded * self.bits // 8
+
+    @classmethod
+    def packed(cls, data: torch.Tensor, offset: int, rows: int, planes: int, hidden: int, bits: int):
+        """Rows of the code store: row r's planes at ``offset + (r * planes + q) * row_bytes``."""
+        padded = -(-hidden // 8) * 8
+        row_bytes = padded * bits // 8
+        return cls(data, offset, rows, planes, hidden, padded, bits, row_bytes, planes * row_bytes)
+
+    @classmethod
+    def of_tensor(cls, codes: torch.Tensor):
+        """A uint8 tensor [planes, rows, hidden] as 8-bit code rows (copied if units are strided)."""
+        planes, rows, hidden = codes.shape
+        if codes.stride(2) != 1:
+            codes = codes.contiguous()
+        return cls(codes, 0, rows, planes, hidden, hidden, 8, codes.stride(0), codes.stride(1))
+
+    def byte_rows(self) -> torch.Tensor:
+        """The byte rows as a [planes, rows, row_bytes] uint8 view of ``data``'s storage."""
+        return self.data.as_strided(
+            (self.planes, self.rows, self.row_bytes),
+            (self.plane_stride, self.row_stride, 1),
+            self.data.storage_offset() + self.offset,
+        )
+
+    def check(self, name: str, planes: int, rows: int, hidden: int, device) -> None:
+        """ValueError unless these rows hold at least ``planes`` planes of ``rows`` x ``hidden`` codes
+        on ``device``, inside ``data``'s storage (the kernels write through raw pointers)."""
+        if self.data.dtype != torch.uint8:
+            raise TypeError(f"{name}.data must be uint8, got {self.data.dtype}")
+        if not 1 <= self.bits <= 8 or (self.padded * self.bits) % 8 or self.padded < self.hidden:
+            raise ValueError(f"{name}: bits={self.bits}, padded={self.padded} do not make whole-byte "
+                             f"rows of {self.hidden} units")
+        if self.planes < planes or self.rows != rows or self.hidden != hidden:
+            raise ValueError(f"{name} must hold >= {planes} planes of ({rows}, {hidden}) codes, got "
+                             f"{self.planes} planes of ({self.rows}, {self.hidden})")
+        if self.data.device != torch.device(device):
+            raise ValueError(f"{name} must be on {device} like the other step tensors, got "
+                             f"{self.data.device}")
+        if rows and hidden:
+            end = self.offset + (self.planes - 1) * self.plane_stride
+            end += (self.rows - 1) * self.row_stride + self.row_bytes
+            if self.data.dim() == 1 and self.data.is_contiguous():  # a code buffer: its extent
+                room = self.data.numel()
+            else:  # a strided tensor's rows: its storage from the first element on
+                room = self.data.untyped_storage().nbytes() - self.data.storage_offset()
+            if self.offset < 0 or min(self.plane_stride, self.row_stride) < 0 or end > room:
+                raise ValueError(f"{name} reaches byte {end} of a buffer of {room} bytes")
+
+
+def as_code_rows(codes) -> CodeRows:
+    return codes if isinstance(codes, CodeRows) else CodeRows.of_tensor(codes)
+
+
+def read_codes(codes) -> torch.Tensor:
+    """Codes (a uint8 tensor [Q, rows, H] or :class:`CodeRows`) as a uint8 tensor [Q, rows, H]."""
+    if isinstance(codes, torch.Tensor):
+        return codes
+    view = codes.byte_rows()
+    if codes.bits == 8:
+        return view[:, :, : codes.hidden]
+    flat = torch_unpack(view.reshape(-1), codes.bits, codes.planes * codes.rows * codes.padded)
+    return flat.view(codes.planes, codes.rows, codes.padded)[:, :, : codes.hidden]
+
+
+def write_codes(out: CodeRows, codes: torch.Tensor) -> None:
+    """Store uint8 codes [Q, rows, H] into ``out``'s byte rows, padding units with code 0."""
+    view = out.byte_rows()
+    if out.bits == 8:
+        view[:, :, : out.hidden] = codes
+        view[:, :, out.hidden :] = 0
+        return
+    padded = torch.zeros(out.planes, out.rows, out.padded, dtype=torch.uint8, device=codes.device)
+    padded[:, :, : out.hidden] = codes
+    view.copy_(torch_pack(padded.view(-1), out.bits).view(view.shape))
+
+
+def _emit(codes: torch.Tensor, out, final, done: int, final_planes: slice, store: bool):
+    """Where a forward step's uint8 codes [Q, bs, H] go: the final-state codes of rows done..bs-1
+    into ``final``, then ``out`` (a :class:`CodeRows`) or, without one, the returned tensor."""
+    if final is not None:
+        final[:, done : codes.shape[1]] = codes[final_planes, done:]
+    if not store:
+        return None
+    if out is None:
+        return codes
+    write_codes(out, codes)
+    return out
+
+
+def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store=True):
     """gates [bs, 4H] (pre-activations, bias included), c_prev [bs, H] (compute dtype) ->
-    codes [5, bs, H] uint8, c [bs, H], m = o * u [bs, H] (compute dtype)."""
+    codes, c [bs, H], m = o * u [bs, H] (compute dtype).
+
+    The codes (i, f, g, o, u) are a fresh uint8 tensor [5, bs, H], or are written to ``out`` (a
+    :class:`CodeRows` of 5 planes and bs rows, e.g. a step of the packed code store), which is
+    returned; ``store=False`` writes none and returns None. ``final`` [2, B, H] uint8 (B >= bs)
+    receives the o and u codes of rows done..bs-1: the rows whose sequence ends at this step."""
     bs, H = c_prev.shape
     step = LSTMForwardStep(StepTables(levels, c_prev.dtype, c_prev.device), bs, H, c_prev.device)
     k = torch.empty(LSTM_CODES, bs, H, dtype=torch.int32, device=c_prev.device)
     c, m = step(step.rows(bs), c_prev, k[:4].transpose(0, 1), k[4], gates=gates)
-    return k.to(torch.uint8), c, m
+    return _emit(k.to(torch.uint8), out, final, done, slice(3, 5), store), c, m
 
 
-def lstm_recompute_cell(codes: torch.Tensor, c_prev: torch.Tensor, levels: int) -> torch.Tensor:
+def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int) -> torch.Tensor:
     """c_t from the saved i, f, g codes and c_{t-1}: the same arithmetic as the forward step."""
-    acc = c_prev.dtype
+    acc, codes = c_prev.dtype, read_codes(codes)
     i, f, g = (torch_decode(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(3))
     return f * c_prev + i * g
 
 
-def lstm_output(codes: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
+def lstm_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
     """m = o * u from the saved codes (the unprojected h_t)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc, codes = torch.float64 if dtype == torch.float64 else torch.float32, read_codes(codes)
     o, u = torch_decode(codes[3], levels, _SIG, acc), torch_decode(codes[4], levels, _TANH, acc)
     return (o * u).to(dtype)
 
 
-def lstm_step_backward(
-    codes: torch.Tensor, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.Tensor, levels: int
-):
+def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.Tensor, levels: int):
     """Backward of one step. dm = dL/dm_t [bs, H], dc = dL/dc_t from step t+1 [bs, H] ->
     dgates [bs, 4H] (pre-activation gradients, gate order i, f, g, o), dc_prev [bs, H]."""
-    acc = c_prev.dtype
+    acc, codes = c_prev.dtype, read_codes(codes)
     dm = dm.to(acc)
     i, f, g, o, u = (torch_decode(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(5))
     d = [torch_code_derivative(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(5)]
@@ -326,9 +447,11 @@ def lstm_step_backward(
     return dgates, dc * f
 
 
-def gru_step_forward(gx: torch.Tensor, gh: torch.Tensor, h_prev: torch.Tensor, levels: int):
+def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True):
     """gx = x W_ih^T + b_ih [bs, 3H], gh = h W_hh^T + b_hh [bs, 3H], h_prev [bs, H] ->
-    codes [4, bs, H] uint8 and h [bs, H] (compute dtype; exactly the level of codes[3])."""
+    codes (r, z, n, h), h [bs, H] (compute dtype; exactly the level of the h code). ``out``,
+    ``store``: as :func:`lstm_step_forward`; ``final`` [1, B, H] receives the h codes of rows
+    done..bs-1."""
     acc = torch.float64 if h_prev.dtype == torch.float64 else torch.float32
     gx, gh, h_prev = gx.to(acc), gh.to(acc), h_prev.to(acc)
     bs, H = h_prev.shape
@@ -336,15 +459,19 @@ def gru_step_forward(gx: torch.Tensor, gh: torch.Tensor, h_prev: torch.Tensor, l
     k = torch.empty(GRU_CODES, bs, H, dtype=torch.int32, device=h_prev.device)
     gx_rz = gx[:, : 2 * H].view(bs, 2, H)
     h = step(step.rows(bs), gx_rz, gx[:, 2 * H :], h_prev, k[:2], k[2], k[3], gh=gh)
-    return k.to(torch.uint8), h
+    return _emit(k.to(torch.uint8), out, final, done, slice(3, 4), store), h
 
 
-def gru_step_backward(
-    codes: torch.Tensor, h_prev: torch.Tensor, gh_n: torch.Tensor, dh: torch.Tensor, levels: int
-):
+def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
+    """h_t in ``dtype`` from the saved codes (its level, plane 3)."""
+    acc, codes = torch.float64 if dtype == torch.float64 else torch.float32, read_codes(codes)
+    return torch_decode(codes[3], levels, _TANH, acc).to(dtype)
+
+
+def gru_step_backward(codes, h_prev: torch.Tensor, gh_n: torch.Tensor, dh: torch.Tensor, levels: int):
     """Backward of one step. h_prev [bs, H], gh_n = h_prev W_hn^T + b_hn [bs, H] (recomputed),
     dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H], dh_prev_direct = dh * z [bs, H]."""
-    acc = torch.float64 if h_prev.dtype == torch.float64 else torch.float32
+    acc, codes = torch.float64 if h_prev.dtype == torch.float64 else torch.float32, read_codes(codes)
     dh, h_prev, gh_n = dh.to(acc), h_prev.to(acc), gh_n.to(acc)
     r, z, n = (torch_decode(codes[q], levels, _GRU_KINDS[q], acc) for q in range(3))
     d_r, d_z, d_n = (torch_code_derivative(codes[q], levels, _GRU_KINDS[q], acc) for q in range(3))

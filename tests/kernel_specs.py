@@ -9,6 +9,7 @@ import itertools
 
 import triton
 
+from discrnn._validation import default_bits
 from discrnn.kernels import codec
 from discrnn.kernels import rnn
 from discrnn.kernels.codec_torch import group_bytes, group_codes
@@ -66,18 +67,20 @@ def kernel_specs(full: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# Recurrent step kernels (discrnn.kernels.rnn). Their constexprs are LEVELS and the GPU tile
-# (BLOCK_B, BLOCK_H); the float pointer dtypes vary as listed per kernel below.
+# Recurrent step kernels (discrnn.kernels.rnn). Their constexprs are LEVELS, BITS (the code width:
+# the layers' default_bits(levels), or 8 for unpacked uint8 codes), the forward kernels' packing
+# switches, and the GPU tile (BLOCK_B, BLOCK_H); the float pointer dtypes vary as listed below.
 
 RNN_LEVELS = (2, 64, 256, 3, 100, 255)  # both ends, powers of two and odd counts
 ACC_DTYPES = ("fp32", "fp64")
 
 
 def _rnn_kernels():
-    """(name, kernel, [dtype combos], signature builder). Integers are i32 as launched; pointer
-    dtypes: the LSTM gates take any float dtype with an fp32/fp64 cell state; the GRU forward takes
-    one dtype for gx, gh, h_prev; lstm_output writes any float dtype; the rest are in the compute
-    dtype (the launchers convert other inputs first)."""
+    """(name, kernel, [dtype combos], signature builder, extra constexprs). Integers are i32 as
+    launched (code offsets i64: a code store can pass 2 GiB); pointer dtypes: the LSTM gates take
+    any float dtype with an fp32/fp64 cell state; the GRU forward takes one dtype for gx, gh,
+    h_prev; the output kernel writes any float dtype; the rest are in the compute dtype (the
+    launchers convert other inputs first)."""
     dtypes = list(TRITON_DTYPES.values())
 
     def ints(*names):
@@ -86,29 +89,52 @@ def _rnn_kernels():
     def strides(*prefixes):
         return [f"stride_{p}{axis}" for p in prefixes for axis in "bh"]
 
-    code_strides = ["stride_kq", "stride_kb", "stride_kh"]
+    codes = {"CODES": "*u8", "code_offset": "i64"}
+    code_strides = ["stride_kq", "stride_kb"]
     return [
         ("lstm_fwd", rnn._lstm_step_fwd_kernel, list(itertools.product(dtypes, ACC_DTYPES)),
-         lambda g, a: {"GATES": f"*{g}", "C_PREV": f"*{a}", "CODES": "*u8", "C": f"*{a}", "M": f"*{a}",
-                       **ints("bs", "H", *strides("g", "c"))}),
+         lambda g, a: {"GATES": f"*{g}", "C_PREV": f"*{a}", **codes, "FINAL": "*u8", "C": f"*{a}",
+                       "M": f"*{a}", **ints("bs", "H", "H_PAD", "done", *strides("g", "c"),
+                                            *code_strides, "stride_fq")}, "forward"),
         ("lstm_cell", rnn._lstm_cell_kernel, [(a,) for a in ACC_DTYPES],
-         lambda a: {"CODES": "*u8", "C_PREV": f"*{a}", "C": f"*{a}",
-                    **ints("bs", "H", *code_strides, *strides("c"))}),
-        ("lstm_out", rnn._lstm_output_kernel, [(d,) for d in dtypes],
-         lambda d: {"CODES": "*u8", "M": f"*{d}", **ints("bs", "H", *code_strides)}),
+         lambda a: {**codes, "C_PREV": f"*{a}", "C": f"*{a}",
+                    **ints("bs", "H", *code_strides, *strides("c"))}, None),
+        ("lstm_out", rnn._output_kernel, [(d,) for d in dtypes],
+         lambda d: {**codes, "OUT": f"*{d}", **ints("bs", "H", *code_strides)}, "lstm"),
+        ("gru_out", rnn._output_kernel, [(d,) for d in dtypes],
+         lambda d: {**codes, "OUT": f"*{d}", **ints("bs", "H", *code_strides)}, "gru"),
         ("lstm_bwd", rnn._lstm_step_bwd_kernel, [(a,) for a in ACC_DTYPES],
-         lambda a: {"CODES": "*u8", "C_PREV": f"*{a}", "DM": f"*{a}", "DC": f"*{a}",
+         lambda a: {**codes, "C_PREV": f"*{a}", "DM": f"*{a}", "DC": f"*{a}",
                     "DGATES": f"*{a}", "DC_PREV": f"*{a}",
-                    **ints("bs", "H", *code_strides, *strides("c", "m", "d"))}),
+                    **ints("bs", "H", *code_strides, *strides("c", "m", "d"))}, None),
         ("gru_fwd", rnn._gru_step_fwd_kernel, [(d,) for d in dtypes],
-         lambda d: {"GX": f"*{d}", "GH": f"*{d}", "H_PREV": f"*{d}", "CODES": "*u8",
+         lambda d: {"GX": f"*{d}", "GH": f"*{d}", "H_PREV": f"*{d}", **codes, "FINAL": "*u8",
                     "H_OUT": "*fp64" if d == "fp64" else "*fp32",
-                    **ints("bs", "H", *strides("x", "g", "p"))}),
+                    **ints("bs", "H", "H_PAD", "done", *strides("x", "g", "p"), *code_strides)},
+         "forward"),
         ("gru_bwd", rnn._gru_step_bwd_kernel, [(a,) for a in ACC_DTYPES],
-         lambda a: {"CODES": "*u8", "H_PREV": f"*{a}", "GH_N": f"*{a}", "DH": f"*{a}",
+         lambda a: {**codes, "H_PREV": f"*{a}", "GH_N": f"*{a}", "DH": f"*{a}",
                     "DGX": f"*{a}", "DGH": f"*{a}", "DH_DIRECT": f"*{a}",
-                    **ints("bs", "H", *code_strides, *strides("p", "n", "d"))}),
+                    **ints("bs", "H", *code_strides, *strides("p", "n", "d"))}, None),
     ]
+
+
+def _code_constexprs(role, levels: int, k: int) -> list[dict]:
+    """Code constexprs of one spec: packed codes (the layers), and for forward kernels also the
+    unpacked form and a launch that keeps no codes (inference), alternating with ``k``."""
+    bits = default_bits(levels)
+    if role is None:
+        return [dict(BITS=bits)]
+    if role in ("lstm", "gru"):
+        return [dict(BITS=bits, CELL=role)]
+    out = []
+    for store_codes, store_final, b in ((True, True, bits), (True, False, 8), (False, True, 8)):
+        if k and (store_codes, b) != (True, bits):
+            continue  # the cover keeps the unpacked and no-code launches once per kernel
+        out.append(dict(BITS=b, GROUP_CODES=group_codes(b),
+                        GROUP_BYTES_POW2=triton.next_power_of_2(group_bytes(b)),
+                        STORE_CODES=store_codes, STORE_FINAL=store_final))
+    return out
 
 
 def rnn_kernel_specs(full: bool):
@@ -116,15 +142,18 @@ def rnn_kernel_specs(full: bool):
     which every dtype combination, every tile and every level count appear at least once."""
     tiles = rnn.GPU_TILE.shapes()
     specs = []
-    for name, kernel, dtype_combos, signature in _rnn_kernels():
+    for name, kernel, dtype_combos, signature, role in _rnn_kernels():
         if full:
             combos = list(itertools.product(dtype_combos, tiles, RNN_LEVELS))
         else:
             n = max(len(dtype_combos), len(tiles), len(RNN_LEVELS))
             combos = [(dtype_combos[k % len(dtype_combos)], tiles[k % len(tiles)],
                        RNN_LEVELS[k % len(RNN_LEVELS)]) for k in range(n)]
-        for dts, (block_b, block_h), levels in combos:
-            constexprs = dict(LEVELS=levels, BLOCK_B=block_b, BLOCK_H=block_h)
-            specs.append((f"rnn_{name}-{'-'.join(dts)}-L{levels}-{block_b}x{block_h}", kernel,
-                          signature(*dts), constexprs))
+        for k, (dts, (block_b, block_h), levels) in enumerate(combos):
+            for code in _code_constexprs(role, levels, 0 if full else k):
+                constexprs = dict(LEVELS=levels, **code, BLOCK_B=block_b, BLOCK_H=block_h)
+                tag = f"b{code['BITS']}" + ("" if code.get("STORE_CODES", True) else "-nocodes")
+                tag += "" if code.get("STORE_FINAL", True) else "-nofinal"
+                specs.append((f"rnn_{name}-{'-'.join(dts)}-L{levels}-{tag}-{block_b}x{block_h}",
+                              kernel, signature(*dts), constexprs))
     return specs

@@ -544,12 +544,13 @@ class _StepwiseTorchOps:
     from discrnn.kernels import codec_torch as _codec
     from discrnn.kernels import rnn_torch as _steps
 
-    lstm_step_forward = staticmethod(lambda *a: _StepwiseTorchOps._steps.lstm_step_forward(*a))
-    lstm_recompute_cell = staticmethod(lambda *a: _StepwiseTorchOps._steps.lstm_recompute_cell(*a))
-    lstm_output = staticmethod(lambda *a: _StepwiseTorchOps._steps.lstm_output(*a))
-    lstm_step_backward = staticmethod(lambda *a: _StepwiseTorchOps._steps.lstm_step_backward(*a))
-    gru_step_forward = staticmethod(lambda *a: _StepwiseTorchOps._steps.gru_step_forward(*a))
-    gru_step_backward = staticmethod(lambda *a: _StepwiseTorchOps._steps.gru_step_backward(*a))
+    lstm_step_forward = staticmethod(lambda *a, **k: _StepwiseTorchOps._steps.lstm_step_forward(*a, **k))
+    lstm_recompute_cell = staticmethod(lambda *a, **k: _StepwiseTorchOps._steps.lstm_recompute_cell(*a, **k))
+    lstm_output = staticmethod(lambda *a, **k: _StepwiseTorchOps._steps.lstm_output(*a, **k))
+    lstm_step_backward = staticmethod(lambda *a, **k: _StepwiseTorchOps._steps.lstm_step_backward(*a, **k))
+    gru_step_forward = staticmethod(lambda *a, **k: _StepwiseTorchOps._steps.gru_step_forward(*a, **k))
+    gru_output = staticmethod(lambda *a, **k: _StepwiseTorchOps._steps.gru_output(*a, **k))
+    gru_step_backward = staticmethod(lambda *a, **k: _StepwiseTorchOps._steps.gru_step_backward(*a, **k))
     pack = staticmethod(lambda *a: _StepwiseTorchOps._codec.torch_pack(*a))
     unpack = staticmethod(lambda *a: _StepwiseTorchOps._codec.torch_unpack(*a))
 

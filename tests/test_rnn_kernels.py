@@ -231,7 +231,7 @@ def test_gru_step_backward(bs, H, levels, dtype, layout):
 
 def test_small_tiles_many_programs(monkeypatch):
     """Tiles of 2 x 8: a 5 x 19 step runs 3 x 3 programs with tails in both directions."""
-    monkeypatch.setattr(K, "TILE", K.TileRule(elems=16, min_h=1, max_h=8, fit_rows=True))
+    monkeypatch.setattr(K, "TILE", K.TileRule(elems=16, min_h=8, max_h=8, fit_rows=True))
     bs, H, levels = 5, 19, 64
     assert K.TILE.tile(bs, H) == (2, 8)
     g = gen(11)
@@ -250,6 +250,115 @@ def test_small_tiles_many_programs(monkeypatch):
     for a, b in zip(K.gru_step_backward(codes[:4], c_prev, dm, dc, levels),
                     R.gru_step_backward(codes[:4], c_prev, dm, dc, levels)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed codes: the forward kernels pack into code rows, the others read them packed
+
+BITS_LEVELS = [(1, 2), (2, 3), (3, 8), (4, 16), (5, 17), (6, 64), (7, 100), (8, 256)]
+
+
+def packed_rows(bs, H, planes, bits, offset=5):
+    """Code rows of the store's layout at an odd byte offset inside a buffer filled with 0xEE, one
+    spare byte at the end: writes outside the rows, or reads of unwritten bytes, show up."""
+    probe = R.CodeRows.packed(torch.empty(0, dtype=torch.uint8), offset, bs, planes, H, bits)
+    size = offset + bs * probe.row_stride + 1
+    return R.CodeRows.packed(torch.full((size,), 0xEE, dtype=torch.uint8), offset, bs, planes, H, bits)
+
+
+def expected_bytes(rows, codes):
+    """The buffer as the torch reference would leave it with ``codes`` [Q, bs, H] stored in rows."""
+    ref = rows._replace(data=rows.data.clone())
+    R.write_codes(ref, codes)
+    return ref.data
+
+
+@pytest.mark.parametrize("bits, levels", BITS_LEVELS)
+@pytest.mark.parametrize("tiles", ["one", "small"])
+def test_forward_kernels_pack_codes_in_place(monkeypatch, bits, levels, tiles):
+    """Every width 1-8: the bytes the forward kernels write are the codec's packing of their own
+    codes (zero padding units included), nothing outside the rows changes, and the final-state
+    codes of rows done..bs-1 land in ``final``. "small" tiles (2 x 8) put several programs on a
+    row, so groups of packed codes meet at tile edges."""
+    if tiles == "small":
+        monkeypatch.setattr(K, "TILE", K.TileRule(elems=16, min_h=8, max_h=8, fit_rows=True))
+    bs, H, done = 5, 19, 2
+    g = gen(bits)
+    gates = as_layout(3 * torch.randn(bs, 4 * H, generator=g), "slice")
+    c_prev = torch.randn(bs, H, generator=g)
+    codes, c, m = K.lstm_step_forward(gates, c_prev, levels)  # unpacked, checked above
+    rows = packed_rows(bs, H, 5, bits)
+    final = torch.full((2, bs + 2, H), 0xEE, dtype=torch.uint8)
+    expected_final = final.clone()
+    expected_final[:, done:bs] = codes[3:5, done:]
+    out, c2, m2 = K.lstm_step_forward(gates, c_prev, levels, out=rows, final=final, done=done)
+    assert out is rows
+    assert_bitwise("packed lstm codes", rows.data, expected_bytes(rows, codes))
+    assert_bitwise("final o, u", final, expected_final)
+    assert_bitwise("c", c2, c)
+    assert_bitwise("m", m2, m)
+    none, c3, _ = K.lstm_step_forward(gates, c_prev, levels, final=final, done=done, store=False)
+    assert none is None
+    assert_bitwise("c without codes", c3, c)
+
+    gx, gh = 2 * torch.randn(bs, 3 * H, generator=g), torch.randn(bs, 3 * H, generator=g)
+    h_prev = torch.rand(bs, H, generator=g) * 2 - 1
+    codes, h = K.gru_step_forward(gx, gh, h_prev, levels)
+    rows = packed_rows(bs, H, 4, bits, offset=0)
+    final = torch.full((1, bs, H), 0xEE, dtype=torch.uint8)
+    expected_final = final.clone()
+    expected_final[0, done:bs] = codes[3, done:]
+    _, h2 = K.gru_step_forward(gx, gh, h_prev, levels, out=rows, final=final, done=done)
+    assert_bitwise("packed gru codes", rows.data, expected_bytes(rows, codes))
+    assert_bitwise("final h", final, expected_final)
+    assert_bitwise("h", h2, h)
+
+
+@pytest.mark.parametrize("bits, levels", BITS_LEVELS)
+def test_kernels_read_packed_codes(bits, levels):
+    """Recompute, output and backward kernels give the same results from packed code rows as from
+    the unpacked codes."""
+    bs, H = 3, 13
+    g = gen(levels)
+    codes = random_codes(5, bs, H, levels, seed=bits)
+    rows = packed_rows(bs, H, 5, bits)
+    R.write_codes(rows, codes)
+    assert torch.equal(R.read_codes(rows), codes)
+    c_prev, dm, dc = (torch.randn(bs, H, generator=g) for _ in range(3))
+    assert_bitwise("c", K.lstm_recompute_cell(rows, c_prev, levels),
+                   K.lstm_recompute_cell(codes, c_prev, levels))
+    assert_bitwise("m", K.lstm_output(rows, levels, BF16), K.lstm_output(codes, levels, BF16))
+    for name, a, b in zip(("dgates", "dc_prev"), K.lstm_step_backward(rows, c_prev, dm, dc, levels),
+                          K.lstm_step_backward(codes, c_prev, dm, dc, levels)):
+        assert_bitwise(name, a, b)
+    gru_rows = packed_rows(bs, H, 4, bits)
+    R.write_codes(gru_rows, codes[:4])
+    assert_bitwise("h", K.gru_output(gru_rows, levels, F16), R.gru_output(codes, levels, F16))
+    for name, a, b in zip(("dgx", "dgh", "dh_direct"),
+                          K.gru_step_backward(gru_rows, c_prev, dm, dc, levels),
+                          K.gru_step_backward(codes[:4], c_prev, dm, dc, levels)):
+        assert_bitwise(name, a, b)
+
+
+def test_code_rows_bad_arguments():
+    bs, H = 2, 5
+    rows = packed_rows(bs, H, 5, 6)
+    short = rows._replace(data=rows.data[:-3])
+    with pytest.raises(ValueError, match="codes reaches byte 65 of a buffer of 63 bytes"):
+        K.lstm_output(short, 64, F32)
+    with pytest.raises(ValueError, match=r"out must hold >= 5 planes of \(2, 5\) codes, got 4"):
+        K.lstm_step_forward(torch.zeros(bs, 4 * H), torch.zeros(bs, H), 64,
+                            out=packed_rows(bs, H, 4, 6))
+    with pytest.raises(ValueError, match=r"final must be a contiguous uint8 tensor \[2, >= 2, 5\]"):
+        K.lstm_step_forward(torch.zeros(bs, 4 * H), torch.zeros(bs, H), 64,
+                            final=torch.zeros(2, 1, H, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="cannot hold whole groups"):
+        K.TILE, old = K.TileRule(elems=16, min_h=4, max_h=4, fit_rows=True), K.TILE
+        try:
+            K.lstm_step_forward(torch.zeros(bs, 4 * H), torch.zeros(bs, H), 100,
+                                out=packed_rows(bs, H, 5, 7))  # groups of 8 codes
+        finally:
+            K.TILE = old
 
 
 def test_gpu_tiles_are_few_and_cover_every_width():
@@ -353,3 +462,37 @@ def test_layers_triton_backend_matches_torch(cls):
     for name, a, b in zip(names, results["triton"], results["torch"]):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=name)
     assert all(float(t.abs().sum()) > 0 for t in results["triton"][len(outs):]), "a zero gradient"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("levels, bits", [(64, 6), (100, 7), (256, 8)])
+def test_layer_code_buffers_match_torch_path(cell, levels, bits):
+    """The Triton path packs each step's codes into the code store from its step kernel; the torch
+    path packs whole chunks with the torch codec. Both leave the same bytes (and final-state
+    codes): reverse direction over a batch that grows, H padded from 11 to 16 units."""
+    from discrnn.rnn import _step_ops
+    from discrnn.rnn_function import GRULayerFunction, LayerConfig, LSTMLayerFunction
+
+    I, H = 4, 11
+    batch_sizes = [3, 3, 2, 2, 1]
+    g = gen(levels)
+    x = torch.randn(sum(batch_sizes), I, generator=g, requires_grad=True)
+    h0 = torch.randn(3, H, generator=g) * 0.5
+    Q = 4 if cell == "lstm" else 3
+    w_ih = torch.randn(Q * H, I, generator=g) * 0.5
+    w_hh = torch.randn(Q * H, H, generator=g) * 0.5
+    b = torch.randn(Q * H, generator=g) * 0.1
+    results = {}
+    for backend in ("torch", "triton"):
+        cfg = LayerConfig(batch_sizes, levels, bits, 2, True, _step_ops(backend))
+        if cell == "lstm":
+            outs = LSTMLayerFunction.apply(x, h0, torch.randn(3, H, generator=gen(1)), w_ih, w_hh,
+                                           b, None, cfg)
+        else:
+            outs = GRULayerFunction.apply(x, h0, w_ih, w_hh, b, b.flip(0), cfg)
+        results[backend] = [o.detach() for o in outs]
+    for k, (a, b_) in enumerate(zip(results["triton"], results["torch"])):
+        assert_bitwise(f"output {k}", a, b_)
+    codes = results["torch"][-3 if cell == "lstm" else -2]
+    padded = 16
+    assert codes.numel() == sum(batch_sizes) * (Q + 1) * padded * bits // 8
