@@ -20,7 +20,10 @@ Two implementations share the code store and the layer Functions:
   products the gate gradients need, h_{t-1} of every step, weight gradients) is batched per chunk.
   Forward values and codes are bit-identical to ``rnn_torch.lstm_step_forward`` /
   ``gru_step_forward``, and backward rebuilds c with the forward's exact arithmetic;
-* any other step backend (the Triton kernels) goes through the per-step ``ops`` functions.
+* any other step backend (the Triton kernels) goes through the per-step ``ops`` functions: each
+  forward step kernel packs its codes straight into the code store (a ``CodeRows`` view of the
+  step's bytes) and the backward kernels read them there, so no unpacked code tensor exists; the
+  outputs h_{t-1} a chunk's weight gradients need come from one output kernel per chunk.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ and the backend for every non-CUDA device.
 Shapes: ``bs`` active rows, ``H`` hidden units. Gate pre-activations come in torch's gate order
 (LSTM: i, f, g, o; GRU: r, z, n). Math runs in the compute dtype (float64 for float64, else float32).
 
-What one step keeps for backward is the level codes, as uint8 ``[Q, bs, H]``:
+What one step keeps for backward is the level codes: a uint8 tensor ``[Q, bs, H]``, or bit-packed
+rows of the layers' code store described by :class:`CodeRows` (forward steps write there when given
+``out``; every reader takes either form):
 
 * LSTM, Q = 5: i, f, g, o and u = discrete_tanh(c_t). h_t = o * u (a product of two levels).
 * GRU, Q = 4: r, z, n and h_t itself (the GRU state is one code per unit).

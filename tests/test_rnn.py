@@ -300,6 +300,19 @@ def test_bytes_kept_per_step_and_unit(cls, levels, budget):
     assert per_unit >= codes_only
 
 
+@pytest.mark.parametrize("cls, levels, budget", [(DiscreteLSTM, 100, 5.25), (DiscreteGRU, 64, 3.5)])
+def test_bytes_kept_triton_path(cls, levels, budget):
+    """The Triton step kernels pack into the same code store: the same budget holds (a shorter
+    sequence, for the interpreter; one cell-state checkpoint)."""
+    T, B, H = 64, 8, 64
+    module = cls(16, H, levels=levels, backend="triton")
+    x = torch.randn(T, B, 16, requires_grad=True)
+    kept, _ = kept_bytes(module, x, None)
+    per_unit = kept / (T * B * H)
+    codes_only = (5 if cls is DiscreteLSTM else 4) * (levels - 1).bit_length() / 8
+    assert codes_only <= per_unit <= budget, f"{per_unit:.3f} B per step x unit"
+
+
 @pytest.mark.parametrize("cls, budget", [(DiscreteLSTM, 4.0), (DiscreteGRU, 3.5)])
 def test_stacked_layers_keep_inner_outputs_as_codes(cls, budget):
     T, B, H = 128, 4, 32
