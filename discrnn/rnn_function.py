@@ -770,17 +770,21 @@ class LSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def _forward_steps(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes):
-        """Forward through the per-step ``ops`` functions (the Triton kernels): each step's kernel
-        packs its codes straight into the code store and the final-state codes into place."""
+        """Forward through the per-step ``ops`` functions (the Triton kernels): per step one matmul
+        and one kernel, which packs the step's codes straight into the code store, updates c in
+        place and writes m into the output rows (the next step's h_{t-1})."""
         layout, levels, ops = cfg.layout, cfg.levels, cfg.ops
         dtype, acc = x.dtype, _acc(x.dtype)
-        h = h0.clone()
-        c = c0.to(acc).clone()
-        y = torch.empty(layout.total_rows, h0.shape[1], dtype=dtype, device=x.device)
+        B, P = h0.shape
+        c = c0.to(acc).clone()  # every row's latest cell state, updated in place
+        y = torch.empty(layout.total_rows, P, dtype=dtype, device=x.device)
+        h_n = torch.empty_like(h0)
         # o and u codes of each row's last step: the packed final state (h = o * u)
         final_codes = torch.empty(2, *c0.shape, dtype=torch.uint8, device=x.device)
         finish = _finish_rows(layout)
+        w_hh_t = w_hh.t()
         checkpoints = []
+        h_prev, prev_bs = None, 0
         for first, steps in cfg.chunks():
             if first:
                 checkpoints.append(c.clone())
@@ -790,16 +794,19 @@ class LSTMLayerFunction(torch.autograd.Function):
                 xproj += b
             for s, t in enumerate(steps, start=first):
                 bs, rows = layout.batch_sizes[t], layout.rows(t)
-                gates = torch.addmm(xproj[rows.start - lo : rows.stop - lo], h[:bs], w_hh.t())
+                h_in = _step_input(h_prev, prev_bs, bs, h0)
+                gates = torch.addmm(xproj[rows.start - lo : rows.stop - lo], h_in, w_hh_t)
                 out = store.rows_at(codes_data, s, s) if keep_codes else None
-                _, c_new, m = ops.lstm_step_forward(
-                    gates, c[:bs], levels, out=out, final=final_codes, done=finish[s], store=keep_codes
+                _, _, m = ops.lstm_step_forward(
+                    gates, c[:bs], levels, out=out, final=final_codes, done=finish[s],
+                    store=keep_codes, c_out=c[:bs], m_out=y[rows] if w_hr is None else None,
                 )
-                h_new = m.to(dtype) if w_hr is None else m.to(dtype) @ w_hr.t()
-                y[rows] = h_new
-                h[:bs] = h_new
-                c[:bs] = c_new
-        return y, h, c, final_codes, checkpoints
+                if w_hr is not None:
+                    torch.mm(m.to(dtype), w_hr.t(), out=y[rows])
+                h_prev, prev_bs = y[rows], bs
+                if finish[s] < bs:
+                    h_n[finish[s] : bs] = h_prev[finish[s] :]
+        return y, h_n, c, final_codes, checkpoints
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n, _codes, _final, _c):
@@ -891,10 +898,9 @@ class LSTMLayerFunction(torch.autograd.Function):
                     dm = dh @ w_hr_a
                 else:
                     dm = dh
-                dg, dc_prev = ops.lstm_step_backward(step_codes[j], c_prevs[j], dm, dc_state[:bs], levels)
-                dg_s[j].copy_(dg)
-                torch.mm(dg, w_hh_a, out=dh_state[:bs])
-                dc_state[:bs] = dc_prev
+                ops.lstm_step_backward(step_codes[j], c_prevs[j], dm, dc_state[:bs], levels,
+                                       dgates_out=dg_s[j], dc_prev_out=dc_state[:bs])
+                torch.mm(dg_s[j], w_hh_a, out=dh_state[:bs])
             del c_prevs
 
             h_prev = _previous_rows(as_output(m_chunk), before, h_init, cfg, steps, lo, acc)
@@ -940,14 +946,17 @@ class GRULayerFunction(torch.autograd.Function):
 
     @staticmethod
     def _forward_steps(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes):
-        """Forward through the per-step ``ops`` functions (the Triton kernels), which pack the codes
-        straight into the code store (see :meth:`LSTMLayerFunction._forward_steps`)."""
+        """Forward through the per-step ``ops`` functions (the Triton kernels): per step one matmul
+        and one kernel, which packs the codes straight into the code store and writes h into the
+        output rows (see :meth:`LSTMLayerFunction._forward_steps`)."""
         layout, levels, ops = cfg.layout, cfg.levels, cfg.ops
         dtype = x.dtype
-        h = h0.clone()
         y = torch.empty(layout.total_rows, w_hh.shape[1], dtype=dtype, device=x.device)
+        h_n = torch.empty_like(h0)
         final_codes = torch.empty(1, *h0.shape, dtype=torch.uint8, device=x.device)
         finish = _finish_rows(layout)
+        w_hh_t = w_hh.t()
+        h_prev, prev_bs = None, 0
         for first, steps in cfg.chunks():
             lo, hi = layout.row_span(steps)
             gx = x[lo:hi] @ w_ih.t()
@@ -955,18 +964,19 @@ class GRULayerFunction(torch.autograd.Function):
                 gx += b_ih
             for s, t in enumerate(steps, start=first):
                 bs, rows = layout.batch_sizes[t], layout.rows(t)
-                gh = h[:bs] @ w_hh.t()
+                h_in = _step_input(h_prev, prev_bs, bs, h0)
+                gh = torch.mm(h_in, w_hh_t)
                 if b_hh is not None:
-                    gh += b_hh
+                    gh += b_hh  # as the torch path (addmm rounds differently in bfloat16)
                 out = store.rows_at(codes_data, s, s) if keep_codes else None
-                _, h_new = ops.gru_step_forward(
-                    gx[rows.start - lo : rows.stop - lo], gh, h[:bs], levels,
-                    out=out, final=final_codes, done=finish[s], store=keep_codes,
+                ops.gru_step_forward(
+                    gx[rows.start - lo : rows.stop - lo], gh, h_in, levels, out=out,
+                    final=final_codes, done=finish[s], store=keep_codes, h_out=y[rows],
                 )
-                h_new = h_new.to(dtype)
-                y[rows] = h_new
-                h[:bs] = h_new
-        return y, h, final_codes
+                h_prev, prev_bs = y[rows], bs
+                if finish[s] < bs:
+                    h_n[finish[s] : bs] = h_prev[finish[s] :]
+        return y, h_n, final_codes
 
     @staticmethod
     def backward(ctx, dy, dh_n, _codes, _final):
@@ -1042,13 +1052,11 @@ class GRULayerFunction(torch.autograd.Function):
             for j in range(len(steps) - 1, -1, -1):
                 bs = psizes[j]
                 dh = dh_state[:bs] if dy_s is None else dh_state[:bs] + dy_s[j].to(acc)
-                dgx, dgh, dh_direct = ops.gru_step_backward(
+                ops.gru_step_backward(
                     store.rows_at(codes_data, first + j, first + j), h_prev_s[j], gh_n_s[j], dh,
-                    levels,
+                    levels, dgx_out=d_gx_s[j], dgh_out=d_gh_s[j], dh_direct_out=dh_state[:bs],
                 )
-                d_gx_s[j].copy_(dgx)
-                d_gh_s[j].copy_(dgh)
-                torch.addmm(dh_direct, dgh, w_hh_a, out=dh_state[:bs])
+                dh_state[:bs].addmm_(d_gh_s[j], w_hh_a)
             del gh_n, gh_n_s
             d_w_ih.addmm_(d_gx.t(), _input_rows(ctx, cfg, kept, lo, hi).to(acc))
             d_w_hh.addmm_(d_gh.t(), h_prev)

@@ -141,8 +141,8 @@ def _lstm_step_fwd_kernel(
     C_PREV,  # [bs, H] float32/64 (its dtype is ACC); strided
     CODES,  # uint8 code rows out (i, f, g, o, u), when STORE_CODES
     FINAL,  # [2, B, H] uint8 out (o, u of rows done..bs-1), contiguous, when STORE_FINAL
-    C,  # [bs, H] ACC out, contiguous
-    M,  # [bs, H] ACC out (o * u), contiguous
+    C,  # [bs, H] ACC out, contiguous; may be C_PREV itself (each element is read, then written)
+    M,  # [bs, H] out (o * u), any float dtype (rounded to nearest even from ACC), contiguous
     bs,
     H,
     H_PAD,  # units per code row (>= H); the grid covers them
@@ -197,7 +197,7 @@ def _lstm_step_fwd_kernel(
 
     out = rows[:, None] * H + cols[None, :]  # [BLOCK_B, BLOCK_H] int64 into contiguous [bs, H]
     tl.store(C + out, c, mask=mask)
-    tl.store(M + out, m, mask=mask)
+    tl.store(M + out, _round_to(m, M.dtype.element_ty), mask=mask)
     if STORE_CODES:
         row = CODES + code_offset + rows * stride_kb  # [BLOCK_B]; plane q at + q * stride_kq
         _store_codes(row, k_i, row_ok, col0, H, H_PAD, BITS, GROUP_CODES, GROUP_BYTES_POW2,
@@ -295,7 +295,7 @@ def _lstm_step_bwd_kernel(
     DM,  # [bs, H] ACC, dL/dm_t; strided
     DC,  # [bs, H] ACC, dL/dc_t from step t+1; strided
     DGATES,  # [bs, 4H] ACC out (i, f, g, o), contiguous
-    DC_PREV,  # [bs, H] ACC out, contiguous
+    DC_PREV,  # [bs, H] ACC out, contiguous; may be DC itself (each element is read, then written)
     bs,
     H,
     code_offset,
@@ -358,7 +358,7 @@ def _gru_step_fwd_kernel(
     H_PREV,  # [bs, H]; strided. GX, GH, H_PREV share one float dtype; ACC follows it
     CODES,  # uint8 code rows out (r, z, n, h), when STORE_CODES
     FINAL,  # [1, B, H] uint8 out (h codes of rows done..bs-1), contiguous, when STORE_FINAL
-    H_OUT,  # [bs, H] ACC out, contiguous
+    H_OUT,  # [bs, H] out, any float dtype (h is a level: rounded from ACC), contiguous
     bs,
     H,
     H_PAD,
@@ -413,7 +413,8 @@ def _gru_step_fwd_kernel(
     k_h = _encode((1.0 - z) * n + z * h_prev, LEVELS, "tanh")  # snap to the tanh grid
 
     out = rows[:, None] * H + cols[None, :]  # [BLOCK_B, BLOCK_H] int64 into contiguous [bs, H]
-    tl.store(H_OUT + out, _decode(k_h, LEVELS, "tanh", ACC), mask=mask)
+    tl.store(H_OUT + out, _round_to(_decode(k_h, LEVELS, "tanh", ACC), H_OUT.dtype.element_ty),
+             mask=mask)
     if STORE_CODES:
         row = CODES + code_offset + rows * stride_kb  # [BLOCK_B]; plane q at + q * stride_kq
         _store_codes(row, k_r, row_ok, col0, H, H_PAD, BITS, GROUP_CODES, GROUP_BYTES_POW2,
@@ -436,7 +437,7 @@ def _gru_step_bwd_kernel(
     DH,  # [bs, H] ACC, dL/dh_t; strided
     DGX,  # [bs, 3H] ACC out, contiguous
     DGH,  # [bs, 3H] ACC out, contiguous
-    DH_DIRECT,  # [bs, H] ACC out (dh * z), contiguous
+    DH_DIRECT,  # [bs, H] ACC out (dh * z), contiguous; may be DH itself
     bs,
     H,
     code_offset,
@@ -571,6 +572,21 @@ def _launch(kernel, bs: int, width: int, args, **constexprs) -> None:
     kernel[grid](*args, **constexprs, BLOCK_B=block_b, BLOCK_H=block_h, enable_fp_fusion=False)
 
 
+def _out_tensor(name: str, out, shape: tuple, dtype, device, any_float: bool = False) -> torch.Tensor:
+    """A kernel's float output: ``out`` (checked: the kernels write [bs, n] row-major) or a fresh
+    tensor. ``any_float``: the kernel rounds to ``out``'s float dtype, so any is accepted."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if any_float and not out.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {out.dtype}")
+    if not any_float and out.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype} (the compute dtype), got {out.dtype}")
+    _check(name, out, shape, device)
+    if not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the kernel writes it row by row)")
+    return out
+
+
 def _forward_target(out, planes: int, bs: int, H: int, device, store: bool):
     """(CodeRows a forward launch packs its codes into or None, what it returns as codes)."""
     if not store:
@@ -607,11 +623,13 @@ def _code_outputs(rows: CodeRows | None, final, H: int, device):
     return (rows.data, final, rows.padded, rows.offset, rows.plane_stride, rows.row_stride), constexprs
 
 
-def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store=True):
+def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store=True,
+                      c_out=None, m_out=None):
     """gates [bs, 4H] (pre-activations, bias included, any float dtype, any strides), c_prev [bs, H]
     (float32/64: the compute dtype) -> codes, c [bs, H], m = o * u [bs, H] (compute dtype). One
-    kernel. ``out``, ``final``, ``done``, ``store``: as ``rnn_torch.lstm_step_forward`` (the codes
-    are packed into ``out`` by this kernel)."""
+    kernel. ``out``, ``final``, ``done``, ``store``, ``c_out``, ``m_out``: as
+    ``rnn_torch.lstm_step_forward`` (the codes are packed into ``out`` by this kernel; ``c_out``
+    may be ``c_prev`` itself, ``m_out`` any float dtype)."""
     _check_acc("c_prev", c_prev)
     bs, H = c_prev.shape
     _check("gates", gates, (bs, 4 * H), c_prev.device)
@@ -619,8 +637,8 @@ def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store
     acc, dev = c_prev.dtype, c_prev.device
     rows, returned = _forward_target(out, LSTM_CODES, bs, H, dev, store)
     _check_final(final, 2, bs, H, dev)
-    c = torch.empty(bs, H, dtype=acc, device=dev)
-    m = torch.empty(bs, H, dtype=acc, device=dev)
+    c = _out_tensor("c_out", c_out, (bs, H), acc, dev)
+    m = _out_tensor("m_out", m_out, (bs, H), acc, dev, any_float=True)
     if bs * H:
         (codes, fin, width, offset, stride_kq, stride_kb), constexprs = _code_outputs(rows, final, H, dev)
         args = (gates, c_prev, codes, fin, c, m, bs, H, width, offset, done, *gates.stride(),
@@ -665,10 +683,11 @@ def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
     return _output(codes, levels, dtype, "gru", GRU_CODES)
 
 
-def lstm_step_backward(codes, c_prev, dm, dc, levels: int):
+def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_prev_out=None):
     """Backward of one step: codes (uint8 [5, bs, H] or CodeRows), c_prev [bs, H] (float32/64),
     dm = dL/dm_t and dc = dL/dc_t [bs, H] (converted to c_prev's dtype) -> dgates [bs, 4H]
-    (i, f, g, o), dc_prev [bs, H], both in c_prev's dtype. One kernel."""
+    (i, f, g, o), dc_prev [bs, H], both in c_prev's dtype, written to ``dgates_out`` /
+    ``dc_prev_out`` when given (``dc_prev_out`` may be ``dc`` itself). One kernel."""
     _check_acc("c_prev", c_prev)
     bs, H = c_prev.shape
     acc, dev = c_prev.dtype, c_prev.device
@@ -677,8 +696,8 @@ def lstm_step_backward(codes, c_prev, dm, dc, levels: int):
     _check_device(dev)
     code_args, bits = _code_args(codes, LSTM_CODES, bs, H, dev)
     dm, dc = _as(dm, acc), _as(dc, acc)
-    dgates = torch.empty(bs, 4 * H, dtype=acc, device=dev)
-    dc_prev = torch.empty(bs, H, dtype=acc, device=dev)
+    dgates = _out_tensor("dgates_out", dgates_out, (bs, 4 * H), acc, dev)
+    dc_prev = _out_tensor("dc_prev_out", dc_prev_out, (bs, H), acc, dev)
     if bs * H:
         args = (code_args[0], c_prev, dm, dc, dgates, dc_prev, bs, H, *code_args[1:],
                 *c_prev.stride(), *dm.stride(), *dc.stride())
@@ -686,10 +705,11 @@ def lstm_step_backward(codes, c_prev, dm, dc, levels: int):
     return dgates, dc_prev
 
 
-def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True):
+def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True, h_out=None):
     """gx = x W_ih^T + b_ih [bs, 3H], gh = h W_hh^T + b_hh [bs, 3H], h_prev [bs, H] (any float
     dtype, any strides) -> codes, h [bs, H] in the compute dtype (exactly the level of the h code).
-    One kernel. ``out``, ``final``, ``done``, ``store``: as ``rnn_torch.gru_step_forward``."""
+    One kernel. ``out``, ``final``, ``done``, ``store``, ``h_out`` (any float dtype): as
+    ``rnn_torch.gru_step_forward``."""
     bs, H = h_prev.shape
     dev = h_prev.device
     _check("gx", gx, (bs, 3 * H), dev)
@@ -700,7 +720,7 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
         gx, gh, h_prev = _as(gx, acc), _as(gh, acc), _as(h_prev, acc)
     rows, returned = _forward_target(out, GRU_CODES, bs, H, dev, store)
     _check_final(final, 1, bs, H, dev)
-    h = torch.empty(bs, H, dtype=acc, device=dev)
+    h = _out_tensor("h_out", h_out, (bs, H), acc, dev, any_float=True)
     if bs * H:
         (codes, fin, width, offset, stride_kq, stride_kb), constexprs = _code_outputs(rows, final, H, dev)
         args = (gx, gh, h_prev, codes, fin, h, bs, H, width, offset, done, *gx.stride(),
@@ -709,10 +729,12 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
     return returned, h
 
 
-def gru_step_backward(codes, h_prev, gh_n, dh, levels: int):
+def gru_step_backward(codes, h_prev, gh_n, dh, levels: int, dgx_out=None, dgh_out=None,
+                      dh_direct_out=None):
     """Backward of one step: codes (uint8 [4, bs, H] or CodeRows), h_prev [bs, H], gh_n =
     h_prev W_hn^T + b_hn [bs, H], dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H],
-    dh_prev_direct = dh * z [bs, H], in the compute dtype of h_prev. One kernel."""
+    dh_prev_direct = dh * z [bs, H], in the compute dtype of h_prev, written to the ``*_out``
+    tensors when given (``dh_direct_out`` may be ``dh`` itself). One kernel."""
     bs, H = h_prev.shape
     dev = h_prev.device
     for name, t in (("gh_n", gh_n), ("dh", dh)):
@@ -721,9 +743,9 @@ def gru_step_backward(codes, h_prev, gh_n, dh, levels: int):
     code_args, bits = _code_args(codes, GRU_CODES, bs, H, dev)
     acc = _acc(h_prev.dtype)
     h_prev, gh_n, dh = _as(h_prev, acc), _as(gh_n, acc), _as(dh, acc)
-    dgx = torch.empty(bs, 3 * H, dtype=acc, device=dev)
-    dgh = torch.empty(bs, 3 * H, dtype=acc, device=dev)
-    dh_direct = torch.empty(bs, H, dtype=acc, device=dev)
+    dgx = _out_tensor("dgx_out", dgx_out, (bs, 3 * H), acc, dev)
+    dgh = _out_tensor("dgh_out", dgh_out, (bs, 3 * H), acc, dev)
+    dh_direct = _out_tensor("dh_direct_out", dh_direct_out, (bs, H), acc, dev)
     if bs * H:
         args = (code_args[0], h_prev, gh_n, dh, dgx, dgh, dh_direct, bs, H, *code_args[1:],
                 *h_prev.stride(), *gh_n.stride(), *dh.stride())

@@ -393,6 +393,14 @@ def write_codes(out: CodeRows, codes: torch.Tensor) -> None:
     view.copy_(torch_pack(padded.view(-1), out.bits).view(view.shape))
 
 
+def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``result``, or ``out`` holding it (rounded to ``out``'s dtype) when given."""
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
 def _emit(codes: torch.Tensor, out, final, done: int, final_planes: slice, store: bool):
     """Where a forward step's uint8 codes [Q, bs, H] go: the final-state codes of rows done..bs-1
     into ``final``, then ``out`` (a :class:`CodeRows`) or, without one, the returned tensor."""
@@ -406,19 +414,23 @@ def _emit(codes: torch.Tensor, out, final, done: int, final_planes: slice, store
     return out
 
 
-def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store=True):
+def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store=True,
+                      c_out=None, m_out=None):
     """gates [bs, 4H] (pre-activations, bias included), c_prev [bs, H] (compute dtype) ->
     codes, c [bs, H], m = o * u [bs, H] (compute dtype).
 
     The codes (i, f, g, o, u) are a fresh uint8 tensor [5, bs, H], or are written to ``out`` (a
     :class:`CodeRows` of 5 planes and bs rows, e.g. a step of the packed code store), which is
     returned; ``store=False`` writes none and returns None. ``final`` [2, B, H] uint8 (B >= bs)
-    receives the o and u codes of rows done..bs-1: the rows whose sequence ends at this step."""
+    receives the o and u codes of rows done..bs-1: the rows whose sequence ends at this step.
+    ``c_out`` (compute dtype; may be ``c_prev``) and ``m_out`` (any float dtype: m rounded to it)
+    receive c and m instead of fresh tensors, and are returned."""
     bs, H = c_prev.shape
     step = LSTMForwardStep(StepTables(levels, c_prev.dtype, c_prev.device), bs, H, c_prev.device)
     k = torch.empty(LSTM_CODES, bs, H, dtype=torch.int32, device=c_prev.device)
     c, m = step(step.rows(bs), c_prev, k[:4].transpose(0, 1), k[4], gates=gates)
-    return _emit(k.to(torch.uint8), out, final, done, slice(3, 5), store), c, m
+    codes = _emit(k.to(torch.uint8), out, final, done, slice(3, 5), store)
+    return codes, _into(c, c_out), _into(m, m_out)
 
 
 def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int) -> torch.Tensor:
@@ -435,9 +447,11 @@ def lstm_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
     return (o * u).to(dtype)
 
 
-def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.Tensor, levels: int):
+def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.Tensor, levels: int,
+                       dgates_out=None, dc_prev_out=None):
     """Backward of one step. dm = dL/dm_t [bs, H], dc = dL/dc_t from step t+1 [bs, H] ->
-    dgates [bs, 4H] (pre-activation gradients, gate order i, f, g, o), dc_prev [bs, H]."""
+    dgates [bs, 4H] (pre-activation gradients, gate order i, f, g, o), dc_prev [bs, H]; into
+    ``dgates_out`` / ``dc_prev_out`` when given (``dc_prev_out`` may be ``dc``)."""
     acc, codes = c_prev.dtype, read_codes(codes)
     dm = dm.to(acc)
     i, f, g, o, u = (torch_decode(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(5))
@@ -446,14 +460,14 @@ def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.
     dgates = torch.cat(
         [dc * g * d[0], dc * c_prev * d[1], dc * i * d[2], dm * u * d[3]], dim=1
     )
-    return dgates, dc * f
+    return _into(dgates, dgates_out), _into(dc * f, dc_prev_out)
 
 
-def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True):
+def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True, h_out=None):
     """gx = x W_ih^T + b_ih [bs, 3H], gh = h W_hh^T + b_hh [bs, 3H], h_prev [bs, H] ->
     codes (r, z, n, h), h [bs, H] (compute dtype; exactly the level of the h code). ``out``,
     ``store``: as :func:`lstm_step_forward`; ``final`` [1, B, H] receives the h codes of rows
-    done..bs-1."""
+    done..bs-1; ``h_out`` (any float dtype) receives h."""
     acc = torch.float64 if h_prev.dtype == torch.float64 else torch.float32
     gx, gh, h_prev = gx.to(acc), gh.to(acc), h_prev.to(acc)
     bs, H = h_prev.shape
@@ -461,7 +475,7 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
     k = torch.empty(GRU_CODES, bs, H, dtype=torch.int32, device=h_prev.device)
     gx_rz = gx[:, : 2 * H].view(bs, 2, H)
     h = step(step.rows(bs), gx_rz, gx[:, 2 * H :], h_prev, k[:2], k[2], k[3], gh=gh)
-    return _emit(k.to(torch.uint8), out, final, done, slice(3, 4), store), h
+    return _emit(k.to(torch.uint8), out, final, done, slice(3, 4), store), _into(h, h_out)
 
 
 def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
@@ -470,9 +484,11 @@ def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
     return torch_decode(codes[3], levels, _TANH, acc).to(dtype)
 
 
-def gru_step_backward(codes, h_prev: torch.Tensor, gh_n: torch.Tensor, dh: torch.Tensor, levels: int):
+def gru_step_backward(codes, h_prev: torch.Tensor, gh_n: torch.Tensor, dh: torch.Tensor, levels: int,
+                      dgx_out=None, dgh_out=None, dh_direct_out=None):
     """Backward of one step. h_prev [bs, H], gh_n = h_prev W_hn^T + b_hn [bs, H] (recomputed),
-    dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H], dh_prev_direct = dh * z [bs, H]."""
+    dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H], dh_prev_direct = dh * z [bs, H]; into the
+    ``*_out`` tensors when given (``dh_direct_out`` may be ``dh``)."""
     acc, codes = torch.float64 if h_prev.dtype == torch.float64 else torch.float32, read_codes(codes)
     dh, h_prev, gh_n = dh.to(acc), h_prev.to(acc), gh_n.to(acc)
     r, z, n = (torch_decode(codes[q], levels, _GRU_KINDS[q], acc) for q in range(3))
@@ -483,4 +499,4 @@ def gru_step_backward(codes, h_prev: torch.Tensor, gh_n: torch.Tensor, dh: torch
     dpre_z = dh * (h_prev - n) * d_z
     dgx = torch.cat([dpre_r, dpre_z, dpre_n], dim=1)
     dgh = torch.cat([dpre_r, dpre_z, dpre_n * r], dim=1)
-    return dgx, dgh, dh * z
+    return _into(dgx, dgx_out), _into(dgh, dgh_out), _into(dh * z, dh_direct_out)

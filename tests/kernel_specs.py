@@ -78,9 +78,10 @@ ACC_DTYPES = ("fp32", "fp64")
 def _rnn_kernels():
     """(name, kernel, [dtype combos], signature builder, extra constexprs). Integers are i32 as
     launched (code offsets i64: a code store can pass 2 GiB); pointer dtypes: the LSTM gates take
-    any float dtype with an fp32/fp64 cell state; the GRU forward takes one dtype for gx, gh,
-    h_prev; the output kernel writes any float dtype; the rest are in the compute dtype (the
-    launchers convert other inputs first)."""
+    any float dtype with an fp32/fp64 cell state and write m in the gates' dtype (the layer's
+    output rows); the GRU forward takes one dtype for gx, gh, h_prev and writes h in it; the
+    output kernel writes any float dtype; the rest are in the compute dtype (the launchers convert
+    other inputs first)."""
     dtypes = list(TRITON_DTYPES.values())
 
     def ints(*names):
@@ -94,7 +95,7 @@ def _rnn_kernels():
     return [
         ("lstm_fwd", rnn._lstm_step_fwd_kernel, list(itertools.product(dtypes, ACC_DTYPES)),
          lambda g, a: {"GATES": f"*{g}", "C_PREV": f"*{a}", **codes, "FINAL": "*u8", "C": f"*{a}",
-                       "M": f"*{a}", **ints("bs", "H", "H_PAD", "done", *strides("g", "c"),
+                       "M": f"*{g}", **ints("bs", "H", "H_PAD", "done", *strides("g", "c"),
                                             *code_strides, "stride_fq")}, "forward"),
         ("lstm_cell", rnn._lstm_cell_kernel, [(a,) for a in ACC_DTYPES],
          lambda a: {**codes, "C_PREV": f"*{a}", "C": f"*{a}",
@@ -109,7 +110,7 @@ def _rnn_kernels():
                     **ints("bs", "H", *code_strides, *strides("c", "m", "d"))}, None),
         ("gru_fwd", rnn._gru_step_fwd_kernel, [(d,) for d in dtypes],
          lambda d: {"GX": f"*{d}", "GH": f"*{d}", "H_PREV": f"*{d}", **codes, "FINAL": "*u8",
-                    "H_OUT": "*fp64" if d == "fp64" else "*fp32",
+                    "H_OUT": f"*{d}",
                     **ints("bs", "H", "H_PAD", "done", *strides("x", "g", "p"), *code_strides)},
          "forward"),
         ("gru_bwd", rnn._gru_step_bwd_kernel, [(a,) for a in ACC_DTYPES],

@@ -340,6 +340,47 @@ def test_kernels_read_packed_codes(bits, levels):
         assert_bitwise(name, a, b)
 
 
+@pytest.mark.parametrize("step", [K, R], ids=["triton", "torch"])
+def test_step_outputs_into_given_tensors(step):
+    """The layers' per-step path hands the step functions its own buffers: c updated in place,
+    m / h written into the output rows in the layer's dtype (rounded as ``.to`` rounds), gradients
+    into slices of the chunk's buffers, dc and dh updated in place. Same values as fresh outputs."""
+    bs, H, levels = 3, 10, 64
+    g = gen(21)
+    gates = torch.randn(bs, 4 * H, generator=g)
+    c_state = torch.randn(bs + 2, H, generator=g)  # c[:bs] of a larger state
+    _, c_ref, m_ref = step.lstm_step_forward(gates, c_state[:bs].clone(), levels)
+    y = torch.full((bs + 4, H), float("nan"), dtype=BF16)
+    _, c, m = step.lstm_step_forward(gates, c_state[:bs], levels, c_out=c_state[:bs],
+                                     m_out=y[2 : 2 + bs])
+    assert c.data_ptr() == c_state.data_ptr() and m.data_ptr() == y[2].data_ptr()
+    assert_bitwise("c in place", c_state[:bs], c_ref)
+    assert_bitwise("m as bfloat16", y[2 : 2 + bs], m_ref.to(BF16))
+
+    codes = random_codes(5, bs, H, levels, seed=2)
+    dm, dc = torch.randn(bs, H, generator=g), torch.randn(bs, H, generator=g)
+    dg_ref, dcp_ref = step.lstm_step_backward(codes, c_ref, dm, dc.clone(), levels)
+    chunk = torch.full((bs + 2, 4 * H), float("nan"))
+    step.lstm_step_backward(codes, c_ref, dm, dc, levels, dgates_out=chunk[1 : 1 + bs],
+                            dc_prev_out=dc)
+    assert_bitwise("dgates into a chunk slice", chunk[1 : 1 + bs], dg_ref)
+    assert_bitwise("dc in place", dc, dcp_ref)
+
+    gx, gh = torch.randn(bs, 3 * H, generator=g), torch.randn(bs, 3 * H, generator=g)
+    h_prev = torch.rand(bs, H, generator=g) * 2 - 1
+    _, h_ref = step.gru_step_forward(gx, gh, h_prev, levels)
+    h_out = torch.empty(bs, H, dtype=F16)
+    step.gru_step_forward(gx, gh, h_prev, levels, h_out=h_out)
+    assert_bitwise("h as float16", h_out, h_ref.to(F16))
+    dh = torch.randn(bs, H, generator=g)
+    refs = step.gru_step_backward(codes[:4], h_prev, gh[:, :H], dh.clone(), levels)
+    dgx, dgh = torch.empty(bs, 3 * H), torch.empty(bs, 3 * H)
+    step.gru_step_backward(codes[:4], h_prev, gh[:, :H], dh, levels, dgx_out=dgx, dgh_out=dgh,
+                           dh_direct_out=dh)
+    for name, got, ref in zip(("dgx", "dgh", "dh_direct in place"), (dgx, dgh, dh), refs):
+        assert_bitwise(name, got, ref)
+
+
 def test_code_rows_bad_arguments():
     bs, H = 2, 5
     rows = packed_rows(bs, H, 5, 6)
@@ -352,6 +393,13 @@ def test_code_rows_bad_arguments():
     with pytest.raises(ValueError, match=r"final must be a contiguous uint8 tensor \[2, >= 2, 5\]"):
         K.lstm_step_forward(torch.zeros(bs, 4 * H), torch.zeros(bs, H), 64,
                             final=torch.zeros(2, 1, H, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="c_out must be torch.float32 .*, got torch.float64"):
+        K.lstm_step_forward(torch.zeros(bs, 4 * H), torch.zeros(bs, H), 64,
+                            c_out=torch.zeros(bs, H, dtype=F64))
+    with pytest.raises(ValueError, match="dgates_out must be contiguous"):
+        K.lstm_step_backward(torch.zeros(5, bs, H, dtype=torch.uint8), torch.zeros(bs, H),
+                             torch.zeros(bs, H), torch.zeros(bs, H), 64,
+                             dgates_out=torch.zeros(4 * H, bs).t())
     with pytest.raises(ValueError, match="cannot hold whole groups"):
         K.TILE, old = K.TileRule(elems=16, min_h=4, max_h=4, fit_rows=True), K.TILE
         try:
@@ -496,3 +544,26 @@ def test_layer_code_buffers_match_torch_path(cell, levels, bits):
     codes = results["torch"][-3 if cell == "lstm" else -2]
     padded = 16
     assert codes.numel() == sum(batch_sizes) * (Q + 1) * padded * bits // 8
+
+
+@pytest.mark.parametrize("cls, kwargs, dtype, tol", [
+    (DiscreteLSTM, dict(proj_size=3, batch_first=True), F64, 1e-10),
+    (DiscreteGRU, dict(batch_first=True), BF16, 2e-2),
+])
+def test_layers_triton_backend_matches_torch_proj_and_dtypes(cls, kwargs, dtype, tol):
+    """proj_size (m goes through weight_hr before the output rows) in float64, and bfloat16
+    outputs written by the step kernel itself: Triton against torch, outputs and gradients."""
+    torch.manual_seed(1)
+    module = cls(4, 6, levels=256, chunk_size=2, **kwargs).to(dtype)
+    x = torch.randn(2, 5, 4, generator=gen(3), dtype=F64).to(dtype).requires_grad_()
+    results = {}
+    for backend in ("torch", "triton"):
+        module.backend = backend
+        y, hx = module(x)
+        outs = [y, *(hx if isinstance(hx, tuple) else (hx,))]
+        gl = gen(4)
+        loss = sum((o.double() * torch.randn(o.shape, generator=gl, dtype=F64)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, [x, *module.parameters()])
+        results[backend] = [o.detach() for o in outs] + list(grads)
+    for k, (a, b) in enumerate(zip(results["triton"], results["torch"])):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=f"result {k}")
