@@ -54,7 +54,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from bench_env import device_name, git_commit, load_average  # noqa: E402  (scripts/ is on sys.path)
+from bench_env import (  # noqa: E402  (scripts/ is on sys.path)
+    add_device_argument, device_name, git_commit, load_average, resolve_device, save_figure,
+)
 import triton
 
 import discrnn
@@ -495,9 +497,7 @@ def plot(path: Path, rows: list[Row], title: str) -> bool:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -511,8 +511,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the torch reference (eager and compiled), separate torch passes and a float32 copy.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="auto: CUDA when available, else CPU")
+    add_device_argument(p)
     p.add_argument("--numel", type=int, default=None,
                    help="values per tensor (default 2^28 on CUDA, 2^24 on CPU)")
     p.add_argument("--pack-numel", type=int, default=None,
@@ -552,12 +551,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: torch sees no CUDA device")
+    device = resolve_device(args.device)
     if device.type == "cuda" and triton_interpreting():
         # The kernels would run through the interpreter: numbers that mean nothing.
         sys.exit("TRITON_INTERPRET=1 is set: unset it to benchmark the compiled Triton kernels")

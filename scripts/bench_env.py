@@ -6,6 +6,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -41,3 +42,25 @@ def git_commit() -> str:
         return (head + ("+dirty" if dirty else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def add_device_argument(parser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA when available, else CPU")
+
+
+def resolve_device(choice: str) -> torch.device:
+    """The device of ``--device``; exits with a message when CUDA is asked for and absent."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device")
+    return torch.device(choice)
+
+
+def save_figure(fig, path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

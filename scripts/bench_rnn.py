@@ -63,7 +63,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from bench_env import device_name, git_commit, load_average  # noqa: E402  (scripts/ is on sys.path)
+from bench_env import (  # noqa: E402  (scripts/ is on sys.path)
+    add_device_argument, device_name, git_commit, load_average, resolve_device, save_figure,
+)
 import triton
 from torch import nn
 
@@ -460,9 +462,7 @@ def plot(path: Path, rows: list[Row], title: str) -> bool:
         if attr == "kept_per_unit":
             ax.set_yscale("log")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -476,8 +476,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "torch.nn.LSTM/GRU (cuDNN on CUDA) in the same run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when available, else CPU")
+    add_device_argument(p)
     p.add_argument("--hidden", type=int, default=None, help="H (default 1024 CUDA, 256 CPU)")
     p.add_argument("--batch", type=int, default=None, help="B (default 64 CUDA, 16 CPU)")
     p.add_argument("--steps", type=int, default=None, help="T (default 1024 CUDA, 512 CPU)")
@@ -514,12 +513,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: torch sees no CUDA device")
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
     torch.set_num_threads(args.threads)
 

@@ -68,6 +68,7 @@ import triton
 # The worker, the module builder and the reporting helpers live in bench_rnn.py beside this file.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_rnn as B  # noqa: E402
+from bench_env import add_device_argument, resolve_device, save_figure  # noqa: E402
 
 import discrnn  # noqa: E402
 
@@ -235,9 +236,7 @@ def plot(path: Path, points: list[Point], labels: list[str], title: str) -> bool
     ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -247,7 +246,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "torch.nn.LSTM/GRU, one fresh process per module and T.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_argument(p)
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="sequence lengths (default 64 128 256 512 1024; quick 32 64 128)")
     p.add_argument("--hidden", type=int, default=None, help="H (default 256 CPU, 1024 CUDA)")
@@ -278,12 +277,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: torch sees no CUDA device")
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
 
     if args.quick:
