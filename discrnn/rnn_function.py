@@ -379,6 +379,22 @@ def _split_proc(rows: torch.Tensor, sizes: list[int], dim: int = 0) -> list[torc
     return list(rows.split(sizes, dim))
 
 
+def _backward_buffers(ctx, acc, states, state_grads, weights, bias_rows):
+    """Gradient accumulators of one layer's backward, in the compute dtype ``acc``: per state the
+    incoming dL/d(final state) (a copy: backward updates it in place) or zeros; zeros per weight
+    (None stays None) and per bias (``bias_rows`` each; None without biases); and dx, None when the
+    input needs no gradient."""
+    device = ctx.x_device
+    d_states = [
+        torch.zeros_like(s, dtype=acc) if g is None else g.to(acc).clone()
+        for s, g in zip(states, state_grads)
+    ]
+    d_weights = [None if w is None else torch.zeros_like(w, dtype=acc) for w in weights]
+    d_biases = [torch.zeros(n, dtype=acc, device=device) if ctx.has_bias else None for n in bias_rows]
+    dx = torch.empty(ctx.x_shape, dtype=ctx.x_dtype, device=device) if ctx.needs_input_grad[0] else None
+    return d_states, d_weights, d_biases, dx
+
+
 # ------------------------------------------------------------------------------------------------
 # LSTM, torch backend: chunked forward and backward
 
@@ -460,13 +476,9 @@ def _lstm_backward_chunked(
     w_hr_a = w_hr.to(acc) if w_hr is not None else None
     c_init, h_init = c0.to(acc), h0.to(acc)
 
-    dh_state = torch.zeros_like(h0, dtype=acc) if dh_n is None else dh_n.to(acc).clone()
-    dc_state = torch.zeros_like(c0, dtype=acc) if dc_n is None else dc_n.to(acc).clone()
-    d_w_ih = torch.zeros_like(w_ih, dtype=acc)
-    d_w_hh = torch.zeros_like(w_hh, dtype=acc)
-    d_b = torch.zeros(w_ih.shape[0], dtype=acc, device=device) if ctx.has_bias else None
-    d_w_hr = torch.zeros_like(w_hr, dtype=acc) if w_hr is not None else None
-    dx = torch.empty(ctx.x_shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
+    (dh_state, dc_state), (d_w_ih, d_w_hh, d_w_hr), (d_b,), dx = _backward_buffers(
+        ctx, acc, (h0, c0), (dh_n, dc_n), (w_ih, w_hh, w_hr), (w_ih.shape[0],)
+    )
 
     # The step processed after the current one hands back its dgates (dh = dy + dgates @ W_hh) and
     # dc * f; where the batch size changes they go through dh_state / dc_state instead.
@@ -650,12 +662,9 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, dy, dh_n)
     b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
     h_init = h0.to(acc)
 
-    dh_state = torch.zeros_like(h0, dtype=acc) if dh_n is None else dh_n.to(acc).clone()
-    d_w_ih = torch.zeros_like(w_ih, dtype=acc)
-    d_w_hh = torch.zeros_like(w_hh, dtype=acc)
-    d_b_ih = torch.zeros(3 * H, dtype=acc, device=device) if ctx.has_bias else None
-    d_b_hh = torch.zeros(3 * H, dtype=acc, device=device) if ctx.has_bias else None
-    dx = torch.empty(ctx.x_shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
+    (dh_state,), (d_w_ih, d_w_hh), (d_b_ih, d_b_hh), dx = _backward_buffers(
+        ctx, acc, (h0,), (dh_n,), (w_ih, w_hh), (3 * H, 3 * H)
+    )
 
     # dh_{t-1} = dh_t * z_t + dgh_t @ W_hh, handed over from the step processed after the current
     # one (through dh_state where the batch size changes).
@@ -850,13 +859,9 @@ class LSTMLayerFunction(torch.autograd.Function):
         w_hr_a = w_hr.to(acc) if w_hr is not None else None
         c_init, h_init = c0.to(acc), h0.to(acc)
 
-        dh_state = torch.zeros_like(h0, dtype=acc) if dh_n is None else dh_n.to(acc).clone()
-        dc_state = torch.zeros_like(c0, dtype=acc) if dc_n is None else dc_n.to(acc).clone()
-        d_w_ih = torch.zeros_like(w_ih, dtype=acc)
-        d_w_hh = torch.zeros_like(w_hh, dtype=acc)
-        d_b = torch.zeros(w_ih.shape[0], dtype=acc, device=device) if ctx.has_bias else None
-        d_w_hr = torch.zeros_like(w_hr, dtype=acc) if w_hr is not None else None
-        dx = torch.empty(ctx.x_shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
+        (dh_state, dc_state), (d_w_ih, d_w_hh, d_w_hr), (d_b,), dx = _backward_buffers(
+            ctx, acc, (h0, c0), (dh_n, dc_n), (w_ih, w_hh, w_hr), (w_ih.shape[0],)
+        )
 
         def as_output(m):  # h_t exactly as the forward pass fed it to the next step, in acc
             m = m.to(dtype)
@@ -1015,12 +1020,9 @@ class GRULayerFunction(torch.autograd.Function):
         b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
         h_init = h0.to(acc)
 
-        dh_state = torch.zeros_like(h0, dtype=acc) if dh_n is None else dh_n.to(acc).clone()
-        d_w_ih = torch.zeros_like(w_ih, dtype=acc)
-        d_w_hh = torch.zeros_like(w_hh, dtype=acc)
-        d_b_ih = torch.zeros(3 * H, dtype=acc, device=device) if ctx.has_bias else None
-        d_b_hh = torch.zeros(3 * H, dtype=acc, device=device) if ctx.has_bias else None
-        dx = torch.empty(ctx.x_shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
+        (dh_state,), (d_w_ih, d_w_hh), (d_b_ih, d_b_hh), dx = _backward_buffers(
+            ctx, acc, (h0,), (dh_n,), (w_ih, w_hh), (3 * H, 3 * H)
+        )
 
         chunks = list(cfg.chunks())
         for k in range(len(chunks) - 1, -1, -1):
