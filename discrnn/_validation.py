@@ -127,19 +127,18 @@ def check_packed_bytes(name: str, packed, numel: int, bits: int) -> torch.Tensor
     return packed
 
 
+def check_positive_int(name: str, value) -> int:
+    value = _as_int(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
 def check_numel(numel) -> int:
     numel = _as_int("numel", numel)
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
     return numel
-
-
-def check_same_device(**tensors: torch.Tensor) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        described = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"expected all tensors on one device, got {described}")
-    return next(iter(devices.values()))
 
 
 def packed_nbytes(numel: int, bits: int) -> int:

@@ -7,8 +7,6 @@ dicts load both ways. ``levels=None`` runs torch's own continuous LSTM/GRU (for 
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
@@ -67,14 +65,6 @@ def _step_ops(backend: str):
     return _TritonSteps if backend == "triton" else _TorchSteps
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return int(value)
-
-
 class _DiscreteRNNBase(nn.RNNBase):
     _mode: str
     _n_states: int  # 2 for LSTM (h, c), 1 for GRU
@@ -97,11 +87,11 @@ class _DiscreteRNNBase(nn.RNNBase):
         device=None,
         dtype=None,
     ):
-        _check_positive_int("input_size", input_size)
-        _check_positive_int("hidden_size", hidden_size)
-        _check_positive_int("num_layers", num_layers)
+        V.check_positive_int("input_size", input_size)
+        V.check_positive_int("hidden_size", hidden_size)
+        V.check_positive_int("num_layers", num_layers)
         self_levels = None if levels is None else V.check_levels(levels)
-        chunk_size = _check_positive_int("chunk_size", chunk_size)
+        chunk_size = V.check_positive_int("chunk_size", chunk_size)
         if backend is not None and backend not in V.BACKENDS:
             raise ValueError(f"backend must be one of {V.BACKENDS} or None, got {backend!r}")
         super().__init__(
@@ -248,7 +238,7 @@ class _DiscreteRNNBase(nn.RNNBase):
             raise ValueError(f"hx has levels={state.levels}, expected levels={self.levels} like the module")
         if state.h is not None:
             return (state.h.dequantize(dtype),)
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = codec_torch.compute_dtype(dtype)
         m = (state.o.dequantize(acc) * state.u.dequantize(acc)).to(dtype)
         if self.proj_size > 0:
             D = 2 if self.bidirectional else 1

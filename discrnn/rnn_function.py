@@ -33,14 +33,10 @@ import bisect
 import torch
 
 from .kernels import codec_torch
+from .kernels.codec_torch import compute_dtype
 from .kernels import rnn_torch
 
-PAD_UNITS = 8  # rows of codes are padded to a multiple of 8 units: whole bytes for every width
 _SIG, _TANH = "sigmoid", "tanh"
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _is_torch_ops(ops) -> bool:
@@ -102,7 +98,7 @@ class CodeStore:
     def __init__(self, layout: SequenceLayout, n_codes: int, hidden: int, bits: int, device, ops):
         self.layout, self.n_codes, self.hidden, self.bits = layout, n_codes, hidden, bits
         self.pack, self.unpack = ops.pack, ops.unpack  # the codec of the layer's backend
-        self.padded = -(-hidden // PAD_UNITS) * PAD_UNITS
+        self.padded = rnn_torch.padded_units(hidden)
         self.step_bytes = [
             n_codes * layout.batch_sizes[t] * self.padded * bits // 8 for t in layout.order
         ]
@@ -404,7 +400,7 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     ``rnn_torch.lstm_step_forward``."""
     layout, sizes = cfg.layout, cfg.layout.batch_sizes
     dtype, device = x.dtype, x.device
-    acc = _acc(dtype)
+    acc = compute_dtype(dtype)
     B, P = h0.shape
     H = c0.shape[1]
     step = rnn_torch.LSTMForwardStep(cfg.tables(dtype, device), B, H, device)
@@ -469,7 +465,7 @@ def _lstm_backward_chunked(
 ):
     cfg = ctx.cfg
     store, layout, sizes = cfg.store, cfg.layout, cfg.layout.batch_sizes
-    dtype, acc, device = ctx.x_dtype, _acc(ctx.x_dtype), ctx.x_device
+    dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
     tables = cfg.tables(dtype, device)
     H, P = c0.shape[1], h0.shape[1]
     w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
@@ -598,7 +594,7 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
     """-> y, h_n, final h codes. Bit-identical to stepping ``rnn_torch.gru_step_forward``."""
     layout, sizes = cfg.layout, cfg.layout.batch_sizes
     dtype, device = x.dtype, x.device
-    acc = _acc(dtype)
+    acc = compute_dtype(dtype)
     B, H = h0.shape
     step = rnn_torch.GRUForwardStep(cfg.tables(dtype, device), B, H, device)
     y = torch.empty(layout.total_rows, H, dtype=dtype, device=device)
@@ -654,7 +650,7 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
 def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, dy, dh_n):
     cfg = ctx.cfg
     store, layout, sizes = cfg.store, cfg.layout, cfg.layout.batch_sizes
-    dtype, acc, device = ctx.x_dtype, _acc(ctx.x_dtype), ctx.x_device
+    dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
     tables = cfg.tables(dtype, device)
     H = w_hh.shape[1]
     w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
@@ -783,7 +779,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         and one kernel, which packs the step's codes straight into the code store, updates c in
         place and writes m into the output rows (the next step's h_{t-1})."""
         layout, levels, ops = cfg.layout, cfg.levels, cfg.ops
-        dtype, acc = x.dtype, _acc(x.dtype)
+        dtype, acc = x.dtype, compute_dtype(x.dtype)
         B, P = h0.shape
         c = c0.to(acc).clone()  # every row's latest cell state, updated in place
         y = torch.empty(layout.total_rows, P, dtype=dtype, device=x.device)
@@ -853,7 +849,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         cfg = ctx.cfg
         store, layout, levels, ops = cfg.store, cfg.layout, cfg.levels, cfg.ops
         sizes = layout.batch_sizes
-        dtype, acc, device = ctx.x_dtype, _acc(ctx.x_dtype), ctx.x_device
+        dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
         P = h0.shape[1]
         w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
         w_hr_a = w_hr.to(acc) if w_hr is not None else None
@@ -1013,7 +1009,7 @@ class GRULayerFunction(torch.autograd.Function):
         cfg = ctx.cfg
         store, layout, levels, ops = cfg.store, cfg.layout, cfg.levels, cfg.ops
         sizes = layout.batch_sizes
-        dtype, acc, device = ctx.x_dtype, _acc(ctx.x_dtype), ctx.x_device
+        dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
         H = w_hh.shape[1]
         w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
         w_hn_a = w_hh_a[2 * H :]

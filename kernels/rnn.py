@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from .codec import INTERPRETING, _code_derivative, _decode, _encode, _round_to, _sigmoid, _tanh
-from .codec_torch import group_bytes, group_codes
+from .codec_torch import compute_dtype, group_bytes, group_codes
 from .rnn_torch import CodeRows, as_code_rows
 
 __all__ = [
@@ -527,10 +527,6 @@ INTERPRETER_TILE = TileRule(elems=1 << 16, min_h=8, max_h=1 << 16, fit_rows=True
 TILE = INTERPRETER_TILE if INTERPRETING else GPU_TILE  # tests swap in small tiles
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> None:
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
@@ -546,7 +542,7 @@ def _check_device(device: torch.device) -> None:
         )
 
 
-def _check_acc(name: str, t: torch.Tensor) -> None:
+def _checkcompute_dtype(name: str, t: torch.Tensor) -> None:
     if t.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name} must be float32 or float64 (the compute dtype), got {t.dtype}")
 
@@ -615,9 +611,11 @@ def _code_outputs(rows: CodeRows | None, final, H: int, device):
     constexprs = dict(BITS=bits, GROUP_CODES=group_codes(bits),
                       GROUP_BYTES_POW2=triton.next_power_of_2(group_bytes(bits)),
                       STORE_CODES=rows is not None, STORE_FINAL=final is not None)
-    if rows is None or final is None:  # a pointer for the disabled output, never written
+    # A disabled output still needs a pointer (never written): the other output's buffer, if any.
+    spare = rows.data if rows is not None else final
+    if spare is None:
         spare = torch.empty(1, dtype=torch.uint8, device=device)
-        final = spare if final is None else final
+    final = spare if final is None else final
     if rows is None:
         return (spare, final, H, 0, 0, 0), constexprs
     return (rows.data, final, rows.padded, rows.offset, rows.plane_stride, rows.row_stride), constexprs
@@ -630,7 +628,7 @@ def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store
     kernel. ``out``, ``final``, ``done``, ``store``, ``c_out``, ``m_out``: as
     ``rnn_torch.lstm_step_forward`` (the codes are packed into ``out`` by this kernel; ``c_out``
     may be ``c_prev`` itself, ``m_out`` any float dtype)."""
-    _check_acc("c_prev", c_prev)
+    _checkcompute_dtype("c_prev", c_prev)
     bs, H = c_prev.shape
     _check("gates", gates, (bs, 4 * H), c_prev.device)
     _check_device(c_prev.device)
@@ -650,7 +648,7 @@ def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store
 def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int) -> torch.Tensor:
     """c_t from the saved i, f, g codes (uint8 [>=3, bs, H] or CodeRows) and c_{t-1} [bs, H]
     (float32/64): bit-identical to the c that :func:`lstm_step_forward` returned."""
-    _check_acc("c_prev", c_prev)
+    _checkcompute_dtype("c_prev", c_prev)
     bs, H = c_prev.shape
     _check_device(c_prev.device)
     code_args, bits = _code_args(codes, 3, bs, H, c_prev.device)
@@ -661,7 +659,7 @@ def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int) -> torch.Tenso
     return c
 
 
-def _output(codes, levels: int, dtype: torch.dtype, cell: str, planes: int) -> torch.Tensor:
+def _decode_output(codes, levels: int, dtype: torch.dtype, cell: str, planes: int) -> torch.Tensor:
     rows = as_code_rows(codes)
     bs, H = rows.rows, rows.hidden
     _check_device(rows.data.device)
@@ -675,12 +673,12 @@ def _output(codes, levels: int, dtype: torch.dtype, cell: str, planes: int) -> t
 
 def lstm_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
     """m = o * u [bs, H] in ``dtype`` from the saved codes (uint8 [5, bs, H] or CodeRows)."""
-    return _output(codes, levels, dtype, "lstm", LSTM_CODES)
+    return _decode_output(codes, levels, dtype, "lstm", LSTM_CODES)
 
 
 def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
     """h_t [bs, H] in ``dtype`` from the saved codes (uint8 [4, bs, H] or CodeRows)."""
-    return _output(codes, levels, dtype, "gru", GRU_CODES)
+    return _decode_output(codes, levels, dtype, "gru", GRU_CODES)
 
 
 def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_prev_out=None):
@@ -688,7 +686,7 @@ def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_p
     dm = dL/dm_t and dc = dL/dc_t [bs, H] (converted to c_prev's dtype) -> dgates [bs, 4H]
     (i, f, g, o), dc_prev [bs, H], both in c_prev's dtype, written to ``dgates_out`` /
     ``dc_prev_out`` when given (``dc_prev_out`` may be ``dc`` itself). One kernel."""
-    _check_acc("c_prev", c_prev)
+    _checkcompute_dtype("c_prev", c_prev)
     bs, H = c_prev.shape
     acc, dev = c_prev.dtype, c_prev.device
     for name, t in (("dm", dm), ("dc", dc)):
@@ -715,7 +713,7 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
     _check("gx", gx, (bs, 3 * H), dev)
     _check("gh", gh, (bs, 3 * H), dev)
     _check_device(dev)
-    acc = _acc(h_prev.dtype)
+    acc = compute_dtype(h_prev.dtype)
     if not gx.dtype == gh.dtype == h_prev.dtype:  # one input dtype per kernel: meet in ACC
         gx, gh, h_prev = _as(gx, acc), _as(gh, acc), _as(h_prev, acc)
     rows, returned = _forward_target(out, GRU_CODES, bs, H, dev, store)
@@ -741,7 +739,7 @@ def gru_step_backward(codes, h_prev, gh_n, dh, levels: int, dgx_out=None, dgh_ou
         _check(name, t, (bs, H), dev)
     _check_device(dev)
     code_args, bits = _code_args(codes, GRU_CODES, bs, H, dev)
-    acc = _acc(h_prev.dtype)
+    acc = compute_dtype(h_prev.dtype)
     h_prev, gh_n, dh = _as(h_prev, acc), _as(gh_n, acc), _as(dh, acc)
     dgx = _out_tensor("dgx_out", dgx_out, (bs, 3 * H), acc, dev)
     dgh = _out_tensor("dgh_out", dgh_out, (bs, 3 * H), acc, dev)

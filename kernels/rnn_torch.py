@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import torch
 
-from .codec_torch import torch_code_derivative, torch_decode, torch_pack, torch_unpack
+from .codec_torch import compute_dtype, torch_code_derivative, torch_decode, torch_pack, torch_unpack
 
 LSTM_CODES = 5  # i, f, g, o, u
 GRU_CODES = 4  # r, z, n, h
@@ -62,7 +62,7 @@ class StepTables:
     """
 
     def __init__(self, levels: int, dtype: torch.dtype, device):
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = compute_dtype(dtype)
         span = levels - 1
         self.levels, self.dtype, self.acc, self.device = levels, dtype, acc, device
 
@@ -290,6 +290,12 @@ class GRUForwardStep:
         return t.decode_tanh(k_h, out=h if h_out is None else h_out)
 
 
+def padded_units(hidden: int) -> int:
+    """Units per stored code row: ``hidden`` rounded up to a multiple of 8, whole bytes at any width
+    (the padding units hold code 0)."""
+    return -(-hidden // 8) * 8
+
+
 class CodeRows(NamedTuple):
     """Where the codes of ``rows`` batch rows of a step (or of a run of steps) live in a uint8 buffer.
 
@@ -321,7 +327,7 @@ class CodeRows(NamedTuple):
     @classmethod
     def packed(cls, data: torch.Tensor, offset: int, rows: int, planes: int, hidden: int, bits: int):
         """Rows of the code store: row r's planes at ``offset + (r * planes + q) * row_bytes``."""
-        padded = -(-hidden // 8) * 8
+        padded = padded_units(hidden)
         row_bytes = padded * bits // 8
         return cls(data, offset, rows, planes, hidden, padded, bits, row_bytes, planes * row_bytes)
 
@@ -442,7 +448,7 @@ def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int) -> torch.Tenso
 
 def lstm_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
     """m = o * u from the saved codes (the unprojected h_t)."""
-    acc, codes = torch.float64 if dtype == torch.float64 else torch.float32, read_codes(codes)
+    acc, codes = compute_dtype(dtype), read_codes(codes)
     o, u = torch_decode(codes[3], levels, _SIG, acc), torch_decode(codes[4], levels, _TANH, acc)
     return (o * u).to(dtype)
 
@@ -468,7 +474,7 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
     codes (r, z, n, h), h [bs, H] (compute dtype; exactly the level of the h code). ``out``,
     ``store``: as :func:`lstm_step_forward`; ``final`` [1, B, H] receives the h codes of rows
     done..bs-1; ``h_out`` (any float dtype) receives h."""
-    acc = torch.float64 if h_prev.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(h_prev.dtype)
     gx, gh, h_prev = gx.to(acc), gh.to(acc), h_prev.to(acc)
     bs, H = h_prev.shape
     step = GRUForwardStep(StepTables(levels, acc, h_prev.device), bs, H, h_prev.device)
@@ -480,7 +486,7 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
 
 def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
     """h_t in ``dtype`` from the saved codes (its level, plane 3)."""
-    acc, codes = torch.float64 if dtype == torch.float64 else torch.float32, read_codes(codes)
+    acc, codes = compute_dtype(dtype), read_codes(codes)
     return torch_decode(codes[3], levels, _TANH, acc).to(dtype)
 
 
@@ -489,7 +495,7 @@ def gru_step_backward(codes, h_prev: torch.Tensor, gh_n: torch.Tensor, dh: torch
     """Backward of one step. h_prev [bs, H], gh_n = h_prev W_hn^T + b_hn [bs, H] (recomputed),
     dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H], dh_prev_direct = dh * z [bs, H]; into the
     ``*_out`` tensors when given (``dh_direct_out`` may be ``dh``)."""
-    acc, codes = torch.float64 if h_prev.dtype == torch.float64 else torch.float32, read_codes(codes)
+    acc, codes = compute_dtype(h_prev.dtype), read_codes(codes)
     dh, h_prev, gh_n = dh.to(acc), h_prev.to(acc), gh_n.to(acc)
     r, z, n = (torch_decode(codes[q], levels, _GRU_KINDS[q], acc) for q in range(3))
     d_r, d_z, d_n = (torch_code_derivative(codes[q], levels, _GRU_KINDS[q], acc) for q in range(3))

@@ -54,14 +54,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from bench_env import (  # noqa: E402  (scripts/ is on sys.path)
-    add_device_argument, device_name, git_commit, load_average, resolve_device, save_figure,
-)
 import triton
 
 import discrnn
 from discrnn.backend import resolve_backend, triton_interpreting
 from discrnn.kernels import codec_torch as ct
+from bench_env import (  # scripts/ is on sys.path
+    add_device_argument, device_name, git_commit, load_average, resolve_device, save_figure,
+)
 
 KIND = "tanh"
 QP, UD = "quantize+pack", "unpack+dequantize"  # the two main sections

@@ -63,15 +63,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from bench_env import (  # noqa: E402  (scripts/ is on sys.path)
-    add_device_argument, device_name, git_commit, load_average, resolve_device, save_figure,
-)
 import triton
 from torch import nn
 
 import discrnn
 from discrnn import DiscreteGRU, DiscreteLSTM
 from discrnn.backend import resolve_backend
+from bench_env import (  # scripts/ is on sys.path
+    add_device_argument, device_name, git_commit, load_average, resolve_device, save_figure,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}

@@ -377,7 +377,7 @@ def test_bad_input():
         gru(torch.randn(5, 0, 4))
     with pytest.raises(ValueError, match=r"levels must be in \[2, 256\], got 300"):
         DiscreteLSTM(4, 6, levels=300)
-    with pytest.raises(TypeError, match="hidden_size must be an int"):
+    with pytest.raises(TypeError, match="hidden_size must be an integer"):
         DiscreteGRU(4, 6.0)
     with pytest.raises(ValueError, match="chunk_size must be > 0"):
         DiscreteGRU(4, 6, chunk_size=0)

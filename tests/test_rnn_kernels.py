@@ -547,12 +547,16 @@ def test_layer_code_buffers_match_torch_path(cell, levels, bits):
 
 
 @pytest.mark.parametrize("cls, kwargs, dtype, tol", [
-    (DiscreteLSTM, dict(proj_size=3, batch_first=True), F64, 1e-10),
-    (DiscreteGRU, dict(batch_first=True), BF16, 2e-2),
+    (DiscreteLSTM, dict(proj_size=3, batch_first=True), F64, 1e-12),
+    (DiscreteGRU, dict(batch_first=True), BF16, 0.0),
 ])
 def test_layers_triton_backend_matches_torch_proj_and_dtypes(cls, kwargs, dtype, tol):
     """proj_size (m goes through weight_hr before the output rows) in float64, and bfloat16
-    outputs written by the step kernel itself: Triton against torch, outputs and gradients."""
+    outputs written by the step kernel itself: Triton against torch, outputs and gradients. On the
+    CPU both take the same codes here (bfloat16: bit-identical); on a GPU torch's own tanh/sigmoid
+    may move a code one level (module docstring), hence the slack there."""
+    if torch.cuda.is_available():
+        tol = 2e-2
     torch.manual_seed(1)
     module = cls(4, 6, levels=256, chunk_size=2, **kwargs).to(dtype)
     x = torch.randn(2, 5, 4, generator=gen(3), dtype=F64).to(dtype).requires_grad_()
