@@ -17,14 +17,9 @@ from .codec import PackedTensor
 from .kernels import codec as triton_codec
 from .kernels import codec_torch, rnn_torch
 from .kernels import rnn as triton_rnn
-from .rnn_function import (
-    CodedInput,
-    GRULayerFunction,
-    LayerConfig,
-    LSTMLayerFunction,
-    PackedDropoutFunction,
-    PackedDropoutMask,
-)
+from .gru_function import GRULayerFunction
+from .lstm_function import LSTMLayerFunction
+from .rnn_function import CodedInput, LayerConfig, PackedDropoutFunction, PackedDropoutMask
 from .rnn_state import PackedRNNState
 
 __all__ = ["DiscreteLSTM", "DiscreteGRU", "PackedRNNState"]

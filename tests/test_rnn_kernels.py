@@ -519,7 +519,9 @@ def test_layer_code_buffers_match_torch_path(cell, levels, bits):
     path packs whole chunks with the torch codec. Both leave the same bytes (and final-state
     codes): reverse direction over a batch that grows, H padded from 11 to 16 units."""
     from discrnn.rnn import _step_ops
-    from discrnn.rnn_function import GRULayerFunction, LayerConfig, LSTMLayerFunction
+    from discrnn.gru_function import GRULayerFunction
+    from discrnn.lstm_function import LSTMLayerFunction
+    from discrnn.rnn_function import LayerConfig
 
     I, H = 4, 11
     batch_sizes = [3, 3, 2, 2, 1]

@@ -1,0 +1,343 @@
+"""The discrete GRU layer as one autograd Function per layer and direction (see
+:mod:`discrnn.rnn_function` for the sequence layout, the code store and the two paths): the chunked
+torch path (``_gru_forward_chunked`` / ``_gru_backward_chunked``) and the per-step path through
+the Triton step kernels (``GRULayerFunction._forward_steps`` / ``_backward_steps``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import rnn_torch
+from .kernels.codec_torch import compute_dtype
+from .rnn_function import (
+    SIG,
+    TANH,
+    LayerConfig,
+    CodeStore,
+    backward_buffers,
+    chunk_rows,
+    finish_rows,
+    input_rows,
+    keep_input,
+    mm_into,
+    previous_rows,
+    split_proc,
+    split_steps,
+    step_input,
+)
+
+
+def _gru_output_rows_fn(store, ops, levels, dtype):
+    def output_rows(data, first, last):  # h_t exactly as the forward pass fed it to the next step
+        return ops.gru_output(store.rows_at(data, first, last), levels, dtype)
+
+    return output_rows
+
+
+
+def _gru_output_rows_fn_tables(store, tables):
+    def output_rows(data, first, last):
+        codes = store.read_rows(data, first, last)
+        return tables.lookup("value", TANH, codes[:, 3, : store.hidden]).to(tables.dtype)
+
+    return output_rows
+
+
+def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes):
+    """-> y, h_n, final h codes. Bit-identical to stepping ``rnn_torch.gru_step_forward``."""
+    layout, sizes = cfg.layout, cfg.layout.batch_sizes
+    dtype, device = x.dtype, x.device
+    acc = compute_dtype(dtype)
+    B, H = h0.shape
+    step = rnn_torch.GRUForwardStep(cfg.tables(dtype, device), B, H, device)
+    y = torch.empty(layout.total_rows, H, dtype=dtype, device=device)
+    h_n = torch.empty(B, H, dtype=dtype, device=device)
+    final_codes = torch.empty(1, B, H, dtype=torch.uint8, device=device)
+    w_hh_t = w_hh.t()
+    direct = dtype == acc
+    max_rows = min(cfg.chunk, len(sizes)) * B
+    rows_buf = store.rows_buffer(max_rows)  # the chunk's codes, uint8, as the store packs them
+    k_buf = torch.empty(max_rows, rnn_torch.GRU_CODES, H, dtype=torch.int32, device=device)
+    finish = finish_rows(layout)
+    h_prev = None
+    prev_bs = 0
+    for first, steps in cfg.chunks():
+        lo, hi = layout.row_span(steps)
+        gx = x[lo:hi] @ w_ih.t()
+        if b_ih is not None:
+            gx += b_ih
+        gx3 = gx.to(acc).view(hi - lo, 3, H)
+        psizes = [sizes[t] for t in steps]
+        gx_rz = split_steps(gx3[:, :2], cfg, steps, lo)
+        gx_n = split_steps(gx3[:, 2], cfg, steps, lo)
+        outs = split_steps(y[lo:hi], cfg, steps, lo)
+        k_chunk = k_buf[: hi - lo]
+        k_rz = split_proc(k_chunk[:, :2].transpose(0, 1), psizes, dim=1)
+        k_n, k_h = split_proc(k_chunk[:, 2], psizes), split_proc(k_chunk[:, 3], psizes)
+        for j, bs in enumerate(psizes):
+            h_in = step_input(h_prev, prev_bs, bs, h0)
+            v = step.rows(bs)
+            if dtype == acc:
+                gh = torch.mm(h_in, w_hh_t, out=v.gh)
+            else:
+                gh = h_in @ w_hh_t
+            if b_hh is not None:
+                gh += b_hh
+            if dtype != acc:
+                v.gh.copy_(gh)
+            out = outs[j]
+            h = step(v, gx_rz[j], gx_n[j], h_in, k_rz[j], k_n[j], k_h[j], out if direct else None)
+            if not direct:
+                out.copy_(h)
+            done = finish[first + j]
+            if done < bs:
+                h_n[done:bs] = out[done:bs]
+                final_codes[0, done:bs] = k_h[j][done:bs]
+            h_prev, prev_bs = out, bs
+        if keep_codes:
+            rows_buf[: hi - lo, :, :H] = k_chunk
+            store.write_rows(codes_data, first, first + len(steps) - 1, rows_buf[: hi - lo])
+    return y, h_n, final_codes
+
+
+def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, dy, dh_n):
+    cfg = ctx.cfg
+    store, layout, sizes = cfg.store, cfg.layout, cfg.layout.batch_sizes
+    dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
+    tables = cfg.tables(dtype, device)
+    H = w_hh.shape[1]
+    w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
+    w_hn_a = w_hh_a[2 * H :]
+    b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
+    h_init = h0.to(acc)
+
+    (dh_state,), (d_w_ih, d_w_hh), (d_b_ih, d_b_hh), dx = backward_buffers(
+        ctx, acc, (h0,), (dh_n,), (w_ih, w_hh), (3 * H, 3 * H)
+    )
+
+    # dh_{t-1} = dh_t * z_t + dgh_t @ W_hh, handed over from the step processed after the current
+    # one (through dh_state where the batch size changes).
+    pend_dh = pend_z = pend_dgh = None
+    pend_bs = 0
+
+    def flush():
+        torch.addmm(pend_dh * pend_z, pend_dgh, w_hh_a, out=dh_state[:pend_bs])
+
+    chunks = list(cfg.chunks())
+    for k in range(len(chunks) - 1, -1, -1):
+        first, steps = chunks[k]
+        last = first + len(steps) - 1
+        lo, hi = layout.row_span(steps)
+        R = hi - lo
+        psizes = [sizes[t] for t in steps]
+        codes, before = chunk_rows(store, codes_data, first, last)
+
+        def split(rows, dim=0):
+            return split_steps(rows, cfg, steps, lo, dim)
+
+        h_before = None if before is None else tables.lookup("output", TANH, before[:, 3])
+        idx = tables.indices(codes)
+        del codes, before
+
+        def gather(which, kind, q):
+            return tables.gather(tables.table(which, kind), idx[q], (R, H))
+
+        h_prev = previous_rows(gather("output", TANH, 3), h_before, h_init, cfg, steps, lo, acc)
+        # h W_hn^T + b_hn, needed for dr, is recomputed for the whole chunk in one matmul.
+        gh_n = h_prev @ w_hn_a.t()
+        if b_hn_a is not None:
+            gh_n += b_hn_a
+        # dgh = dh * kk with kk = [(1 - z) d_n gh_n d_r, (h_prev - n) d_z, (1 - z) d_n r]; dgx is the
+        # same with (1 - z) d_n as its last plane.
+        a_n = tables.gather(tables.pair_table("a_n"), tables.pair_index(idx[1], idx[2]), (R, H))
+        kk = torch.empty(3, R, H, dtype=acc, device=device)  # plane by plane
+        torch.mul(a_n, gh_n, out=kk[0]).mul_(gather("deriv", SIG, 0))
+        del gh_n
+        torch.sub(h_prev, gather("value", TANH, 2), out=kk[1]).mul_(gather("deriv", SIG, 1))
+        torch.mul(a_n, gather("value", SIG, 0), out=kk[2])
+        z_v = gather("value", SIG, 1)
+        del idx
+
+        dhs = torch.empty(R, H, dtype=acc, device=device)
+        dg = torch.empty(R, 3 * H, dtype=acc, device=device)
+        dys = torch.zeros(R, H, dtype=acc, device=device) if dy is None else dy[lo:hi].to(acc)
+        dy_s, z_s, kk_s = split(dys), split(z_v), split(kk, dim=1)
+        dh_s, dg_s = split(dhs), split(dg)
+        dg3_s = split(dg.view(R, 3, H).transpose(0, 1), dim=1)  # [3, bs, H]
+        for j in range(len(steps) - 1, -1, -1):
+            bs = psizes[j]
+            if pend_dh is not None and pend_bs == bs:
+                base = torch.addcmul(dy_s[j], pend_dh, pend_z)
+                torch.addmm(base, pend_dgh, w_hh_a, out=dh_s[j])
+            else:
+                if pend_dh is not None:
+                    flush()
+                torch.add(dy_s[j], dh_state[:bs], out=dh_s[j])
+            torch.mul(dh_s[j], kk_s[j], out=dg3_s[j])
+            pend_dh, pend_z, pend_dgh, pend_bs = dh_s[j], z_s[j], dg_s[j], bs
+        pend_dh, pend_z, pend_dgh = pend_dh.clone(), pend_z.clone(), pend_dgh.clone()
+        del kk, z_v, dy_s, z_s, kk_s, dys
+
+        d_w_hh.addmm_(dg.t(), h_prev)
+        del h_prev
+        if d_b_hh is not None:
+            d_b_hh += dg.sum(0)
+        torch.mul(dhs, a_n, out=dg.view(R, 3, H)[:, 2])  # dg is now d_gx
+        d_w_ih.addmm_(dg.t(), input_rows(ctx, cfg, kept, lo, hi).to(acc))
+        if d_b_ih is not None:
+            d_b_ih += dg.sum(0)
+        if dx is not None:
+            mm_into(dg, w_ih_a, dx[lo:hi])
+        del dg, dhs, dh_s, dg_s, dg3_s, a_n  # before the next chunk's
+    if pend_dh is not None:
+        flush()
+    return dx, dh_state, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+
+
+class GRULayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, cfg: LayerConfig):
+        ctx.set_materialize_grads(False)  # see LSTMLayerFunction.forward
+        layout, levels, ops = cfg.layout, cfg.levels, cfg.ops
+        dtype = x.dtype
+        hidden = w_hh.shape[1]
+        store = CodeStore(layout, rnn_torch.GRU_CODES, hidden, cfg.bits, x.device, ops)
+        keep_codes = any(ctx.needs_input_grad)
+        codes_data = store.new_buffer() if keep_codes else torch.empty(0, dtype=torch.uint8, device=x.device)
+        if cfg.chunked:
+            y, h, final_codes = _gru_forward_chunked(
+                x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes
+            )
+            cfg.output_rows = _gru_output_rows_fn_tables(store, cfg.tables(dtype, x.device))
+        else:
+            y, h, final_codes = GRULayerFunction._forward_steps(
+                x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes
+            )
+            cfg.output_rows = _gru_output_rows_fn(store, ops, levels, dtype)
+        cfg.store = store
+        ctx.cfg = cfg
+        ctx.has_bias = b_ih is not None
+        kept = keep_input(ctx, x, cfg)
+        ctx.save_for_backward(*kept, h0, w_ih, w_hh, b_hh, codes_data)
+        ctx.mark_non_differentiable(codes_data, final_codes)
+        return y, h, codes_data, final_codes
+
+    @staticmethod
+    def _forward_steps(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes):
+        """Forward through the per-step ``ops`` functions (the Triton kernels): per step one matmul
+        and one kernel, which packs the codes straight into the code store and writes h into the
+        output rows (see :meth:`LSTMLayerFunction._forward_steps`)."""
+        layout, levels, ops = cfg.layout, cfg.levels, cfg.ops
+        dtype = x.dtype
+        y = torch.empty(layout.total_rows, w_hh.shape[1], dtype=dtype, device=x.device)
+        h_n = torch.empty_like(h0)
+        final_codes = torch.empty(1, *h0.shape, dtype=torch.uint8, device=x.device)
+        finish = finish_rows(layout)
+        w_hh_t = w_hh.t()
+        h_prev, prev_bs = None, 0
+        for first, steps in cfg.chunks():
+            lo, hi = layout.row_span(steps)
+            gx = x[lo:hi] @ w_ih.t()
+            if b_ih is not None:
+                gx += b_ih
+            for s, t in enumerate(steps, start=first):
+                bs, rows = layout.batch_sizes[t], layout.rows(t)
+                h_in = step_input(h_prev, prev_bs, bs, h0)
+                gh = torch.mm(h_in, w_hh_t)
+                if b_hh is not None:
+                    gh += b_hh  # as the torch path (addmm rounds differently in bfloat16)
+                out = store.rows_at(codes_data, s, s) if keep_codes else None
+                ops.gru_step_forward(
+                    gx[rows.start - lo : rows.stop - lo], gh, h_in, levels, out=out,
+                    final=final_codes, done=finish[s], store=keep_codes, h_out=y[rows],
+                )
+                h_prev, prev_bs = y[rows], bs
+                if finish[s] < bs:
+                    h_n[finish[s] : bs] = h_prev[finish[s] :]
+        return y, h_n, final_codes
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, _codes, _final):
+        saved = ctx.saved_tensors
+        kept = saved[: ctx.n_kept]
+        h0, w_ih, w_hh, b_hh, codes_data = saved[ctx.n_kept :]
+        if ctx.cfg.chunked:
+            grads = _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, dy, dh_n)
+        else:
+            grads = GRULayerFunction._backward_steps(
+                ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, dy, dh_n
+            )
+        dx, dh_state, d_w_ih, d_w_hh, d_b_ih, d_b_hh = grads
+        dtype = ctx.x_dtype
+        return (
+            dx,
+            dh_state.to(dtype),
+            d_w_ih.to(w_ih.dtype),
+            d_w_hh.to(w_hh.dtype),
+            None if d_b_ih is None else d_b_ih.to(dtype),
+            None if d_b_hh is None else d_b_hh.to(dtype),
+            None,
+        )
+
+    @staticmethod
+    def _backward_steps(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, dy, dh_n):
+        """Backward through the per-step ``ops`` functions (the Triton kernels), which read the
+        packed codes in place; h_{t-1} of a whole chunk comes from one output launch."""
+        cfg = ctx.cfg
+        store, layout, levels, ops = cfg.store, cfg.layout, cfg.levels, cfg.ops
+        sizes = layout.batch_sizes
+        dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
+        H = w_hh.shape[1]
+        w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
+        w_hn_a = w_hh_a[2 * H :]
+        b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
+        h_init = h0.to(acc)
+
+        (dh_state,), (d_w_ih, d_w_hh), (d_b_ih, d_b_hh), dx = backward_buffers(
+            ctx, acc, (h0,), (dh_n,), (w_ih, w_hh), (3 * H, 3 * H)
+        )
+
+        chunks = list(cfg.chunks())
+        for k in range(len(chunks) - 1, -1, -1):
+            first, steps = chunks[k]
+            last = first + len(steps) - 1
+            lo, hi = layout.row_span(steps)
+            psizes = [sizes[t] for t in steps]
+
+            # h_t of every step of the chunk and of the step before it, as forward fed them on.
+            h_rows = ops.gru_output(store.rows_at(codes_data, max(first - 1, 0), last), levels, dtype)
+            h_rows = h_rows.to(acc)
+            n_before = sizes[layout.order[first - 1]] if first else 0
+            out_rows = layout.to_time_order(h_rows[n_before:], first, last)
+            before = h_rows[:n_before] if first else None
+            h_prev = previous_rows(out_rows, before, h_init, cfg, steps, lo, acc)
+            del h_rows, out_rows, before
+            # h W_hn^T + b_hn, needed for dr, is recomputed for the whole chunk in one matmul.
+            gh_n = h_prev @ w_hn_a.t()
+            if b_hn_a is not None:
+                gh_n += b_hn_a
+
+            def split(rows):
+                return split_steps(rows, cfg, steps, lo)
+
+            d_gx = torch.empty(hi - lo, 3 * H, dtype=acc, device=device)
+            d_gh = torch.empty(hi - lo, 3 * H, dtype=acc, device=device)
+            h_prev_s, gh_n_s, d_gx_s, d_gh_s = split(h_prev), split(gh_n), split(d_gx), split(d_gh)
+            dy_s = split(dy[lo:hi]) if dy is not None else None
+            for j in range(len(steps) - 1, -1, -1):
+                bs = psizes[j]
+                dh = dh_state[:bs] if dy_s is None else dh_state[:bs] + dy_s[j].to(acc)
+                ops.gru_step_backward(
+                    store.rows_at(codes_data, first + j, first + j), h_prev_s[j], gh_n_s[j], dh,
+                    levels, dgx_out=d_gx_s[j], dgh_out=d_gh_s[j], dh_direct_out=dh_state[:bs],
+                )
+                dh_state[:bs].addmm_(d_gh_s[j], w_hh_a)
+            del gh_n, gh_n_s
+            d_w_ih.addmm_(d_gx.t(), input_rows(ctx, cfg, kept, lo, hi).to(acc))
+            d_w_hh.addmm_(d_gh.t(), h_prev)
+            if d_b_ih is not None:
+                d_b_ih += d_gx.sum(0)
+                d_b_hh += d_gh.sum(0)
+            if dx is not None:
+                mm_into(d_gx, w_ih_a, dx[lo:hi])
+        return dx, dh_state, d_w_ih, d_w_hh, d_b_ih, d_b_hh

@@ -1,0 +1,417 @@
+"""The discrete LSTM layer as one autograd Function per layer and direction (see
+:mod:`discrnn.rnn_function` for the sequence layout, the code store and the two paths): the chunked
+torch path (``_lstm_forward_chunked`` / ``_lstm_backward_chunked``) and the per-step path through
+the Triton step kernels (``LSTMLayerFunction._forward_steps`` / ``_backward_steps``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import rnn_torch
+from .kernels.codec_torch import compute_dtype
+from .rnn_function import (
+    SIG,
+    TANH,
+    LayerConfig,
+    CodeStore,
+    backward_buffers,
+    chunk_rows,
+    finish_rows,
+    input_rows,
+    keep_input,
+    mm_into,
+    previous_rows,
+    split_proc,
+    split_steps,
+    step_input,
+)
+
+
+def _lstm_output_rows_fn(store, ops, levels, dtype, w_hr):
+    """``LayerConfig.output_rows`` of the Triton path: one output kernel over the packed rows."""
+
+    def output_rows(data, first, last):
+        m = ops.lstm_output(store.rows_at(data, first, last), levels, dtype)
+        return m if w_hr is None else m @ w_hr.t()
+
+    return output_rows
+
+
+def _lstm_output_rows_fn_tables(store, tables, w_hr):
+    """As :func:`_lstm_output_rows_fn` for the torch path, decoding by the layer's lookup tables
+    (bit-identical)."""
+
+    def output_rows(data, first, last):
+        codes = store.read_rows(data, first, last)
+        m = tables.lookup("value", SIG, codes[:, 3, : store.hidden])
+        m = (m * tables.lookup("value", TANH, codes[:, 4, : store.hidden])).to(tables.dtype)
+        return m if w_hr is None else m @ w_hr.t()
+
+    return output_rows
+
+
+def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes):
+    """-> y, h_n, c_n (compute dtype), final o/u codes, checkpoints. Bit-identical to stepping
+    ``rnn_torch.lstm_step_forward``."""
+    layout, sizes = cfg.layout, cfg.layout.batch_sizes
+    dtype, device = x.dtype, x.device
+    acc = compute_dtype(dtype)
+    B, P = h0.shape
+    H = c0.shape[1]
+    step = rnn_torch.LSTMForwardStep(cfg.tables(dtype, device), B, H, device)
+    y = torch.empty(layout.total_rows, P, dtype=dtype, device=device)
+    h_n = torch.empty(B, P, dtype=dtype, device=device)
+    c_n = torch.empty(B, H, dtype=acc, device=device)
+    final_codes = torch.empty(2, B, H, dtype=torch.uint8, device=device)
+    c_init = c0.to(acc)
+    w_hh_t = w_hh.t()
+    w_hr_t = None if w_hr is None else w_hr.t()
+    direct = w_hr is None and dtype == acc  # m goes straight into y
+    max_rows = min(cfg.chunk, len(sizes)) * B
+    rows_buf = store.rows_buffer(max_rows)  # the chunk's codes, uint8, as the store packs them
+    k_buf = torch.empty(max_rows, rnn_torch.LSTM_CODES, H, dtype=torch.int32, device=device)
+    finish = finish_rows(layout)
+    checkpoints = []
+    h_prev = c_prev = None
+    prev_bs = 0
+    for first, steps in cfg.chunks():
+        lo, hi = layout.row_span(steps)
+        xproj = x[lo:hi] @ w_ih.t()
+        if b is not None:
+            xproj += b
+        psizes = [sizes[t] for t in steps]
+        xps = split_steps(xproj, cfg, steps, lo)
+        outs = split_steps(y[lo:hi], cfg, steps, lo)
+        k_gates = split_proc(k_buf[: hi - lo, :4], psizes)
+        k_u = split_proc(k_buf[: hi - lo, 4], psizes)
+        for j, bs in enumerate(psizes):
+            h_in = step_input(h_prev, prev_bs, bs, h0)
+            c_in = step_input(c_prev, prev_bs, bs, c_init)
+            if j == 0 and first:
+                checkpoints.append(c_in if c_in is c_prev else c_in.clone())
+            v = step.rows(bs)
+            if dtype == acc:
+                torch.addmm(xps[j], h_in, w_hh_t, out=v.gates)
+            else:
+                v.gates.copy_(torch.addmm(xps[j], h_in, w_hh_t))
+            out = outs[j]
+            c_new, m = step(v, c_in, k_gates[j], k_u[j], out if direct else None)
+            if not direct:
+                m = m.to(dtype)
+                if w_hr_t is None:
+                    out.copy_(m)
+                else:
+                    torch.mm(m, w_hr_t, out=out)
+            done = finish[first + j]
+            if done < bs:
+                h_n[done:bs] = out[done:bs]
+                c_n[done:bs] = c_new[done:bs]
+                final_codes[0, done:bs] = k_gates[j][done:bs, 3]
+                final_codes[1, done:bs] = k_u[j][done:bs]
+            h_prev, c_prev, prev_bs = out, c_new, bs
+        if keep_codes:
+            rows_buf[: hi - lo, :, :H] = k_buf[: hi - lo]
+            store.write_rows(codes_data, first, first + len(steps) - 1, rows_buf[: hi - lo])
+    return y, h_n, c_n, final_codes, checkpoints
+
+
+def _lstm_backward_chunked(
+    ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, dy, dh_n, dc_n
+):
+    cfg = ctx.cfg
+    store, layout, sizes = cfg.store, cfg.layout, cfg.layout.batch_sizes
+    dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
+    tables = cfg.tables(dtype, device)
+    H, P = c0.shape[1], h0.shape[1]
+    w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
+    w_hr_a = w_hr.to(acc) if w_hr is not None else None
+    c_init, h_init = c0.to(acc), h0.to(acc)
+
+    (dh_state, dc_state), (d_w_ih, d_w_hh, d_w_hr), (d_b,), dx = backward_buffers(
+        ctx, acc, (h0, c0), (dh_n, dc_n), (w_ih, w_hh, w_hr), (w_ih.shape[0],)
+    )
+
+    # The step processed after the current one hands back its dgates (dh = dy + dgates @ W_hh) and
+    # dc * f; where the batch size changes they go through dh_state / dc_state instead.
+    pend_dg = pend_dcf = None
+    pend_bs = 0
+
+    def flush():
+        torch.mm(pend_dg, w_hh_a, out=dh_state[:pend_bs])
+        dc_state[:pend_bs] = pend_dcf
+
+    chunks = list(cfg.chunks())
+    for k in range(len(chunks) - 1, -1, -1):
+        first, steps = chunks[k]
+        last = first + len(steps) - 1
+        lo, hi = layout.row_span(steps)
+        R = hi - lo
+        psizes = [sizes[t] for t in steps]
+        codes, before = chunk_rows(store, codes_data, first, last)
+
+        def split(rows, dim=0):
+            return split_steps(rows, cfg, steps, lo, dim)
+
+        def as_output(m):  # h_t exactly as the forward pass fed it to the next step, in acc
+            m = m.to(dtype)
+            return (m if w_hr is None else m @ w_hr.t()).to(acc)
+
+        m_before = None
+        if before is not None:
+            o_b = tables.lookup("value", SIG, before[:, 3])
+            u_b = tables.lookup("value", TANH, before[:, 4])
+            m_before = as_output(o_b * u_b)
+        # What the gate gradients need, for the whole chunk, gathered from tables of the codes'
+        # values, derivatives and products of two codes' (i and g; o and u):
+        # p = [g d_i, c_prev d_f, i d_g] plane by plane, o d_u, u d_o, m = o u, i g.
+        idx = tables.indices(codes)
+        del codes, before
+        i_g, o_u = tables.pair_index(idx[0], idx[2]), tables.pair_index(idx[3], idx[4])
+        f_v = tables.gather(tables.table("value", SIG), idx[1], (R, H))
+        d_f = tables.gather(tables.table("deriv", SIG), idx[1], (R, H))
+        del idx
+        p = torch.empty(3, R, H, dtype=acc, device=device)
+        torch.index_select(tables.pair_table("b_da"), 0, i_g, out=p[0].view(-1))
+        torch.index_select(tables.pair_table("a_db"), 0, i_g, out=p[2].view(-1))
+        ig = tables.gather(tables.pair_table("ab"), i_g, (R, H))
+        del i_g
+        o_du = tables.gather(tables.pair_table("a_db"), o_u, (R, H))
+        u_do = tables.gather(tables.pair_table("b_da"), o_u, (R, H))
+        m_all = tables.gather(tables.pair_table("ab"), o_u, (R, H))
+        del o_u
+
+        # c_{t-1} of every step, rebuilt from the checkpoint with the forward's arithmetic (a mul,
+        # then an add: bit-identical), into p[1]; then times d_f.
+        f_s, ig_s, cp_s = split(f_v), split(ig), split(p[1])
+        cp_s[0].copy_(c_init[: psizes[0]] if k == 0 else checkpoints[k - 1])
+        for j in range(len(steps) - 1):
+            bs, bs_next = psizes[j], psizes[j + 1]
+            if bs == bs_next:
+                torch.mul(f_s[j], cp_s[j], out=cp_s[j + 1]).add_(ig_s[j])
+            else:
+                n = min(bs, bs_next)
+                torch.mul(f_s[j][:n], cp_s[j][:n], out=cp_s[j + 1][:n]).add_(ig_s[j][:n])
+                if bs_next > bs:
+                    cp_s[j + 1][bs:] = c_init[bs:bs_next]
+        del ig, ig_s, cp_s
+        p[1].mul_(d_f)
+        del d_f
+
+        # The sequential recursion: per step dh (one matmul), dc, dgates, dc * f.
+        dgates = torch.empty(R, 4 * H, dtype=acc, device=device)
+        dg4 = dgates.view(R, 4, H)
+        dys = torch.zeros(R, P, dtype=acc, device=device) if dy is None else dy[lo:hi].to(acc)
+        dhs = torch.empty(R, P, dtype=acc, device=device) if w_hr is not None else None
+        dy_s, odu_s, udo_s = split(dys), split(o_du), split(u_do)
+        p_s, dgifg_s = split(p, dim=1), split(dg4[:, :3].transpose(0, 1), dim=1)  # [3, bs, H]
+        dg_s, dgo_s = split(dgates), split(dg4[:, 3])
+        dh_s = split(dhs) if dhs is not None else [None] * len(steps)
+        for j in range(len(steps) - 1, -1, -1):
+            bs = psizes[j]
+            if pend_dg is not None and pend_bs == bs:
+                dh = torch.addmm(dy_s[j], pend_dg, w_hh_a, out=dh_s[j])
+                dc = pend_dcf
+            else:
+                if pend_dg is not None:
+                    flush()
+                dh = torch.add(dy_s[j], dh_state[:bs], out=dh_s[j])
+                dc = dc_state[:bs]
+            dm = dh if w_hr_a is None else dh @ w_hr_a
+            dc = torch.addcmul(dc, dm, odu_s[j])
+            torch.mul(dc, p_s[j], out=dgifg_s[j])
+            torch.mul(dm, udo_s[j], out=dgo_s[j])
+            pend_dg, pend_dcf, pend_bs = dg_s[j], dc.mul_(f_s[j]), bs
+        pend_dg = pend_dg.clone()  # not a view into this chunk's buffer
+        del p, o_du, u_do, f_v, f_s, p_s, odu_s, udo_s, dy_s, dys
+
+        # Chunk-wide: h_{t-1} rows, weight gradients, dx.
+        h_prev = previous_rows(as_output(m_all), m_before, h_init, cfg, steps, lo, acc)
+        d_w_hh.addmm_(dgates.t(), h_prev)
+        del h_prev
+        d_w_ih.addmm_(dgates.t(), input_rows(ctx, cfg, kept, lo, hi).to(acc))
+        if d_b is not None:
+            d_b += dgates.sum(0)
+        if d_w_hr is not None:
+            d_w_hr.addmm_(dhs.t(), m_all)
+        if dx is not None:
+            mm_into(dgates, w_ih_a, dx[lo:hi])
+        del dgates, dg4, dg_s, dgifg_s, dgo_s, dh_s, dhs, m_all, m_before  # before the next chunk's
+    if pend_dg is not None:
+        flush()
+    return dx, dh_state, dc_state, d_w_ih, d_w_hh, d_b, d_w_hr
+
+
+class LSTMLayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b, w_hr, cfg: LayerConfig):
+        # Unused outputs (the code buffer, the packed final state) must not get zero-filled
+        # gradients of their full size in backward: that would double the peak.
+        ctx.set_materialize_grads(False)
+        layout, levels, ops = cfg.layout, cfg.levels, cfg.ops
+        dtype = x.dtype
+        hidden = w_hh.shape[1] if w_hr is None else w_hr.shape[1]
+        store = CodeStore(layout, rnn_torch.LSTM_CODES, hidden, cfg.bits, x.device, ops)
+        # Nothing is kept when no input needs a gradient (inference, e.g. streaming).
+        keep_codes = any(ctx.needs_input_grad)
+        codes_data = store.new_buffer() if keep_codes else torch.empty(0, dtype=torch.uint8, device=x.device)
+        if cfg.chunked:
+            y, h, c, final_codes, checkpoints = _lstm_forward_chunked(
+                x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes
+            )
+            cfg.output_rows = _lstm_output_rows_fn_tables(store, cfg.tables(dtype, x.device), w_hr)
+        else:
+            y, h, c, final_codes, checkpoints = LSTMLayerFunction._forward_steps(
+                x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes
+            )
+            cfg.output_rows = _lstm_output_rows_fn(store, ops, levels, dtype, w_hr)
+        cfg.store = store
+        ctx.cfg = cfg
+        ctx.has_bias = b is not None
+        kept = keep_input(ctx, x, cfg)
+        ctx.save_for_backward(*kept, h0, c0, w_ih, w_hh, w_hr, codes_data, *checkpoints)
+        c_state = c.clone()  # the compute-dtype cell state, for the packed (detached) final state
+        ctx.mark_non_differentiable(codes_data, final_codes, c_state)
+        return y, h, c.to(dtype), codes_data, final_codes, c_state
+
+    @staticmethod
+    def _forward_steps(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes):
+        """Forward through the per-step ``ops`` functions (the Triton kernels): per step one matmul
+        and one kernel, which packs the step's codes straight into the code store, updates c in
+        place and writes m into the output rows (the next step's h_{t-1})."""
+        layout, levels, ops = cfg.layout, cfg.levels, cfg.ops
+        dtype, acc = x.dtype, compute_dtype(x.dtype)
+        B, P = h0.shape
+        c = c0.to(acc).clone()  # every row's latest cell state, updated in place
+        y = torch.empty(layout.total_rows, P, dtype=dtype, device=x.device)
+        h_n = torch.empty_like(h0)
+        # o and u codes of each row's last step: the packed final state (h = o * u)
+        final_codes = torch.empty(2, *c0.shape, dtype=torch.uint8, device=x.device)
+        finish = finish_rows(layout)
+        w_hh_t = w_hh.t()
+        checkpoints = []
+        h_prev, prev_bs = None, 0
+        for first, steps in cfg.chunks():
+            if first:
+                checkpoints.append(c.clone())
+            lo, hi = layout.row_span(steps)
+            xproj = x[lo:hi] @ w_ih.t()
+            if b is not None:
+                xproj += b
+            for s, t in enumerate(steps, start=first):
+                bs, rows = layout.batch_sizes[t], layout.rows(t)
+                h_in = step_input(h_prev, prev_bs, bs, h0)
+                gates = torch.addmm(xproj[rows.start - lo : rows.stop - lo], h_in, w_hh_t)
+                out = store.rows_at(codes_data, s, s) if keep_codes else None
+                _, _, m = ops.lstm_step_forward(
+                    gates, c[:bs], levels, out=out, final=final_codes, done=finish[s],
+                    store=keep_codes, c_out=c[:bs], m_out=y[rows] if w_hr is None else None,
+                )
+                if w_hr is not None:
+                    torch.mm(m.to(dtype), w_hr.t(), out=y[rows])
+                h_prev, prev_bs = y[rows], bs
+                if finish[s] < bs:
+                    h_n[finish[s] : bs] = h_prev[finish[s] :]
+        return y, h_n, c, final_codes, checkpoints
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n, _codes, _final, _c):
+        saved = ctx.saved_tensors
+        kept = saved[: ctx.n_kept]
+        h0, c0, w_ih, w_hh, w_hr, codes_data, *checkpoints = saved[ctx.n_kept :]
+        if ctx.cfg.chunked:
+            grads = _lstm_backward_chunked(
+                ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, dy, dh_n, dc_n
+            )
+        else:
+            grads = LSTMLayerFunction._backward_steps(
+                ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, dy, dh_n, dc_n
+            )
+        dx, dh_state, dc_state, d_w_ih, d_w_hh, d_b, d_w_hr = grads
+
+        def cast(g, like):
+            return None if g is None else g.to(like.dtype)
+
+        return (
+            dx,
+            dh_state.to(h0.dtype),
+            dc_state.to(c0.dtype),
+            cast(d_w_ih, w_ih),
+            cast(d_w_hh, w_hh),
+            None if d_b is None else d_b.to(ctx.x_dtype),
+            cast(d_w_hr, w_hr) if w_hr is not None else None,
+            None,
+        )
+
+    @staticmethod
+    def _backward_steps(ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, dy, dh_n, dc_n):
+        """Backward through the per-step ``ops`` functions (the Triton kernels), which read the
+        packed codes in place; h_{t-1} of a whole chunk comes from one output launch."""
+        cfg = ctx.cfg
+        store, layout, levels, ops = cfg.store, cfg.layout, cfg.levels, cfg.ops
+        sizes = layout.batch_sizes
+        dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
+        P = h0.shape[1]
+        w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
+        w_hr_a = w_hr.to(acc) if w_hr is not None else None
+        c_init, h_init = c0.to(acc), h0.to(acc)
+
+        (dh_state, dc_state), (d_w_ih, d_w_hh, d_w_hr), (d_b,), dx = backward_buffers(
+            ctx, acc, (h0, c0), (dh_n, dc_n), (w_ih, w_hh, w_hr), (w_ih.shape[0],)
+        )
+
+        def as_output(m):  # h_t exactly as the forward pass fed it to the next step, in acc
+            m = m.to(dtype)
+            return (m if w_hr is None else m @ w_hr.t()).to(acc)
+
+        chunks = list(cfg.chunks())
+        for k in range(len(chunks) - 1, -1, -1):
+            first, steps = chunks[k]
+            last = first + len(steps) - 1
+            lo, hi = layout.row_span(steps)
+            psizes = [sizes[t] for t in steps]
+            step_codes = [store.rows_at(codes_data, s, s) for s in range(first, last + 1)]
+
+            # Cell states before each step, rebuilt from the checkpoint with the saved codes.
+            c_prevs = [(checkpoints[k - 1] if k else c_init)[: psizes[0]]]
+            for j in range(len(steps) - 1):
+                c_next = ops.lstm_recompute_cell(step_codes[j], c_prevs[j], levels)
+                c_prevs.append(step_input(c_next, psizes[j], psizes[j + 1], c_init))
+
+            # m = o * u of every step of the chunk and of the step before it, one launch.
+            m_rows = ops.lstm_output(store.rows_at(codes_data, max(first - 1, 0), last), levels, acc)
+            n_before = sizes[layout.order[first - 1]] if first else 0
+            m_chunk = layout.to_time_order(m_rows[n_before:], first, last)
+            before = as_output(m_rows[:n_before]) if first else None
+            del m_rows
+
+            def split(rows):
+                return split_steps(rows, cfg, steps, lo)
+
+            dgates = torch.empty(hi - lo, w_ih.shape[0], dtype=acc, device=device)
+            dhs = torch.empty(hi - lo, P, dtype=acc, device=device) if w_hr is not None else None
+            dg_s, dh_s = split(dgates), split(dhs) if dhs is not None else None
+            dy_s = split(dy[lo:hi]) if dy is not None else None
+            for j in range(len(steps) - 1, -1, -1):
+                bs = psizes[j]
+                dh = dh_state[:bs] if dy_s is None else dh_state[:bs] + dy_s[j].to(acc)
+                if w_hr is not None:
+                    dh_s[j].copy_(dh)
+                    dm = dh @ w_hr_a
+                else:
+                    dm = dh
+                ops.lstm_step_backward(step_codes[j], c_prevs[j], dm, dc_state[:bs], levels,
+                                       dgates_out=dg_s[j], dc_prev_out=dc_state[:bs])
+                torch.mm(dg_s[j], w_hh_a, out=dh_state[:bs])
+            del c_prevs
+
+            h_prev = previous_rows(as_output(m_chunk), before, h_init, cfg, steps, lo, acc)
+            d_w_hh.addmm_(dgates.t(), h_prev)
+            del h_prev
+            d_w_ih.addmm_(dgates.t(), input_rows(ctx, cfg, kept, lo, hi).to(acc))
+            if d_b is not None:
+                d_b += dgates.sum(0)
+            if d_w_hr is not None:
+                d_w_hr.addmm_(dhs.t(), m_chunk)
+            if dx is not None:
+                mm_into(dgates, w_ih_a, dx[lo:hi])
+        return dx, dh_state, dc_state, d_w_ih, d_w_hh, d_b, d_w_hr
