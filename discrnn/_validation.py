@@ -134,6 +134,21 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_cell_clip(cell_clip) -> float:
+    """A finite float > 0, held as float32 (what the Triton kernels compile in): a value float32
+    cannot hold exactly is an error rather than quietly moved."""
+    if isinstance(cell_clip, bool) or not isinstance(cell_clip, (int, float)):
+        raise TypeError(f"cell_clip must be a float, got {type(cell_clip).__name__} {cell_clip!r}")
+    value = float(cell_clip)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"cell_clip must be finite and > 0, got {cell_clip!r}")
+    as_float32 = float(torch.tensor(value, dtype=torch.float32))
+    if as_float32 != value:
+        raise ValueError(f"cell_clip must be exactly representable in float32 (the kernels hold it "
+                         f"so), got {cell_clip!r}; the nearest float32 is {as_float32!r}")
+    return value
+
+
 def check_numel(numel) -> int:
     numel = _as_int("numel", numel)
     if numel < 0:

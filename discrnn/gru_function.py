@@ -10,6 +10,7 @@ import torch
 from .kernels import rnn_torch
 from .kernels.codec_torch import compute_dtype
 from .rnn_function import (
+    GRU_KINDS,
     SIG,
     TANH,
     LayerConfig,
@@ -43,8 +44,10 @@ def _gru_output_rows_fn_tables(store, tables):
     return output_rows
 
 
-def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes):
-    """-> y, h_n, final h codes. Bit-identical to stepping ``rnn_torch.gru_step_forward``."""
+def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes, preact):
+    """-> y, h_n, final h codes. Bit-identical to stepping ``rnn_torch.gru_step_forward``.
+    ``preact`` ([rows, 3H], compute dtype, or None) receives the pre-activations of r, z, n
+    (``grad="exact"``)."""
     layout, sizes = cfg.layout, cfg.layout.batch_sizes
     dtype, device = x.dtype, x.device
     acc = compute_dtype(dtype)
@@ -74,6 +77,7 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
         k_chunk = k_buf[: hi - lo]
         k_rz = split_proc(k_chunk[:, :2].transpose(0, 1), psizes, dim=1)
         k_n, k_h = split_proc(k_chunk[:, 2], psizes), split_proc(k_chunk[:, 3], psizes)
+        pres = split_steps(preact[lo:hi], cfg, steps, lo) if preact is not None else [None] * len(steps)
         for j, bs in enumerate(psizes):
             h_in = step_input(h_prev, prev_bs, bs, h0)
             v = step.rows(bs)
@@ -86,7 +90,8 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
             if dtype != acc:
                 v.gh.copy_(gh)
             out = outs[j]
-            h = step(v, gx_rz[j], gx_n[j], h_in, k_rz[j], k_n[j], k_h[j], out if direct else None)
+            h = step(v, gx_rz[j], gx_n[j], h_in, k_rz[j], k_n[j], k_h[j], out if direct else None,
+                     pre_out=pres[j])
             if not direct:
                 out.copy_(h)
             done = finish[first + j]
@@ -100,7 +105,7 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
     return y, h_n, final_codes
 
 
-def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, dy, dh_n):
+def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, dy, dh_n):
     cfg = ctx.cfg
     store, layout, sizes = cfg.store, cfg.layout, cfg.layout.batch_sizes
     dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
@@ -148,12 +153,20 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, dy, dh_n)
         if b_hn_a is not None:
             gh_n += b_hn_a
         # dgh = dh * kk with kk = [(1 - z) d_n gh_n d_r, (h_prev - n) d_z, (1 - z) d_n r]; dgx is the
-        # same with (1 - z) d_n as its last plane.
-        a_n = tables.gather(tables.pair_table("a_n"), tables.pair_index(idx[1], idx[2]), (R, H))
+        # same with (1 - z) d_n as its last plane. The derivatives d_* come from the codes, or
+        # with grad="exact" are f' at the kept pre-activations.
+        if preact is None:
+            a_n = tables.gather(tables.pair_table("a_n"), tables.pair_index(idx[1], idx[2]), (R, H))
+            d_r, d_z = gather("deriv", SIG, 0), gather("deriv", SIG, 1)
+        else:
+            d_r, d_z, d_n = rnn_torch.exact_derivatives(preact[lo:hi], GRU_KINDS, acc).unbind(1)
+            a_n = torch.rsub(gather("value", SIG, 1), 1.0).mul_(d_n)
+            del d_n
         kk = torch.empty(3, R, H, dtype=acc, device=device)  # plane by plane
-        torch.mul(a_n, gh_n, out=kk[0]).mul_(gather("deriv", SIG, 0))
-        del gh_n
-        torch.sub(h_prev, gather("value", TANH, 2), out=kk[1]).mul_(gather("deriv", SIG, 1))
+        torch.mul(a_n, gh_n, out=kk[0]).mul_(d_r)
+        del gh_n, d_r
+        torch.sub(h_prev, gather("value", TANH, 2), out=kk[1]).mul_(d_z)
+        del d_z
         torch.mul(a_n, gather("value", SIG, 0), out=kk[2])
         z_v = gather("value", SIG, 1)
         del idx
@@ -204,26 +217,31 @@ class GRULayerFunction(torch.autograd.Function):
         store = CodeStore(layout, rnn_torch.GRU_CODES, hidden, cfg.bits, x.device, ops)
         keep_codes = any(ctx.needs_input_grad)
         codes_data = store.new_buffer() if keep_codes else torch.empty(0, dtype=torch.uint8, device=x.device)
+        # grad="exact" also keeps the pre-activations of r, z, n: [rows, 3H] in the compute dtype.
+        preact = None
+        if keep_codes and cfg.grad == "exact":
+            preact = torch.empty(layout.total_rows, 3 * hidden, dtype=compute_dtype(dtype),
+                                 device=x.device)
         if cfg.chunked:
             y, h, final_codes = _gru_forward_chunked(
-                x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes
+                x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes, preact
             )
             cfg.output_rows = _gru_output_rows_fn_tables(store, cfg.tables(dtype, x.device))
         else:
             y, h, final_codes = GRULayerFunction._forward_steps(
-                x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes
+                x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes, preact
             )
             cfg.output_rows = _gru_output_rows_fn(store, ops, levels, dtype)
         cfg.store = store
         ctx.cfg = cfg
         ctx.has_bias = b_ih is not None
         kept = keep_input(ctx, x, cfg)
-        ctx.save_for_backward(*kept, h0, w_ih, w_hh, b_hh, codes_data)
+        ctx.save_for_backward(*kept, h0, w_ih, w_hh, b_hh, codes_data, preact)
         ctx.mark_non_differentiable(codes_data, final_codes)
         return y, h, codes_data, final_codes
 
     @staticmethod
-    def _forward_steps(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes):
+    def _forward_steps(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes, preact):
         """Forward through the per-step ``ops`` functions (the Triton kernels): per step one matmul
         and one kernel, which packs the codes straight into the code store and writes h into the
         output rows (see :meth:`LSTMLayerFunction._forward_steps`)."""
@@ -250,6 +268,7 @@ class GRULayerFunction(torch.autograd.Function):
                 ops.gru_step_forward(
                     gx[rows.start - lo : rows.stop - lo], gh, h_in, levels, out=out,
                     final=final_codes, done=finish[s], store=keep_codes, h_out=y[rows],
+                    preact_out=None if preact is None else preact[rows],
                 )
                 h_prev, prev_bs = y[rows], bs
                 if finish[s] < bs:
@@ -260,13 +279,9 @@ class GRULayerFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n, _codes, _final):
         saved = ctx.saved_tensors
         kept = saved[: ctx.n_kept]
-        h0, w_ih, w_hh, b_hh, codes_data = saved[ctx.n_kept :]
-        if ctx.cfg.chunked:
-            grads = _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, dy, dh_n)
-        else:
-            grads = GRULayerFunction._backward_steps(
-                ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, dy, dh_n
-            )
+        h0, w_ih, w_hh, b_hh, codes_data, preact = saved[ctx.n_kept :]
+        backward = _gru_backward_chunked if ctx.cfg.chunked else GRULayerFunction._backward_steps
+        grads = backward(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, dy, dh_n)
         dx, dh_state, d_w_ih, d_w_hh, d_b_ih, d_b_hh = grads
         dtype = ctx.x_dtype
         return (
@@ -280,7 +295,7 @@ class GRULayerFunction(torch.autograd.Function):
         )
 
     @staticmethod
-    def _backward_steps(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, dy, dh_n):
+    def _backward_steps(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, dy, dh_n):
         """Backward through the per-step ``ops`` functions (the Triton kernels), which read the
         packed codes in place; h_{t-1} of a whole chunk comes from one output launch."""
         cfg = ctx.cfg
@@ -330,6 +345,7 @@ class GRULayerFunction(torch.autograd.Function):
                 ops.gru_step_backward(
                     store.rows_at(codes_data, first + j, first + j), h_prev_s[j], gh_n_s[j], dh,
                     levels, dgx_out=d_gx_s[j], dgh_out=d_gh_s[j], dh_direct_out=dh_state[:bs],
+                    preact=None if preact is None else preact[layout.rows(steps[j])],
                 )
                 dh_state[:bs].addmm_(d_gh_s[j], w_hh_a)
             del gh_n, gh_n_s

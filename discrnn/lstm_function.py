@@ -10,6 +10,7 @@ import torch
 from .kernels import rnn_torch
 from .kernels.codec_torch import compute_dtype
 from .rnn_function import (
+    LSTM_KINDS,
     SIG,
     TANH,
     LayerConfig,
@@ -50,15 +51,17 @@ def _lstm_output_rows_fn_tables(store, tables, w_hr):
     return output_rows
 
 
-def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes):
+def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes,
+                          preact):
     """-> y, h_n, c_n (compute dtype), final o/u codes, checkpoints. Bit-identical to stepping
-    ``rnn_torch.lstm_step_forward``."""
+    ``rnn_torch.lstm_step_forward``. ``preact`` ([rows, 4H], compute dtype, or None) receives the
+    gate pre-activations (``grad="exact"``)."""
     layout, sizes = cfg.layout, cfg.layout.batch_sizes
     dtype, device = x.dtype, x.device
     acc = compute_dtype(dtype)
     B, P = h0.shape
     H = c0.shape[1]
-    step = rnn_torch.LSTMForwardStep(cfg.tables(dtype, device), B, H, device)
+    step = rnn_torch.LSTMForwardStep(cfg.tables(dtype, device), B, H, device, cfg.cell_clip)
     y = torch.empty(layout.total_rows, P, dtype=dtype, device=device)
     h_n = torch.empty(B, P, dtype=dtype, device=device)
     c_n = torch.empty(B, H, dtype=acc, device=device)
@@ -84,18 +87,21 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
         outs = split_steps(y[lo:hi], cfg, steps, lo)
         k_gates = split_proc(k_buf[: hi - lo, :4], psizes)
         k_u = split_proc(k_buf[: hi - lo, 4], psizes)
+        pres = split_steps(preact[lo:hi], cfg, steps, lo) if preact is not None else None
         for j, bs in enumerate(psizes):
             h_in = step_input(h_prev, prev_bs, bs, h0)
             c_in = step_input(c_prev, prev_bs, bs, c_init)
             if j == 0 and first:
                 checkpoints.append(c_in if c_in is c_prev else c_in.clone())
             v = step.rows(bs)
+            gates = v.gates if pres is None else pres[j]  # the same [bs, 4H] layout
             if dtype == acc:
-                torch.addmm(xps[j], h_in, w_hh_t, out=v.gates)
+                torch.addmm(xps[j], h_in, w_hh_t, out=gates)
             else:
-                v.gates.copy_(torch.addmm(xps[j], h_in, w_hh_t))
+                gates.copy_(torch.addmm(xps[j], h_in, w_hh_t))
             out = outs[j]
-            c_new, m = step(v, c_in, k_gates[j], k_u[j], out if direct else None)
+            c_new, m = step(v, c_in, k_gates[j], k_u[j], out if direct else None,
+                            gates=None if pres is None else gates)
             if not direct:
                 m = m.to(dtype)
                 if w_hr_t is None:
@@ -116,7 +122,7 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
 
 
 def _lstm_backward_chunked(
-    ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, dy, dh_n, dc_n
+    ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, preact, dy, dh_n, dc_n
 ):
     cfg = ctx.cfg
     store, layout, sizes = cfg.store, cfg.layout, cfg.layout.batch_sizes
@@ -126,6 +132,7 @@ def _lstm_backward_chunked(
     w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
     w_hr_a = w_hr.to(acc) if w_hr is not None else None
     c_init, h_init = c0.to(acc), h0.to(acc)
+    clip = cfg.cell_clip
 
     (dh_state, dc_state), (d_w_ih, d_w_hh, d_w_hr), (d_b,), dx = backward_buffers(
         ctx, acc, (h0, c0), (dh_n, dc_n), (w_ih, w_hh, w_hr), (w_ih.shape[0],)
@@ -163,39 +170,54 @@ def _lstm_backward_chunked(
             m_before = as_output(o_b * u_b)
         # What the gate gradients need, for the whole chunk, gathered from tables of the codes'
         # values, derivatives and products of two codes' (i and g; o and u):
-        # p = [g d_i, c_prev d_f, i d_g] plane by plane, o d_u, u d_o, m = o u, i g.
+        # p = [g d_i, c_prev d_f, i d_g] plane by plane, o d_u, u d_o, m = o u, i g. With
+        # grad="exact" the gate derivatives are f' at the kept pre-activations instead.
         idx = tables.indices(codes)
         del codes, before
         i_g, o_u = tables.pair_index(idx[0], idx[2]), tables.pair_index(idx[3], idx[4])
         f_v = tables.gather(tables.table("value", SIG), idx[1], (R, H))
-        d_f = tables.gather(tables.table("deriv", SIG), idx[1], (R, H))
-        del idx
+        o_v = tables.gather(tables.table("value", SIG), idx[3], (R, H))
         p = torch.empty(3, R, H, dtype=acc, device=device)
-        torch.index_select(tables.pair_table("b_da"), 0, i_g, out=p[0].view(-1))
-        torch.index_select(tables.pair_table("a_db"), 0, i_g, out=p[2].view(-1))
+        if preact is None:
+            d_f = tables.gather(tables.table("deriv", SIG), idx[1], (R, H))
+            torch.index_select(tables.pair_table("b_da"), 0, i_g, out=p[0].view(-1))
+            torch.index_select(tables.pair_table("a_db"), 0, i_g, out=p[2].view(-1))
+            u_do = tables.gather(tables.pair_table("b_da"), o_u, (R, H))
+        else:
+            d_i, d_f, d_g, d_o = rnn_torch.exact_derivatives(preact[lo:hi], LSTM_KINDS, acc).unbind(1)
+            torch.mul(tables.gather(tables.table("value", TANH), idx[2], (R, H)), d_i, out=p[0])
+            torch.mul(tables.gather(tables.table("value", SIG), idx[0], (R, H)), d_g, out=p[2])
+            u_do = tables.gather(tables.table("value", TANH), idx[4], (R, H)).mul_(d_o)
+            del d_i, d_g, d_o
+        del idx
         ig = tables.gather(tables.pair_table("ab"), i_g, (R, H))
         del i_g
-        o_du = tables.gather(tables.pair_table("a_db"), o_u, (R, H))
-        u_do = tables.gather(tables.pair_table("b_da"), o_u, (R, H))
         m_all = tables.gather(tables.pair_table("ab"), o_u, (R, H))
         del o_u
 
         # c_{t-1} of every step, rebuilt from the checkpoint with the forward's arithmetic (a mul,
-        # then an add: bit-identical), into p[1]; then times d_f.
+        # an add, the clamp: bit-identical), into p[1]; then c_t of every step before its clamp
+        # (the same arithmetic). u's straight-through derivative is tanh'(c_t): o d_u. Where the
+        # clamp was active no gradient reaches the gates or c_{t-1}: p and f (as dc_{t-1} = dc f)
+        # are zeroed there.
         f_s, ig_s, cp_s = split(f_v), split(ig), split(p[1])
         cp_s[0].copy_(c_init[: psizes[0]] if k == 0 else checkpoints[k - 1])
         for j in range(len(steps) - 1):
             bs, bs_next = psizes[j], psizes[j + 1]
-            if bs == bs_next:
-                torch.mul(f_s[j], cp_s[j], out=cp_s[j + 1]).add_(ig_s[j])
-            else:
-                n = min(bs, bs_next)
-                torch.mul(f_s[j][:n], cp_s[j][:n], out=cp_s[j + 1][:n]).add_(ig_s[j][:n])
-                if bs_next > bs:
-                    cp_s[j + 1][bs:] = c_init[bs:bs_next]
-        del ig, ig_s, cp_s
+            n = min(bs, bs_next)
+            torch.mul(f_s[j][:n], cp_s[j][:n], out=cp_s[j + 1][:n]).add_(ig_s[j][:n]).clamp_(-clip, clip)
+            if bs_next > bs:
+                cp_s[j + 1][bs:] = c_init[bs:bs_next]
+        c_raw = torch.mul(f_v, p[1]).add_(ig)
+        passed = c_raw.abs() <= clip  # where the clamp passes the gradient
+        o_du = c_raw.clamp_(-clip, clip).tanh_()
+        o_du.mul_(o_du).neg_().add_(1.0).mul_(o_v)  # o (1 - tanh(c_t)^2)
+        del ig, ig_s, cp_s, o_v, c_raw
         p[1].mul_(d_f)
         del d_f
+        p.mul_(passed)
+        f_v.mul_(passed)
+        del passed
 
         # The sequential recursion: per step dh (one matmul), dc, dgates, dc * f.
         dgates = torch.empty(R, 4 * H, dtype=acc, device=device)
@@ -254,27 +276,32 @@ class LSTMLayerFunction(torch.autograd.Function):
         # Nothing is kept when no input needs a gradient (inference, e.g. streaming).
         keep_codes = any(ctx.needs_input_grad)
         codes_data = store.new_buffer() if keep_codes else torch.empty(0, dtype=torch.uint8, device=x.device)
+        # grad="exact" also keeps the gate pre-activations, [rows, 4H] in the compute dtype.
+        preact = None
+        if keep_codes and cfg.grad == "exact":
+            preact = torch.empty(layout.total_rows, w_hh.shape[0], dtype=compute_dtype(dtype),
+                                 device=x.device)
         if cfg.chunked:
             y, h, c, final_codes, checkpoints = _lstm_forward_chunked(
-                x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes
+                x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes, preact
             )
             cfg.output_rows = _lstm_output_rows_fn_tables(store, cfg.tables(dtype, x.device), w_hr)
         else:
             y, h, c, final_codes, checkpoints = LSTMLayerFunction._forward_steps(
-                x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes
+                x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes, preact
             )
             cfg.output_rows = _lstm_output_rows_fn(store, ops, levels, dtype, w_hr)
         cfg.store = store
         ctx.cfg = cfg
         ctx.has_bias = b is not None
         kept = keep_input(ctx, x, cfg)
-        ctx.save_for_backward(*kept, h0, c0, w_ih, w_hh, w_hr, codes_data, *checkpoints)
+        ctx.save_for_backward(*kept, h0, c0, w_ih, w_hh, w_hr, codes_data, preact, *checkpoints)
         c_state = c.clone()  # the compute-dtype cell state, for the packed (detached) final state
         ctx.mark_non_differentiable(codes_data, final_codes, c_state)
         return y, h, c.to(dtype), codes_data, final_codes, c_state
 
     @staticmethod
-    def _forward_steps(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes):
+    def _forward_steps(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes, preact):
         """Forward through the per-step ``ops`` functions (the Triton kernels): per step one matmul
         and one kernel, which packs the step's codes straight into the code store, updates c in
         place and writes m into the output rows (the next step's h_{t-1})."""
@@ -300,11 +327,19 @@ class LSTMLayerFunction(torch.autograd.Function):
             for s, t in enumerate(steps, start=first):
                 bs, rows = layout.batch_sizes[t], layout.rows(t)
                 h_in = step_input(h_prev, prev_bs, bs, h0)
-                gates = torch.addmm(xproj[rows.start - lo : rows.stop - lo], h_in, w_hh_t)
+                xp = xproj[rows.start - lo : rows.stop - lo]
+                if preact is None:
+                    gates = torch.addmm(xp, h_in, w_hh_t)
+                elif preact.dtype == dtype:
+                    gates = torch.addmm(xp, h_in, w_hh_t, out=preact[rows])
+                else:
+                    gates = preact[rows]
+                    gates.copy_(torch.addmm(xp, h_in, w_hh_t))
                 out = store.rows_at(codes_data, s, s) if keep_codes else None
                 _, _, m = ops.lstm_step_forward(
                     gates, c[:bs], levels, out=out, final=final_codes, done=finish[s],
                     store=keep_codes, c_out=c[:bs], m_out=y[rows] if w_hr is None else None,
+                    cell_clip=cfg.cell_clip,
                 )
                 if w_hr is not None:
                     torch.mm(m.to(dtype), w_hr.t(), out=y[rows])
@@ -317,15 +352,11 @@ class LSTMLayerFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n, dc_n, _codes, _final, _c):
         saved = ctx.saved_tensors
         kept = saved[: ctx.n_kept]
-        h0, c0, w_ih, w_hh, w_hr, codes_data, *checkpoints = saved[ctx.n_kept :]
-        if ctx.cfg.chunked:
-            grads = _lstm_backward_chunked(
-                ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, dy, dh_n, dc_n
-            )
-        else:
-            grads = LSTMLayerFunction._backward_steps(
-                ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, dy, dh_n, dc_n
-            )
+        h0, c0, w_ih, w_hh, w_hr, codes_data, preact, *checkpoints = saved[ctx.n_kept :]
+        backward = _lstm_backward_chunked if ctx.cfg.chunked else LSTMLayerFunction._backward_steps
+        grads = backward(
+            ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, preact, dy, dh_n, dc_n
+        )
         dx, dh_state, dc_state, d_w_ih, d_w_hh, d_b, d_w_hr = grads
 
         def cast(g, like):
@@ -343,7 +374,8 @@ class LSTMLayerFunction(torch.autograd.Function):
         )
 
     @staticmethod
-    def _backward_steps(ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, dy, dh_n, dc_n):
+    def _backward_steps(ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, preact, dy,
+                        dh_n, dc_n):
         """Backward through the per-step ``ops`` functions (the Triton kernels), which read the
         packed codes in place; h_{t-1} of a whole chunk comes from one output launch."""
         cfg = ctx.cfg
@@ -374,7 +406,7 @@ class LSTMLayerFunction(torch.autograd.Function):
             # Cell states before each step, rebuilt from the checkpoint with the saved codes.
             c_prevs = [(checkpoints[k - 1] if k else c_init)[: psizes[0]]]
             for j in range(len(steps) - 1):
-                c_next = ops.lstm_recompute_cell(step_codes[j], c_prevs[j], levels)
+                c_next = ops.lstm_recompute_cell(step_codes[j], c_prevs[j], levels, cfg.cell_clip)
                 c_prevs.append(step_input(c_next, psizes[j], psizes[j + 1], c_init))
 
             # m = o * u of every step of the chunk and of the step before it, one launch.
@@ -399,8 +431,12 @@ class LSTMLayerFunction(torch.autograd.Function):
                     dm = dh @ w_hr_a
                 else:
                     dm = dh
-                ops.lstm_step_backward(step_codes[j], c_prevs[j], dm, dc_state[:bs], levels,
-                                       dgates_out=dg_s[j], dc_prev_out=dc_state[:bs])
+                ops.lstm_step_backward(
+                    step_codes[j], c_prevs[j], dm, dc_state[:bs], levels, dgates_out=dg_s[j],
+                    dc_prev_out=dc_state[:bs],
+                    preact=None if preact is None else preact[layout.rows(steps[j])],
+                    cell_clip=cfg.cell_clip,
+                )
                 torch.mm(dg_s[j], w_hh_a, out=dh_state[:bs])
             del c_prevs
 

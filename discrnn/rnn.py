@@ -22,7 +22,9 @@ from .lstm_function import LSTMLayerFunction
 from .rnn_function import CodedInput, LayerConfig, PackedDropoutFunction, PackedDropoutMask
 from .rnn_state import PackedRNNState
 
-__all__ = ["DiscreteLSTM", "DiscreteGRU", "PackedRNNState"]
+__all__ = ["DiscreteLSTM", "DiscreteGRU", "PackedRNNState", "DEFAULT_CELL_CLIP"]
+
+DEFAULT_CELL_CLIP = 8.0  # DiscreteLSTM keeps |c_t| <= cell_clip; see DiscreteLSTM
 
 
 class _TorchSteps:
@@ -76,6 +78,8 @@ class _DiscreteRNNBase(nn.RNNBase):
         proj_size: int = 0,
         levels: int | None = 256,
         *,
+        grad: str = "code",
+        cell_clip: float = DEFAULT_CELL_CLIP,
         chunk_size: int = 32,
         check_finite: bool = True,
         backend: str | None = None,
@@ -87,6 +91,8 @@ class _DiscreteRNNBase(nn.RNNBase):
         V.check_positive_int("num_layers", num_layers)
         self_levels = None if levels is None else V.check_levels(levels)
         chunk_size = V.check_positive_int("chunk_size", chunk_size)
+        grad = V.check_grad_mode(grad)
+        cell_clip = V.check_cell_clip(cell_clip)
         if backend is not None and backend not in V.BACKENDS:
             raise ValueError(f"backend must be one of {V.BACKENDS} or None, got {backend!r}")
         super().__init__(
@@ -95,15 +101,22 @@ class _DiscreteRNNBase(nn.RNNBase):
         )
         self.levels = self_levels
         self.bits = None if self_levels is None else V.default_bits(self_levels)
+        self.grad = grad
+        self.cell_clip = cell_clip  # LSTM only (DiscreteGRU rejects it)
         self.chunk_size = chunk_size
         self.check_finite = check_finite
         self.backend = backend
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
-        return s + f", levels={self.levels}" + (
-            f", chunk_size={self.chunk_size}" if self.chunk_size != 32 else ""
-        )
+        s += f", levels={self.levels}"
+        if self.grad != "code":
+            s += f", grad={self.grad!r}"
+        if self._n_states == 2 and self.cell_clip != DEFAULT_CELL_CLIP:
+            s += f", cell_clip={self.cell_clip}"
+        if self.chunk_size != 32:
+            s += f", chunk_size={self.chunk_size}"
+        return s
 
     # -- input handling -------------------------------------------------------------------------
 
@@ -285,6 +298,8 @@ class _DiscreteRNNBase(nn.RNNBase):
         self._validate(x_data, states)
         backend = resolve_backend(self.backend, device)
         ops = _step_ops(backend)
+        grad = V.check_grad_mode(self.grad)  # attributes may have been changed since __init__
+        cell_clip = V.check_cell_clip(self.cell_clip) if self._n_states == 2 else None
         D = 2 if self.bidirectional else 1
         finals = [[] for _ in states]
         final_codes, c_states = [], []
@@ -295,7 +310,8 @@ class _DiscreteRNNBase(nn.RNNBase):
                 idx = layer * D + direction
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, direction)
                 cfg = LayerConfig(batch_sizes, self.levels, self.bits, self.chunk_size,
-                                  bool(direction), ops, input_source=source)
+                                  bool(direction), ops, input_source=source, grad=grad,
+                                  cell_clip=cell_clip)
                 if self._n_states == 2:
                     b = b_ih + b_hh if self.bias else None
                     y, h_n, c_n, layer_codes, last_codes, c_state = LSTMLayerFunction.apply(
@@ -366,5 +382,8 @@ class DiscreteGRU(_DiscreteRNNBase):
                  dropout=0.0, bidirectional=False, levels=256, **kwargs):
         if "proj_size" in kwargs:
             raise TypeError("DiscreteGRU has no proj_size (torch.nn.GRU has none either)")
+        if "cell_clip" in kwargs:
+            raise TypeError("DiscreteGRU has no cell_clip: its state h is a tanh level, in [-1, 1] "
+                            "by construction")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, levels, **kwargs)

@@ -30,6 +30,7 @@ Two implementations share the code store and the layer Functions (each cell's in
 from __future__ import annotations
 
 import bisect
+import math
 
 import torch
 
@@ -37,6 +38,8 @@ from .kernels import codec_torch
 from .kernels import rnn_torch
 
 SIG, TANH = "sigmoid", "tanh"
+LSTM_KINDS = (SIG, SIG, TANH, SIG)  # the activations of the gates i, f, g, o
+GRU_KINDS = (SIG, SIG, TANH)  # r, z, n
 
 
 def _is_torch_ops(ops) -> bool:
@@ -152,9 +155,12 @@ class LayerConfig:
     processing order, the layer's dtype) from the code buffer ``data``.
     """
 
-    def __init__(self, batch_sizes, levels, bits, chunk, reverse, ops, input_source=None):
+    def __init__(self, batch_sizes, levels, bits, chunk, reverse, ops, input_source=None,
+                 grad="code", cell_clip=math.inf):
         self.layout = SequenceLayout(batch_sizes, reverse)
         self.levels, self.bits, self.chunk, self.ops = levels, bits, chunk, ops
+        self.grad = grad  # the gates' straight-through rule: "code" or "exact"
+        self.cell_clip = cell_clip  # the LSTM's bound on |c_t|
         self.input_source = input_source
         self.store = None
         self.output_rows = None

@@ -1,23 +1,26 @@
 """Plain-autograd references of the discrete LSTM and GRU cells: the test oracle.
 
-Written step by step with the public discrete units (``grad="code"``, the straight-through rule the
-layers use), on padded [T, B, I] input, one direction, one layer. Slow and memory-hungry on purpose:
-autograd keeps everything, and every gradient comes from autograd.
+Written step by step with the public discrete units, on padded [T, B, I] input, one direction, one
+layer. ``grad`` is the gates' straight-through rule (as the layers' ``grad``); the LSTM's cell output
+u = discrete_tanh(c) always uses tanh'(c) (``grad="exact"``: the layers rebuild c in backward).
+Slow and memory-hungry on purpose: autograd keeps everything, and every gradient comes from autograd.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .units import discrete_sigmoid, discrete_tanh
 
 
-def _units(levels):
+def _units(levels, grad="code"):
     if levels is None:
         return torch.sigmoid, torch.tanh
     return (
-        lambda v: discrete_sigmoid(v, levels, grad="code", backend="torch"),
-        lambda v: discrete_tanh(v, levels, grad="code", backend="torch"),
+        lambda v: discrete_sigmoid(v, levels, grad=grad, backend="torch"),
+        lambda v: discrete_tanh(v, levels, grad=grad, backend="torch"),
     )
 
 
@@ -35,9 +38,12 @@ class _SnapStraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def reference_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, levels, reverse=False):
-    """x [T, B, I], h0 [B, P or H], c0 [B, H] -> (y [T, B, P or H], h_T, c_T)."""
-    sig, tanh = _units(levels)
+def reference_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, levels, reverse=False,
+                         grad="code", cell_clip=math.inf):
+    """x [T, B, I], h0 [B, P or H], c0 [B, H] -> (y [T, B, P or H], h_T, c_T). With discrete
+    levels, c_t = clamp(f c_{t-1} + i g, -cell_clip, cell_clip) (torch.clamp's gradient)."""
+    sig, tanh = _units(levels, grad)
+    cell_tanh = _units(levels, "exact")[1]
     H = w_hh.shape[0] // 4
     h, c, ys = h0, c0, []
     steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
@@ -48,7 +54,9 @@ def reference_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, levels, revers
         i, f = sig(gates[:, :H]), sig(gates[:, H : 2 * H])
         g, o = tanh(gates[:, 2 * H : 3 * H]), sig(gates[:, 3 * H :])
         c = f * c + i * g
-        h = o * tanh(c)
+        if levels is not None:
+            c = c.clamp(-cell_clip, cell_clip)
+        h = o * cell_tanh(c)
         if w_hr is not None:
             h = h @ w_hr.t()
         ys.append(h)
@@ -57,9 +65,9 @@ def reference_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, levels, revers
     return torch.stack(ys), h, c
 
 
-def reference_gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, levels, reverse=False):
+def reference_gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, levels, reverse=False, grad="code"):
     """x [T, B, I], h0 [B, H] -> (y [T, B, H], h_T)."""
-    sig, tanh = _units(levels)
+    sig, tanh = _units(levels, grad)
     H = w_hh.shape[0] // 3
     h, ys = h0, []
     steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])

@@ -55,6 +55,7 @@ covers up to 65536 elements fitted to [bs, H]: most launches are one program.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -135,6 +136,13 @@ def _store_codes(
         tl.store(ptr, byte.to(tl.uint8), mask=mask)
 
 
+@triton.jit
+def _clamp_cell(c, CELL_CLIP: tl.constexpr):
+    """clamp(c, -CELL_CLIP, CELL_CLIP), NaN kept (as torch.clamp)."""
+    return tl.minimum(tl.maximum(c, -CELL_CLIP, propagate_nan=tl.PropagateNan.ALL), CELL_CLIP,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
 @triton.jit(do_not_specialize=["bs", "code_offset", "done"])
 def _lstm_step_fwd_kernel(
     GATES,  # [bs, 4H] pre-activations i, f, g, o; any float dtype; strided
@@ -161,6 +169,7 @@ def _lstm_step_fwd_kernel(
     GROUP_BYTES_POW2: tl.constexpr,
     STORE_CODES: tl.constexpr,
     STORE_FINAL: tl.constexpr,
+    CELL_CLIP: tl.constexpr,  # |c| <= CELL_CLIP (a float32 value; inf: no clamp)
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -191,7 +200,7 @@ def _lstm_step_fwd_kernel(
     f = _decode(k_f, LEVELS, "sigmoid", ACC)
     g = _decode(k_g, LEVELS, "tanh", ACC)
     o = _decode(k_o, LEVELS, "sigmoid", ACC)
-    c = f * c_prev + i * g  # two products and a sum, each rounded (no FMA): as torch
+    c = _clamp_cell(f * c_prev + i * g, CELL_CLIP)  # products and sum rounded (no FMA): as torch
     k_u = _encode(_tanh(c), LEVELS, "tanh")
     m = o * _decode(k_u, LEVELS, "tanh", ACC)
 
@@ -230,6 +239,7 @@ def _lstm_cell_kernel(
     stride_ch,
     LEVELS: tl.constexpr,
     BITS: tl.constexpr,
+    CELL_CLIP: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -250,7 +260,7 @@ def _lstm_cell_kernel(
     i = _decode(k_i, LEVELS, "sigmoid", ACC)
     f = _decode(k_f, LEVELS, "sigmoid", ACC)
     g = _decode(k_g, LEVELS, "tanh", ACC)
-    c = f * c_prev + i * g  # the forward kernel's arithmetic, so c is bit-identical
+    c = _clamp_cell(f * c_prev + i * g, CELL_CLIP)  # the forward kernel's: c bit-identical
     tl.store(C + rows[:, None] * H + cols[None, :], c, mask=mask)
 
 
@@ -296,6 +306,7 @@ def _lstm_step_bwd_kernel(
     DC,  # [bs, H] ACC, dL/dc_t from step t+1; strided
     DGATES,  # [bs, 4H] ACC out (i, f, g, o), contiguous
     DC_PREV,  # [bs, H] ACC out, contiguous; may be DC itself (each element is read, then written)
+    PRE,  # [bs, 4H] ACC gate pre-activations (i, f, g, o); strided; read when EXACT
     bs,
     H,
     code_offset,
@@ -307,8 +318,12 @@ def _lstm_step_bwd_kernel(
     stride_mh,
     stride_db,
     stride_dh,
+    stride_pb,
+    stride_ph,
     LEVELS: tl.constexpr,
     BITS: tl.constexpr,
+    EXACT: tl.constexpr,  # gate derivatives f'(pre-activation) instead of from the codes
+    CELL_CLIP: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -336,12 +351,28 @@ def _lstm_step_bwd_kernel(
     g = _decode(k_g, LEVELS, "tanh", ACC)
     o = _decode(k_o, LEVELS, "sigmoid", ACC)
     u = _decode(k_u, LEVELS, "tanh", ACC)
-    # Straight-through derivatives from the codes alone; the order of products is torch's.
-    dc = dc + dm * o * _code_derivative(k_u, LEVELS, "tanh", ACC)
-    d_i = dc * g * _code_derivative(k_i, LEVELS, "sigmoid", ACC)
-    d_f = dc * c_prev * _code_derivative(k_f, LEVELS, "sigmoid", ACC)
-    d_g = dc * i * _code_derivative(k_g, LEVELS, "tanh", ACC)
-    d_o = dm * u * _code_derivative(k_o, LEVELS, "sigmoid", ACC)
+    if EXACT:  # f' at the pre-activations
+        pre = PRE + rows[:, None] * stride_pb
+        s_i = _sigmoid(tl.load(pre + cols[None, :] * stride_ph, mask=mask, other=0.0))
+        s_f = _sigmoid(tl.load(pre + (cols + H)[None, :] * stride_ph, mask=mask, other=0.0))
+        t_g = _tanh(tl.load(pre + (cols + 2 * H)[None, :] * stride_ph, mask=mask, other=0.0))
+        s_o = _sigmoid(tl.load(pre + (cols + 3 * H)[None, :] * stride_ph, mask=mask, other=0.0))
+        dd_i, dd_f, dd_g, dd_o = s_i * (1.0 - s_i), s_f * (1.0 - s_f), 1.0 - t_g * t_g, s_o * (1.0 - s_o)
+    else:  # the bin means of the codes
+        dd_i = _code_derivative(k_i, LEVELS, "sigmoid", ACC)
+        dd_f = _code_derivative(k_f, LEVELS, "sigmoid", ACC)
+        dd_g = _code_derivative(k_g, LEVELS, "tanh", ACC)
+        dd_o = _code_derivative(k_o, LEVELS, "sigmoid", ACC)
+    # u's derivative is tanh'(c_t), c_t rebuilt with the forward's arithmetic: it fades as |c|
+    # grows. Where the clamp was active nothing passes to the gates and c_prev (torch.clamp's
+    # derivative). The order of products is torch's.
+    c_raw = f * c_prev + i * g
+    t_c = _tanh(_clamp_cell(c_raw, CELL_CLIP))
+    dc = tl.where(tl.abs(c_raw) <= CELL_CLIP, dc + dm * o * (1.0 - t_c * t_c), 0.0)
+    d_i = dc * g * dd_i
+    d_f = dc * c_prev * dd_f
+    d_g = dc * i * dd_g
+    d_o = dm * u * dd_o
 
     dgate = DGATES + rows[:, None] * 4 * H + cols[None, :]  # gate i's columns of [bs, 4H]
     tl.store(dgate, d_i, mask=mask)
@@ -359,6 +390,7 @@ def _gru_step_fwd_kernel(
     CODES,  # uint8 code rows out (r, z, n, h), when STORE_CODES
     FINAL,  # [1, B, H] uint8 out (h codes of rows done..bs-1), contiguous, when STORE_FINAL
     H_OUT,  # [bs, H] out, any float dtype (h is a level: rounded from ACC), contiguous
+    PRE,  # [bs, 3H] ACC out: pre-activations of r, z, n, contiguous; written when STORE_PRE
     bs,
     H,
     H_PAD,
@@ -378,6 +410,7 @@ def _gru_step_fwd_kernel(
     GROUP_BYTES_POW2: tl.constexpr,
     STORE_CODES: tl.constexpr,
     STORE_FINAL: tl.constexpr,
+    STORE_PRE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -404,11 +437,13 @@ def _gru_step_fwd_kernel(
                      other=0.0)
     h_prev = h_prev.to(ACC)
 
-    k_r = _encode(_sigmoid(x_r + h_r), LEVELS, "sigmoid")  # [BLOCK_B, BLOCK_H] int32
-    k_z = _encode(_sigmoid(x_z + h_z), LEVELS, "sigmoid")
+    pre_r, pre_z = x_r + h_r, x_z + h_z
+    k_r = _encode(_sigmoid(pre_r), LEVELS, "sigmoid")  # [BLOCK_B, BLOCK_H] int32
+    k_z = _encode(_sigmoid(pre_z), LEVELS, "sigmoid")
     r = _decode(k_r, LEVELS, "sigmoid", ACC)
     z = _decode(k_z, LEVELS, "sigmoid", ACC)
-    k_n = _encode(_tanh(x_n + r * h_n), LEVELS, "tanh")
+    pre_n = x_n + r * h_n
+    k_n = _encode(_tanh(pre_n), LEVELS, "tanh")
     n = _decode(k_n, LEVELS, "tanh", ACC)
     k_h = _encode((1.0 - z) * n + z * h_prev, LEVELS, "tanh")  # snap to the tanh grid
 
@@ -427,6 +462,11 @@ def _gru_step_fwd_kernel(
                      GROUP_BYTES_POW2, BLOCK_B, BLOCK_H)
     if STORE_FINAL:  # rows whose sequence ends here: their h code is the packed final state
         tl.store(FINAL + out, k_h.to(tl.uint8), mask=mask & (rows >= done)[:, None])
+    if STORE_PRE:  # grad="exact" keeps the pre-activations
+        pre = PRE + rows[:, None] * 3 * H + cols[None, :]
+        tl.store(pre, pre_r, mask=mask)
+        tl.store(pre + H, pre_z, mask=mask)
+        tl.store(pre + 2 * H, pre_n, mask=mask)
 
 
 @triton.jit(do_not_specialize=["bs", "code_offset"])
@@ -438,6 +478,7 @@ def _gru_step_bwd_kernel(
     DGX,  # [bs, 3H] ACC out, contiguous
     DGH,  # [bs, 3H] ACC out, contiguous
     DH_DIRECT,  # [bs, H] ACC out (dh * z), contiguous; may be DH itself
+    PRE,  # [bs, 3H] ACC pre-activations of r, z, n; strided; read when EXACT
     bs,
     H,
     code_offset,
@@ -449,8 +490,11 @@ def _gru_step_bwd_kernel(
     stride_nh,
     stride_db,
     stride_dh,
+    stride_eb,
+    stride_eh,
     LEVELS: tl.constexpr,
     BITS: tl.constexpr,
+    EXACT: tl.constexpr,  # gate derivatives f'(pre-activation) instead of from the codes
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -475,10 +519,20 @@ def _gru_step_bwd_kernel(
     r = _decode(k_r, LEVELS, "sigmoid", ACC)
     z = _decode(k_z, LEVELS, "sigmoid", ACC)
     n = _decode(k_n, LEVELS, "tanh", ACC)
+    if EXACT:  # f' at the pre-activations
+        pre = PRE + rows[:, None] * stride_eb
+        s_r = _sigmoid(tl.load(pre + cols[None, :] * stride_eh, mask=mask, other=0.0))
+        s_z = _sigmoid(tl.load(pre + (cols + H)[None, :] * stride_eh, mask=mask, other=0.0))
+        t_n = _tanh(tl.load(pre + (cols + 2 * H)[None, :] * stride_eh, mask=mask, other=0.0))
+        dd_r, dd_z, dd_n = s_r * (1.0 - s_r), s_z * (1.0 - s_z), 1.0 - t_n * t_n
+    else:  # the bin means of the codes
+        dd_r = _code_derivative(k_r, LEVELS, "sigmoid", ACC)
+        dd_z = _code_derivative(k_z, LEVELS, "sigmoid", ACC)
+        dd_n = _code_derivative(k_n, LEVELS, "tanh", ACC)
     # snap() passes the gradient straight through; the order of products is torch's.
-    dpre_n = dh * (1.0 - z) * _code_derivative(k_n, LEVELS, "tanh", ACC)
-    dpre_r = dpre_n * gh_n * _code_derivative(k_r, LEVELS, "sigmoid", ACC)
-    dpre_z = dh * (h_prev - n) * _code_derivative(k_z, LEVELS, "sigmoid", ACC)
+    dpre_n = dh * (1.0 - z) * dd_n
+    dpre_r = dpre_n * gh_n * dd_r
+    dpre_z = dh * (h_prev - n) * dd_z
 
     gate = rows[:, None] * 3 * H + cols[None, :]  # gate r's columns of [bs, 3H]
     tl.store(DGX + gate, dpre_r, mask=mask)
@@ -525,6 +579,16 @@ GPU_TILE = TileRule(elems=1024, min_h=16, max_h=128, fit_rows=False)
 # Interpreter: ~1-10 ms per program, so one program per launch up to 65536 elements.
 INTERPRETER_TILE = TileRule(elems=1 << 16, min_h=8, max_h=1 << 16, fit_rows=True)
 TILE = INTERPRETER_TILE if INTERPRETING else GPU_TILE  # tests swap in small tiles
+
+
+def cell_clip_value(cell_clip: float) -> float:
+    """The LSTM cell bound as the kernels take it: a compile-time constant (one compiled variant
+    per value), which Triton materialises as float32; the layers hold float32 values only, so the
+    float64 kernels clamp at exactly the value the torch path uses."""
+    clip = float(cell_clip)
+    if not clip > 0 or clip != float(torch.tensor(clip, dtype=torch.float32)):
+        raise ValueError(f"cell_clip must be > 0 and a float32 value (or inf), got {cell_clip!r}")
+    return clip
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> None:
@@ -622,12 +686,12 @@ def _code_outputs(rows: CodeRows | None, final, H: int, device):
 
 
 def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store=True,
-                      c_out=None, m_out=None):
+                      c_out=None, m_out=None, cell_clip: float = math.inf):
     """gates [bs, 4H] (pre-activations, bias included, any float dtype, any strides), c_prev [bs, H]
     (float32/64: the compute dtype) -> codes, c [bs, H], m = o * u [bs, H] (compute dtype). One
     kernel. ``out``, ``final``, ``done``, ``store``, ``c_out``, ``m_out``: as
     ``rnn_torch.lstm_step_forward`` (the codes are packed into ``out`` by this kernel; ``c_out``
-    may be ``c_prev`` itself, ``m_out`` any float dtype)."""
+    may be ``c_prev`` itself, ``m_out`` any float dtype). ``cell_clip``: see :func:`cell_clip_value`."""
     _checkcompute_dtype("c_prev", c_prev)
     bs, H = c_prev.shape
     _check("gates", gates, (bs, 4 * H), c_prev.device)
@@ -641,11 +705,13 @@ def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store
         (codes, fin, width, offset, stride_kq, stride_kb), constexprs = _code_outputs(rows, final, H, dev)
         args = (gates, c_prev, codes, fin, c, m, bs, H, width, offset, done, *gates.stride(),
                 *c_prev.stride(), stride_kq, stride_kb, fin.stride(0) if final is not None else 0)
-        _launch(_lstm_step_fwd_kernel, bs, width, args, LEVELS=levels, **constexprs)
+        _launch(_lstm_step_fwd_kernel, bs, width, args, LEVELS=levels,
+                CELL_CLIP=cell_clip_value(cell_clip), **constexprs)
     return returned, c, m
 
 
-def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int) -> torch.Tensor:
+def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int,
+                        cell_clip: float = math.inf) -> torch.Tensor:
     """c_t from the saved i, f, g codes (uint8 [>=3, bs, H] or CodeRows) and c_{t-1} [bs, H]
     (float32/64): bit-identical to the c that :func:`lstm_step_forward` returned."""
     _checkcompute_dtype("c_prev", c_prev)
@@ -655,7 +721,8 @@ def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int) -> torch.Tenso
     c = torch.empty(bs, H, dtype=c_prev.dtype, device=c_prev.device)
     if bs * H:
         args = (code_args[0], c_prev, c, bs, H, *code_args[1:], *c_prev.stride())
-        _launch(_lstm_cell_kernel, bs, H, args, LEVELS=levels, BITS=bits)
+        _launch(_lstm_cell_kernel, bs, H, args, LEVELS=levels, BITS=bits,
+                CELL_CLIP=cell_clip_value(cell_clip))
     return c
 
 
@@ -681,11 +748,13 @@ def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
     return _decode_output(codes, levels, dtype, "gru", GRU_CODES)
 
 
-def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_prev_out=None):
+def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_prev_out=None,
+                       preact=None, cell_clip: float = math.inf):
     """Backward of one step: codes (uint8 [5, bs, H] or CodeRows), c_prev [bs, H] (float32/64),
     dm = dL/dm_t and dc = dL/dc_t [bs, H] (converted to c_prev's dtype) -> dgates [bs, 4H]
     (i, f, g, o), dc_prev [bs, H], both in c_prev's dtype, written to ``dgates_out`` /
-    ``dc_prev_out`` when given (``dc_prev_out`` may be ``dc`` itself). One kernel."""
+    ``dc_prev_out`` when given (``dc_prev_out`` may be ``dc`` itself). ``preact`` [bs, 4H]: the
+    gate pre-activations (``grad="exact"``), as ``rnn_torch.lstm_step_backward``. One kernel."""
     _checkcompute_dtype("c_prev", c_prev)
     bs, H = c_prev.shape
     acc, dev = c_prev.dtype, c_prev.device
@@ -694,20 +763,26 @@ def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_p
     _check_device(dev)
     code_args, bits = _code_args(codes, LSTM_CODES, bs, H, dev)
     dm, dc = _as(dm, acc), _as(dc, acc)
+    if preact is not None:
+        _check("preact", preact, (bs, 4 * H), dev)
+        preact = _as(preact, acc)
     dgates = _out_tensor("dgates_out", dgates_out, (bs, 4 * H), acc, dev)
     dc_prev = _out_tensor("dc_prev_out", dc_prev_out, (bs, H), acc, dev)
     if bs * H:
-        args = (code_args[0], c_prev, dm, dc, dgates, dc_prev, bs, H, *code_args[1:],
-                *c_prev.stride(), *dm.stride(), *dc.stride())
-        _launch(_lstm_step_bwd_kernel, bs, H, args, LEVELS=levels, BITS=bits)
+        pre = dm if preact is None else preact  # a pointer that is never read without EXACT
+        args = (code_args[0], c_prev, dm, dc, dgates, dc_prev, pre, bs, H, *code_args[1:],
+                *c_prev.stride(), *dm.stride(), *dc.stride(), *pre.stride())
+        _launch(_lstm_step_bwd_kernel, bs, H, args, LEVELS=levels, BITS=bits,
+                EXACT=preact is not None, CELL_CLIP=cell_clip_value(cell_clip))
     return dgates, dc_prev
 
 
-def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True, h_out=None):
+def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True, h_out=None,
+                     preact_out=None):
     """gx = x W_ih^T + b_ih [bs, 3H], gh = h W_hh^T + b_hh [bs, 3H], h_prev [bs, H] (any float
     dtype, any strides) -> codes, h [bs, H] in the compute dtype (exactly the level of the h code).
-    One kernel. ``out``, ``final``, ``done``, ``store``, ``h_out`` (any float dtype): as
-    ``rnn_torch.gru_step_forward``."""
+    One kernel. ``out``, ``final``, ``done``, ``store``, ``h_out`` (any float dtype),
+    ``preact_out`` ([bs, 3H], compute dtype, contiguous): as ``rnn_torch.gru_step_forward``."""
     bs, H = h_prev.shape
     dev = h_prev.device
     _check("gx", gx, (bs, 3 * H), dev)
@@ -719,20 +794,25 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
     rows, returned = _forward_target(out, GRU_CODES, bs, H, dev, store)
     _check_final(final, 1, bs, H, dev)
     h = _out_tensor("h_out", h_out, (bs, H), acc, dev, any_float=True)
+    if preact_out is not None:
+        preact_out = _out_tensor("preact_out", preact_out, (bs, 3 * H), acc, dev)
     if bs * H:
         (codes, fin, width, offset, stride_kq, stride_kb), constexprs = _code_outputs(rows, final, H, dev)
-        args = (gx, gh, h_prev, codes, fin, h, bs, H, width, offset, done, *gx.stride(),
+        pre = h if preact_out is None else preact_out  # a pointer never written without STORE_PRE
+        args = (gx, gh, h_prev, codes, fin, h, pre, bs, H, width, offset, done, *gx.stride(),
                 *gh.stride(), *h_prev.stride(), stride_kq, stride_kb)
-        _launch(_gru_step_fwd_kernel, bs, width, args, LEVELS=levels, **constexprs)
+        _launch(_gru_step_fwd_kernel, bs, width, args, LEVELS=levels,
+                STORE_PRE=preact_out is not None, **constexprs)
     return returned, h
 
 
 def gru_step_backward(codes, h_prev, gh_n, dh, levels: int, dgx_out=None, dgh_out=None,
-                      dh_direct_out=None):
+                      dh_direct_out=None, preact=None):
     """Backward of one step: codes (uint8 [4, bs, H] or CodeRows), h_prev [bs, H], gh_n =
     h_prev W_hn^T + b_hn [bs, H], dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H],
     dh_prev_direct = dh * z [bs, H], in the compute dtype of h_prev, written to the ``*_out``
-    tensors when given (``dh_direct_out`` may be ``dh`` itself). One kernel."""
+    tensors when given (``dh_direct_out`` may be ``dh`` itself). ``preact`` [bs, 3H]: the
+    pre-activations of r, z, n (``grad="exact"``), as ``rnn_torch.gru_step_backward``. One kernel."""
     bs, H = h_prev.shape
     dev = h_prev.device
     for name, t in (("gh_n", gh_n), ("dh", dh)):
@@ -741,11 +821,16 @@ def gru_step_backward(codes, h_prev, gh_n, dh, levels: int, dgx_out=None, dgh_ou
     code_args, bits = _code_args(codes, GRU_CODES, bs, H, dev)
     acc = compute_dtype(h_prev.dtype)
     h_prev, gh_n, dh = _as(h_prev, acc), _as(gh_n, acc), _as(dh, acc)
+    if preact is not None:
+        _check("preact", preact, (bs, 3 * H), dev)
+        preact = _as(preact, acc)
     dgx = _out_tensor("dgx_out", dgx_out, (bs, 3 * H), acc, dev)
     dgh = _out_tensor("dgh_out", dgh_out, (bs, 3 * H), acc, dev)
     dh_direct = _out_tensor("dh_direct_out", dh_direct_out, (bs, H), acc, dev)
     if bs * H:
-        args = (code_args[0], h_prev, gh_n, dh, dgx, dgh, dh_direct, bs, H, *code_args[1:],
-                *h_prev.stride(), *gh_n.stride(), *dh.stride())
-        _launch(_gru_step_bwd_kernel, bs, H, args, LEVELS=levels, BITS=bits)
+        pre = dh if preact is None else preact  # a pointer that is never read without EXACT
+        args = (code_args[0], h_prev, gh_n, dh, dgx, dgh, dh_direct, pre, bs, H, *code_args[1:],
+                *h_prev.stride(), *gh_n.stride(), *dh.stride(), *pre.stride())
+        _launch(_gru_step_bwd_kernel, bs, H, args, LEVELS=levels, BITS=bits,
+                EXACT=preact is not None)
     return dgx, dgh, dh_direct

@@ -38,11 +38,19 @@ each step, and the products torch would compute from them).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
-from .codec_torch import compute_dtype, torch_code_derivative, torch_decode, torch_pack, torch_unpack
+from .codec_torch import (
+    compute_dtype,
+    torch_code_derivative,
+    torch_decode,
+    torch_exact_derivative,
+    torch_pack,
+    torch_unpack,
+)
 
 LSTM_CODES = 5  # i, f, g, o, u
 GRU_CODES = 4  # r, z, n, h
@@ -186,9 +194,9 @@ class LSTMForwardStep:
     ``gates=None`` in :meth:`__call__`), e.g. ``torch.addmm(..., out=rows(bs).gates)``.
     """
 
-    def __init__(self, tables: StepTables, B: int, H: int, device):
+    def __init__(self, tables: StepTables, B: int, H: int, device, cell_clip: float = math.inf):
         acc = tables.acc
-        self.tables, self.H = tables, H
+        self.tables, self.H, self.cell_clip = tables, H, cell_clip
         self._gates = torch.empty(B, 4 * H, dtype=acc, device=device)
         self._act = _padded_planes(B, 4, H, acc, device)
         self._vals = torch.empty(B, 4, H, dtype=acc, device=device)
@@ -229,7 +237,7 @@ class LSTMForwardStep:
         k_gates.copy_(act)  # truncation = floor (see StepTables)
         torch.mul(k_gates, t.gate_dec_mul, out=v.vals).add_(t.gate_dec_add).div_(t.den)  # exact sum
         c = torch.mul(v.f, c_prev)
-        c.add_(torch.mul(v.i, v.g, out=v.ig))
+        c.add_(torch.mul(v.i, v.g, out=v.ig)).clamp_(-self.cell_clip, self.cell_clip)
         u = torch.tanh(c)
         t.decode_tanh(t.encode_tanh_(u, True, k_u), out=u)
         return c, torch.mul(v.o, u, out=m_out)
@@ -266,10 +274,12 @@ class GRUForwardStep:
         H = self.H
         return gh[:, : 2 * H].view(bs, 2, H), gh[:, 2 * H :]
 
-    def __call__(self, v: _Rows, gx_rz, gx_n, h_prev, k_rz, k_n, k_h, h_out=None, gh=None):
+    def __call__(self, v: _Rows, gx_rz, gx_n, h_prev, k_rz, k_n, k_h, h_out=None, gh=None,
+                 pre_out=None):
         """One step: gx_rz [bs, 2, H] and gx_n [bs, H] (x W_ih^T + b_ih, acc), h_prev [bs, H] ->
         h [bs, H] (acc; into ``h_out`` when given); the codes, as int32, into ``k_rz`` ([2, bs, H]:
-        r, z), ``k_n`` and ``k_h`` ([bs, H])."""
+        r, z), ``k_n`` and ``k_h`` ([bs, H]); the pre-activations of r, z and n into ``pre_out``
+        ([bs, 3H], acc) when given (``grad="exact"`` keeps them)."""
         t = self.tables
         if gh is None:
             gh_rz, gh_n = v.gh_rz, v.gh_n
@@ -279,11 +289,16 @@ class GRUForwardStep:
         if h_prev.dtype != t.acc:
             h_prev = h_prev.to(t.acc)
         torch.add(gx_rz, gh_rz, out=v.rz_rows)
+        if pre_out is not None:
+            pre_out[:, : 2 * self.H].view(-1, 2, self.H).copy_(v.rz_rows)
         v.rz.sigmoid_().mul_(t.span).add_(t.half).nan_to_num_(nan=0.0)
         k_rz.copy_(v.rz)  # truncation = floor (see StepTables)
         torch.div(k_rz, t.den, out=v.rz)
         r, z = v.r, v.z
-        n = torch.mul(r, gh_n, out=v.n).add_(gx_n).tanh_()
+        n = torch.mul(r, gh_n, out=v.n).add_(gx_n)
+        if pre_out is not None:
+            pre_out[:, 2 * self.H :].copy_(n)
+        n = n.tanh_()
         n = t.decode_tanh(t.encode_tanh_(n, True, k_n), out=n)
         h = torch.sub(t.one, z).mul_(n).add_(torch.mul(z, h_prev, out=v.zh))  # (1 - z) n + z h_prev
         t.encode_tanh_(h, False, k_h)  # snap to the tanh grid
@@ -421,9 +436,10 @@ def _emit(codes: torch.Tensor, out, final, done: int, final_planes: slice, store
 
 
 def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store=True,
-                      c_out=None, m_out=None):
+                      c_out=None, m_out=None, cell_clip: float = math.inf):
     """gates [bs, 4H] (pre-activations, bias included), c_prev [bs, H] (compute dtype) ->
-    codes, c [bs, H], m = o * u [bs, H] (compute dtype).
+    codes, c [bs, H], m = o * u [bs, H] (compute dtype). c = clamp(f c_prev + i g, -cell_clip,
+    cell_clip).
 
     The codes (i, f, g, o, u) are a fresh uint8 tensor [5, bs, H], or are written to ``out`` (a
     :class:`CodeRows` of 5 planes and bs rows, e.g. a step of the packed code store), which is
@@ -432,18 +448,20 @@ def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store
     ``c_out`` (compute dtype; may be ``c_prev``) and ``m_out`` (any float dtype: m rounded to it)
     receive c and m instead of fresh tensors, and are returned."""
     bs, H = c_prev.shape
-    step = LSTMForwardStep(StepTables(levels, c_prev.dtype, c_prev.device), bs, H, c_prev.device)
+    step = LSTMForwardStep(StepTables(levels, c_prev.dtype, c_prev.device), bs, H, c_prev.device,
+                           cell_clip)
     k = torch.empty(LSTM_CODES, bs, H, dtype=torch.int32, device=c_prev.device)
     c, m = step(step.rows(bs), c_prev, k[:4].transpose(0, 1), k[4], gates=gates)
     codes = _emit(k.to(torch.uint8), out, final, done, slice(3, 5), store)
     return codes, _into(c, c_out), _into(m, m_out)
 
 
-def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int) -> torch.Tensor:
+def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int,
+                        cell_clip: float = math.inf) -> torch.Tensor:
     """c_t from the saved i, f, g codes and c_{t-1}: the same arithmetic as the forward step."""
     acc, codes = c_prev.dtype, read_codes(codes)
     i, f, g = (torch_decode(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(3))
-    return f * c_prev + i * g
+    return (f * c_prev + i * g).clamp_(-cell_clip, cell_clip)
 
 
 def lstm_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
@@ -453,34 +471,56 @@ def lstm_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
     return (o * u).to(dtype)
 
 
+def exact_derivatives(preact: torch.Tensor, kinds, acc) -> torch.Tensor:
+    """f'(x) at gate pre-activations ``preact`` [bs, Q * H] (planes in gate order, ``kinds`` their
+    activations): the ``grad="exact"`` straight-through rule, as [bs, Q, H] in ``acc``."""
+    bs = preact.shape[0]
+    pre = preact.to(acc).view(bs, len(kinds), -1)
+    return torch.stack([torch_exact_derivative(pre[:, q], kind) for q, kind in enumerate(kinds)], 1)
+
+
 def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.Tensor, levels: int,
-                       dgates_out=None, dc_prev_out=None):
+                       dgates_out=None, dc_prev_out=None, preact=None, cell_clip: float = math.inf):
     """Backward of one step. dm = dL/dm_t [bs, H], dc = dL/dc_t from step t+1 [bs, H] ->
     dgates [bs, 4H] (pre-activation gradients, gate order i, f, g, o), dc_prev [bs, H]; into
-    ``dgates_out`` / ``dc_prev_out`` when given (``dc_prev_out`` may be ``dc``)."""
+    ``dgates_out`` / ``dc_prev_out`` when given (``dc_prev_out`` may be ``dc``).
+
+    The derivative of u = discrete_tanh(c_t) is tanh'(c_t) at c_t rebuilt from the codes and c_prev
+    (it fades as |c| grows, as the true one does); where the clamp to [-cell_clip, cell_clip] was
+    active, no gradient passes to the gates and c_prev (the clamp's derivative, as torch.clamp).
+    The gates' derivatives come from their codes (the bin mean), or with ``preact`` (the step's
+    pre-activations [bs, 4H], ``grad="exact"``) are f' at the pre-activation."""
     acc, codes = c_prev.dtype, read_codes(codes)
     dm = dm.to(acc)
     i, f, g, o, u = (torch_decode(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(5))
-    d = [torch_code_derivative(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(5)]
-    dc = dc + dm * o * d[4]
+    if preact is None:
+        d = [torch_code_derivative(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(4)]
+    else:
+        d = exact_derivatives(preact, _LSTM_KINDS[:4], acc).unbind(1)
+    raw = f * c_prev + i * g  # the forward's arithmetic: c_t bit for bit
+    t = torch.tanh(raw.clamp(-cell_clip, cell_clip))
+    dc = torch.where(raw.abs() <= cell_clip, dc + dm * o * (1.0 - t * t), 0.0)
     dgates = torch.cat(
         [dc * g * d[0], dc * c_prev * d[1], dc * i * d[2], dm * u * d[3]], dim=1
     )
     return _into(dgates, dgates_out), _into(dc * f, dc_prev_out)
 
 
-def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True, h_out=None):
+def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True, h_out=None,
+                     preact_out=None):
     """gx = x W_ih^T + b_ih [bs, 3H], gh = h W_hh^T + b_hh [bs, 3H], h_prev [bs, H] ->
     codes (r, z, n, h), h [bs, H] (compute dtype; exactly the level of the h code). ``out``,
     ``store``: as :func:`lstm_step_forward`; ``final`` [1, B, H] receives the h codes of rows
-    done..bs-1; ``h_out`` (any float dtype) receives h."""
+    done..bs-1; ``h_out`` (any float dtype) receives h; ``preact_out`` ([bs, 3H], compute dtype)
+    the pre-activations of r, z and n (what ``grad="exact"`` keeps)."""
     acc = compute_dtype(h_prev.dtype)
     gx, gh, h_prev = gx.to(acc), gh.to(acc), h_prev.to(acc)
     bs, H = h_prev.shape
     step = GRUForwardStep(StepTables(levels, acc, h_prev.device), bs, H, h_prev.device)
     k = torch.empty(GRU_CODES, bs, H, dtype=torch.int32, device=h_prev.device)
     gx_rz = gx[:, : 2 * H].view(bs, 2, H)
-    h = step(step.rows(bs), gx_rz, gx[:, 2 * H :], h_prev, k[:2], k[2], k[3], gh=gh)
+    h = step(step.rows(bs), gx_rz, gx[:, 2 * H :], h_prev, k[:2], k[2], k[3], gh=gh,
+             pre_out=preact_out)
     return _emit(k.to(torch.uint8), out, final, done, slice(3, 4), store), _into(h, h_out)
 
 
@@ -491,14 +531,19 @@ def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def gru_step_backward(codes, h_prev: torch.Tensor, gh_n: torch.Tensor, dh: torch.Tensor, levels: int,
-                      dgx_out=None, dgh_out=None, dh_direct_out=None):
+                      dgx_out=None, dgh_out=None, dh_direct_out=None, preact=None):
     """Backward of one step. h_prev [bs, H], gh_n = h_prev W_hn^T + b_hn [bs, H] (recomputed),
     dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H], dh_prev_direct = dh * z [bs, H]; into the
-    ``*_out`` tensors when given (``dh_direct_out`` may be ``dh``)."""
+    ``*_out`` tensors when given (``dh_direct_out`` may be ``dh``). The gates' derivatives come from
+    their codes, or with ``preact`` (the pre-activations of r, z, n [bs, 3H], ``grad="exact"``) are
+    f' at the pre-activation."""
     acc, codes = compute_dtype(h_prev.dtype), read_codes(codes)
     dh, h_prev, gh_n = dh.to(acc), h_prev.to(acc), gh_n.to(acc)
     r, z, n = (torch_decode(codes[q], levels, _GRU_KINDS[q], acc) for q in range(3))
-    d_r, d_z, d_n = (torch_code_derivative(codes[q], levels, _GRU_KINDS[q], acc) for q in range(3))
+    if preact is None:
+        d_r, d_z, d_n = (torch_code_derivative(codes[q], levels, _GRU_KINDS[q], acc) for q in range(3))
+    else:
+        d_r, d_z, d_n = exact_derivatives(preact, _GRU_KINDS[:3], acc).unbind(1)
     # snap() passes the gradient straight through.
     dpre_n = dh * (1.0 - z) * d_n
     dpre_r = dpre_n * gh_n * d_r

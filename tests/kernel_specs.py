@@ -72,11 +72,12 @@ def kernel_specs(full: bool):
 # switches, and the GPU tile (BLOCK_B, BLOCK_H); the float pointer dtypes vary as listed below.
 
 RNN_LEVELS = (2, 64, 256, 3, 100, 255)  # both ends, powers of two and odd counts
+CELL_CLIPS = (8.0, float("inf"))
 ACC_DTYPES = ("fp32", "fp64")
 
 
 def _rnn_kernels():
-    """(name, kernel, [dtype combos], signature builder, extra constexprs). Integers are i32 as
+    """(name, kernel, [dtype combos], signature builder, code role, grad="exact" switch or None). Integers are i32 as
     launched (code offsets i64: a code store can pass 2 GiB); pointer dtypes: the LSTM gates take
     any float dtype with an fp32/fp64 cell state and write m in the gates' dtype (the layer's
     output rows); the GRU forward takes one dtype for gx, gh, h_prev and writes h in it; the
@@ -96,27 +97,27 @@ def _rnn_kernels():
         ("lstm_fwd", rnn._lstm_step_fwd_kernel, list(itertools.product(dtypes, ACC_DTYPES)),
          lambda g, a: {"GATES": f"*{g}", "C_PREV": f"*{a}", **codes, "FINAL": "*u8", "C": f"*{a}",
                        "M": f"*{g}", **ints("bs", "H", "H_PAD", "done", *strides("g", "c"),
-                                            *code_strides, "stride_fq")}, "forward"),
+                                            *code_strides, "stride_fq")}, "forward", None),
         ("lstm_cell", rnn._lstm_cell_kernel, [(a,) for a in ACC_DTYPES],
          lambda a: {**codes, "C_PREV": f"*{a}", "C": f"*{a}",
-                    **ints("bs", "H", *code_strides, *strides("c"))}, None),
+                    **ints("bs", "H", *code_strides, *strides("c"))}, None, None),
         ("lstm_out", rnn._output_kernel, [(d,) for d in dtypes],
-         lambda d: {**codes, "OUT": f"*{d}", **ints("bs", "H", *code_strides)}, "lstm"),
+         lambda d: {**codes, "OUT": f"*{d}", **ints("bs", "H", *code_strides)}, "lstm", None),
         ("gru_out", rnn._output_kernel, [(d,) for d in dtypes],
-         lambda d: {**codes, "OUT": f"*{d}", **ints("bs", "H", *code_strides)}, "gru"),
+         lambda d: {**codes, "OUT": f"*{d}", **ints("bs", "H", *code_strides)}, "gru", None),
         ("lstm_bwd", rnn._lstm_step_bwd_kernel, [(a,) for a in ACC_DTYPES],
          lambda a: {**codes, "C_PREV": f"*{a}", "DM": f"*{a}", "DC": f"*{a}",
-                    "DGATES": f"*{a}", "DC_PREV": f"*{a}",
-                    **ints("bs", "H", *code_strides, *strides("c", "m", "d"))}, None),
+                    "DGATES": f"*{a}", "DC_PREV": f"*{a}", "PRE": f"*{a}",
+                    **ints("bs", "H", *code_strides, *strides("c", "m", "d", "p"))}, None, "EXACT"),
         ("gru_fwd", rnn._gru_step_fwd_kernel, [(d,) for d in dtypes],
          lambda d: {"GX": f"*{d}", "GH": f"*{d}", "H_PREV": f"*{d}", **codes, "FINAL": "*u8",
-                    "H_OUT": f"*{d}",
+                    "H_OUT": f"*{d}", "PRE": "*fp64" if d == "fp64" else "*fp32",
                     **ints("bs", "H", "H_PAD", "done", *strides("x", "g", "p"), *code_strides)},
-         "forward"),
+         "forward", "STORE_PRE"),
         ("gru_bwd", rnn._gru_step_bwd_kernel, [(a,) for a in ACC_DTYPES],
          lambda a: {**codes, "H_PREV": f"*{a}", "GH_N": f"*{a}", "DH": f"*{a}",
-                    "DGX": f"*{a}", "DGH": f"*{a}", "DH_DIRECT": f"*{a}",
-                    **ints("bs", "H", *code_strides, *strides("p", "n", "d"))}, None),
+                    "DGX": f"*{a}", "DGH": f"*{a}", "DH_DIRECT": f"*{a}", "PRE": f"*{a}",
+                    **ints("bs", "H", *code_strides, *strides("p", "n", "d", "e"))}, None, "EXACT"),
     ]
 
 
@@ -143,7 +144,7 @@ def rnn_kernel_specs(full: bool):
     which every dtype combination, every tile and every level count appear at least once."""
     tiles = rnn.GPU_TILE.shapes()
     specs = []
-    for name, kernel, dtype_combos, signature, role in _rnn_kernels():
+    for name, kernel, dtype_combos, signature, role, switch in _rnn_kernels():
         if full:
             combos = list(itertools.product(dtype_combos, tiles, RNN_LEVELS))
         else:
@@ -151,10 +152,20 @@ def rnn_kernel_specs(full: bool):
             combos = [(dtype_combos[k % len(dtype_combos)], tiles[k % len(tiles)],
                        RNN_LEVELS[k % len(RNN_LEVELS)]) for k in range(n)]
         for k, (dts, (block_b, block_h), levels) in enumerate(combos):
-            for code in _code_constexprs(role, levels, 0 if full else k):
-                constexprs = dict(LEVELS=levels, **code, BLOCK_B=block_b, BLOCK_H=block_h)
+            # the grad="exact" switch: both values in the full product, alternating in the cover
+            grad_modes = [{}] if switch is None else (
+                [{switch: False}, {switch: True}] if full else [{switch: bool(k % 2)}])
+            # the LSTM cell bound: the layers' default, and inf (no clamp) in the step functions
+            clips = [{}] if not name.startswith("lstm_") or name == "lstm_out" else (
+                [{"CELL_CLIP": c} for c in CELL_CLIPS] if full else [{"CELL_CLIP": CELL_CLIPS[k % 2]}])
+            for code, grad, clip in itertools.product(
+                    _code_constexprs(role, levels, 0 if full else k), grad_modes, clips):
+                constexprs = dict(LEVELS=levels, **code, **grad, **clip, BLOCK_B=block_b,
+                                  BLOCK_H=block_h)
                 tag = f"b{code['BITS']}" + ("" if code.get("STORE_CODES", True) else "-nocodes")
                 tag += "" if code.get("STORE_FINAL", True) else "-nofinal"
+                tag += "-exact" if any(grad.values()) else ""
+                tag += f"-clip{clip['CELL_CLIP']}" if clip else ""
                 specs.append((f"rnn_{name}-{'-'.join(dts)}-L{levels}-{tag}-{block_b}x{block_h}",
                               kernel, signature(*dts), constexprs))
     return specs

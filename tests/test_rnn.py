@@ -45,11 +45,12 @@ def reference_stack(module, x, hx, levels):
             w_ih, w_hh, b_ih, b_hh, w_hr = module._layer_weights(layer, d)
             if is_lstm:
                 y, h, c = reference_lstm_layer(layer_input, hx[0][idx], hx[1][idx], w_ih, w_hh,
-                                               b_ih, b_hh, w_hr, levels, reverse=bool(d))
+                                               b_ih, b_hh, w_hr, levels, reverse=bool(d),
+                                               grad=module.grad, cell_clip=module.cell_clip)
                 finals_c.append(c)
             else:
                 y, h = reference_gru_layer(layer_input, hx[idx], w_ih, w_hh, b_ih, b_hh, levels,
-                                           reverse=bool(d))
+                                           reverse=bool(d), grad=module.grad)
             finals_h.append(h)
             outs.append(y)
         layer_input = torch.cat(outs, dim=2)
@@ -94,23 +95,57 @@ def check_against_reference(module, T, B, dtype, levels):
     assert all(float(g.abs().sum()) > 0 for g in grads), "a gradient is identically zero"
 
 
+@pytest.mark.parametrize("grad", ["code", "exact"])
 @pytest.mark.parametrize("levels", [2, 64, 256])
 @pytest.mark.parametrize("proj_size", [0, 3])
-def test_lstm_matches_reference_float64(levels, proj_size):
-    module = DiscreteLSTM(5, 7, proj_size=proj_size, levels=levels, chunk_size=4)
+def test_lstm_matches_reference_float64(levels, proj_size, grad):
+    module = DiscreteLSTM(5, 7, proj_size=proj_size, levels=levels, chunk_size=4, grad=grad)
     check_against_reference(module, T=11, B=3, dtype=torch.float64, levels=levels)
 
 
+@pytest.mark.parametrize("grad", ["code", "exact"])
+@pytest.mark.parametrize("levels", [3, 64])
+def test_lstm_cell_clip_matches_reference_float64(levels, grad):
+    """A small cell_clip, so that the clamp is active on many steps and units (forward, the rebuilt
+    c_t in backward, and the gradient that stops where it clamps)."""
+    torch.manual_seed(1)
+    module = DiscreteLSTM(5, 7, levels=levels, chunk_size=4, grad=grad, cell_clip=0.5)
+    with torch.no_grad():
+        module.bias_ih_l0[7:14] += 3.0  # forget gates near 1: c runs into the clamp
+    check_against_reference(module, T=11, B=3, dtype=torch.float64, levels=levels)
+    x, hx, _ = make_inputs(module, 11, 3, torch.float64)
+    c_all = module(x, hx)[1][1]
+    assert float(c_all.detach().abs().max()) == 0.5
+
+
+@pytest.mark.parametrize("grad", ["code", "exact"])
 @pytest.mark.parametrize("levels", [2, 64, 256])
-def test_gru_matches_reference_float64(levels):
-    module = DiscreteGRU(5, 7, levels=levels, chunk_size=4)
+def test_gru_matches_reference_float64(levels, grad):
+    module = DiscreteGRU(5, 7, levels=levels, chunk_size=4, grad=grad)
     check_against_reference(module, T=11, B=3, dtype=torch.float64, levels=levels)
+
+
+@pytest.mark.parametrize("grad", ["code", "exact"])
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_multilayer_bidirectional_float64(cls, grad):
+    module = cls(4, 6, num_layers=3, bidirectional=True, levels=64, chunk_size=3, grad=grad)
+    check_against_reference(module, T=9, B=2, dtype=torch.float64, levels=64)
 
 
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
-def test_multilayer_bidirectional_float64(cls):
-    module = cls(4, 6, num_layers=3, bidirectional=True, levels=64, chunk_size=3)
-    check_against_reference(module, T=9, B=2, dtype=torch.float64, levels=64)
+def test_grad_modes_differ(cls):
+    """grad="exact" and grad="code" give the same forward pass and different gate gradients
+    (so a layer that ignored ``grad`` would fail here)."""
+    torch.manual_seed(0)
+    module = cls(5, 7, levels=16, chunk_size=4).double()
+    x, hx, leaves = make_inputs(module, 9, 3, torch.float64)
+    results = {}
+    for grad in ("code", "exact"):
+        module.grad = grad
+        y, hx_out = module(x, hx)
+        results[grad] = (y, torch.autograd.grad(one_loss(y, hx_out), leaves + list(module.parameters())))
+    assert torch.equal(results["code"][0], results["exact"][0])
+    assert not torch.allclose(results["code"][1][0], results["exact"][1][0], rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
@@ -298,6 +333,18 @@ def test_bytes_kept_per_step_and_unit(cls, levels, budget):
     # and more than the codes alone: the test counts real storage
     codes_only = (5 if cls is DiscreteLSTM else 4) * (levels - 1).bit_length() / 8
     assert per_unit >= codes_only
+
+
+@pytest.mark.parametrize("cls, preacts", [(DiscreteLSTM, 4), (DiscreteGRU, 3)])
+def test_exact_grad_keeps_the_preactivations_as_well(cls, preacts):
+    """grad="exact" keeps the codes plus the gate pre-activations in float32, nothing else."""
+    T, B, H = 64, 4, 32
+    x = torch.randn(T, B, 16, requires_grad=True)
+    kept = {}
+    for grad in ("code", "exact"):
+        torch.manual_seed(0)
+        kept[grad], _ = kept_bytes(cls(16, H, levels=64, grad=grad), x, None)
+    assert kept["exact"] - kept["code"] == T * B * H * preacts * 4
 
 
 @pytest.mark.parametrize(
@@ -605,6 +652,10 @@ def _run_for_paths(module, x, hx, lengths, seed=3):
         (DiscreteGRU, dict(num_layers=2, dropout=0.3), 1, False, torch.float32),
         (DiscreteGRU, dict(bidirectional=True), 50, True, torch.float32),
         (DiscreteGRU, dict(), 4, False, torch.bfloat16),
+        (DiscreteLSTM, dict(bidirectional=True, grad="exact"), 3, True, torch.float64),
+        (DiscreteLSTM, dict(proj_size=4, grad="exact"), 5, False, torch.bfloat16),
+        (DiscreteGRU, dict(bidirectional=True, grad="exact"), 3, True, torch.float64),
+        (DiscreteGRU, dict(grad="exact"), 4, False, torch.bfloat16),
     ],
 )
 def test_chunked_torch_path_matches_per_step_path(monkeypatch, cls, kwargs, chunk, packed, dtype):

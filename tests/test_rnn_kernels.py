@@ -17,6 +17,8 @@ sliced inputs sit in NaN-filled (codes: out-of-range-filled) storage, so an unwr
 out-of-bounds read fails.
 """
 
+import math
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -107,10 +109,10 @@ def assert_bitwise(name, got, expected):
 # LSTM
 
 
-def lstm_forward_checked(gates, c_prev, levels):
+def lstm_forward_checked(gates, c_prev, levels, cell_clip=math.inf):
     """Run the kernel, check it against torch, return (number of moved codes, codes checked)."""
-    codes, c, m = K.lstm_step_forward(gates, c_prev, levels)
-    ref_codes, ref_c, ref_m = R.lstm_step_forward(gates, c_prev, levels)
+    codes, c, m = K.lstm_step_forward(gates, c_prev, levels, cell_clip=cell_clip)
+    ref_codes, ref_c, ref_m = R.lstm_step_forward(gates, c_prev, levels, cell_clip=cell_clip)
     assert codes.dtype == torch.uint8 and codes.shape == ref_codes.shape
     assert c.dtype == ref_c.dtype and m.dtype == ref_m.dtype
     acc, H = c_prev.dtype, c_prev.shape[1]
@@ -120,8 +122,9 @@ def lstm_forward_checked(gates, c_prev, levels):
         z = pre[:, q * H : (q + 1) * H]
         moved += check_activation_codes(codes[q], z, levels, kind, f"gate {q}")
     # From the kernel's own codes, torch's arithmetic gives c and m bit for bit...
-    assert_bitwise("c", c, R.lstm_recompute_cell(codes, c_prev, levels))
-    assert_bitwise("c (recompute kernel)", K.lstm_recompute_cell(codes, c_prev, levels), c)
+    assert_bitwise("c", c, R.lstm_recompute_cell(codes, c_prev, levels, cell_clip))
+    assert_bitwise("c (recompute kernel)", K.lstm_recompute_cell(codes, c_prev, levels, cell_clip), c)
+    assert float(c.abs().max()) <= cell_clip
     moved += check_activation_codes(codes[4], c, levels, TANH, "u = tanh(c)")
     assert_bitwise("m", m, R.lstm_output(codes, levels, acc))
     # ... and where no code moved, the whole step is torch's.
@@ -131,12 +134,13 @@ def lstm_forward_checked(gates, c_prev, levels):
     return moved, codes.numel()
 
 
+@pytest.mark.parametrize("cell_clip", [math.inf, 1.5])
 @pytest.mark.parametrize("bs, H, levels, dtype, layout", CASES, ids=CASE_IDS)
-def test_lstm_step_forward(bs, H, levels, dtype, layout):
+def test_lstm_step_forward(bs, H, levels, dtype, layout, cell_clip):
     g = gen(bs * 100 + H)
     gates = as_layout((3 * torch.randn(bs, 4 * H, generator=g, dtype=F64)).to(dtype), layout)
     c_prev = as_layout(2 * torch.randn(bs, H, generator=g, dtype=compute_dtype(dtype)), layout)
-    lstm_forward_checked(gates, c_prev, levels)
+    lstm_forward_checked(gates, c_prev, levels, cell_clip)
 
 
 @pytest.mark.parametrize("bs, H, levels, dtype, layout", CASES, ids=CASE_IDS)
@@ -151,17 +155,19 @@ def test_lstm_recompute_cell_and_output(bs, H, levels, dtype, layout):
                        R.lstm_output(codes, levels, out_dtype))
 
 
+@pytest.mark.parametrize("exact, cell_clip", [(False, math.inf), (True, math.inf), (False, 2.0)])
 @pytest.mark.parametrize("bs, H, levels, dtype, layout", CASES, ids=CASE_IDS)
-def test_lstm_step_backward(bs, H, levels, dtype, layout):
+def test_lstm_step_backward(bs, H, levels, dtype, layout, exact, cell_clip):
     acc = compute_dtype(dtype)
     g = gen(bs + 7 * H)
     codes = codes_view(random_codes(5, bs, H, levels, seed=levels + H), layout)
-    c_prev = as_layout(torch.randn(bs, H, generator=g, dtype=acc), layout)
+    c_prev = as_layout(3 * torch.randn(bs, H, generator=g, dtype=acc), layout)  # tanh' of c fades
     # dm in the input dtype: both convert it to the compute dtype
     dm = as_layout(torch.randn(bs, H, generator=g, dtype=F64).to(dtype), layout)
     dc = as_layout(torch.randn(bs, H, generator=g, dtype=acc), layout)
-    got = K.lstm_step_backward(codes, c_prev, dm, dc, levels)
-    expected = R.lstm_step_backward(codes, c_prev, dm, dc, levels)
+    pre = as_layout(4 * torch.randn(bs, 4 * H, generator=g, dtype=acc), layout) if exact else None
+    got = K.lstm_step_backward(codes, c_prev, dm, dc, levels, preact=pre, cell_clip=cell_clip)
+    expected = R.lstm_step_backward(codes, c_prev, dm, dc, levels, preact=pre, cell_clip=cell_clip)
     atol, rtol = BWD_TOL[acc]
     for name, a, b in zip(("dgates", "dc_prev"), got, expected):
         assert a.dtype == b.dtype == acc and a.shape == b.shape, name
@@ -201,6 +207,25 @@ def test_gru_step_forward(bs, H, levels, dtype, layout):
     gru_forward_checked(gx, gh, as_layout(h_prev, layout), levels)
 
 
+@pytest.mark.parametrize("dtype", [F64, BF16])
+def test_gru_step_forward_keeps_preactivations(dtype):
+    """grad="exact": the forward kernel writes the pre-activations of r, z and n (n's from the
+    kernel's own r code), as the torch step does."""
+    g = gen(11)
+    bs, H, levels = 5, 12, 16
+    gx = (2 * torch.randn(bs, 3 * H, generator=g, dtype=F64)).to(dtype)
+    gh = torch.randn(bs, 3 * H, generator=g, dtype=F64).to(dtype)
+    h_prev = torch_decode(random_codes(1, bs, H, levels, seed=2)[0], levels, TANH, dtype)
+    acc = compute_dtype(dtype)
+    pre = torch.empty(bs, 3 * H, dtype=acc)
+    codes, _ = K.gru_step_forward(gx, gh, h_prev, levels, preact_out=pre)
+    ref_pre = torch.empty(bs, 3 * H, dtype=acc)
+    ref_codes, _ = R.gru_step_forward(gx, gh, h_prev, levels, preact_out=ref_pre)
+    assert_bitwise("pre r, z", pre[:, : 2 * H], ref_pre[:, : 2 * H])
+    r = torch_decode(codes[0], levels, SIG, acc)
+    assert_bitwise("pre n", pre[:, 2 * H :], gx[:, 2 * H :].to(acc) + r * gh[:, 2 * H :].to(acc))
+
+
 def test_gru_step_forward_mixed_input_dtypes():
     # gx in bfloat16 with gh and h_prev in float32: torch converts everything to float32 first.
     g = gen(3)
@@ -209,16 +234,18 @@ def test_gru_step_forward_mixed_input_dtypes():
     gru_forward_checked(gx, as_layout(gh, "slice"), h_prev, 64)
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("bs, H, levels, dtype, layout", CASES, ids=CASE_IDS)
-def test_gru_step_backward(bs, H, levels, dtype, layout):
+def test_gru_step_backward(bs, H, levels, dtype, layout, exact):
     acc = compute_dtype(dtype)
     g = gen(bs + 5 * H)
     codes = codes_view(random_codes(4, bs, H, levels, seed=levels * H), layout)
     h_prev = as_layout(torch.rand(bs, H, generator=g, dtype=acc) * 2 - 1, layout)
     gh_n = as_layout(torch.randn(bs, H, generator=g, dtype=acc), layout)
     dh = as_layout(torch.randn(bs, H, generator=g, dtype=acc), layout)
-    got = K.gru_step_backward(codes, h_prev, gh_n, dh, levels)
-    expected = R.gru_step_backward(codes, h_prev, gh_n, dh, levels)
+    pre = as_layout(4 * torch.randn(bs, 3 * H, generator=g, dtype=acc), layout) if exact else None
+    got = K.gru_step_backward(codes, h_prev, gh_n, dh, levels, preact=pre)
+    expected = R.gru_step_backward(codes, h_prev, gh_n, dh, levels, preact=pre)
     atol, rtol = BWD_TOL[acc]
     for name, a, b in zip(("dgx", "dgh", "dh_direct"), got, expected):
         assert a.dtype == b.dtype == acc and a.shape == b.shape, name
@@ -479,12 +506,17 @@ def test_bad_arguments():
 STATE_TOL = (2e-4, 2e-4)  # float32 (atol, rtol), as tests/test_rnn.py
 
 
-@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
-def test_layers_triton_backend_matches_torch(cls):
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [(DiscreteLSTM, {}), (DiscreteLSTM, dict(grad="exact")), (DiscreteLSTM, dict(cell_clip=0.5)),
+     (DiscreteGRU, {}), (DiscreteGRU, dict(grad="exact"))],
+)
+def test_layers_triton_backend_matches_torch(cls, kwargs):
     """Bidirectional, 2 layers, an unsorted packed batch of lengths 4, 6, 3 (active rows shrink over
-    time), two chunks of cell-state checkpoints: output, final states and every gradient."""
+    time), two chunks of cell-state checkpoints: output, final states and every gradient; both
+    gradient modes, and a cell clip that is active on many steps."""
     torch.manual_seed(0)
-    module = cls(5, 8, num_layers=2, bidirectional=True, levels=64, chunk_size=4)
+    module = cls(5, 8, num_layers=2, bidirectional=True, levels=64, chunk_size=4, **kwargs)
     g = gen(0)
     x = torch.randn(6, 3, 5, generator=g, requires_grad=True)
     h0 = (0.5 * torch.randn(4, 3, 8, generator=g)).requires_grad_()
