@@ -344,10 +344,24 @@ class _DiscreteRNNBase(nn.RNNBase):
 
 class DiscreteLSTM(_DiscreteRNNBase):
     """LSTM with discrete gates: i, f, o = discrete_sigmoid, g = discrete_tanh,
-    c_t = f * c_{t-1} + i * g, h_t = o * discrete_tanh(c_t) (times weight_hr when proj_size > 0).
+    c_t = clamp(f * c_{t-1} + i * g, -cell_clip, cell_clip), h_t = o * discrete_tanh(c_t) (times
+    weight_hr when proj_size > 0).
+
+    Guarantee: |c_t| <= cell_clip at every step (c_0 is used as given), and |o * u| <= 1, for any
+    input, weights, sequence length, level count and gradient mode. Without the clamp the cell is
+    unbounded: the top sigmoid level is exactly 1, so a saturated forget gate never forgets.
+
+    Backward: the gates' straight-through derivatives follow ``grad``; the cell output
+    u = discrete_tanh(c_t) always uses tanh'(c_t), from c_t rebuilt in backward, so it fades as |c|
+    grows; where the clamp was active, nothing passes to the gates and c_{t-1} (torch.clamp's
+    derivative).
 
     Args are those of :class:`torch.nn.LSTM` plus:
-        levels: L in [2, 256] (default 256), or None for torch's continuous LSTM.
+        levels: L in [2, 256] (default 256), or None for torch's continuous LSTM (no clamp).
+        grad: the gates' straight-through derivative, "code" (default: the mean of f' over the
+            level's bin, from the kept codes alone) or "exact" (f' at the pre-activation, which is
+            then kept too: 4 floats per step and unit in the compute dtype).
+        cell_clip: the bound on |c_t| (default 8.0; a finite float > 0 that float32 holds exactly).
         chunk_size: time steps per input-projection / weight-gradient chunk and per float32 cell-state
             checkpoint (default 32).
         check_finite: raise ValueError on NaN/Inf in input, states or weights (one device sync per
@@ -355,7 +369,8 @@ class DiscreteLSTM(_DiscreteRNNBase):
         backend: None (Triton step kernels on CUDA, torch elsewhere), "torch" or "triton".
 
     Kept for backward per time step, batch row and hidden unit: 5 codes of ceil(log2 L) bits
-    (i, f, g, o and tanh(c)) plus 4 / chunk_size bytes of cell-state checkpoint.
+    (i, f, g, o and tanh(c)) plus 4 / chunk_size bytes of cell-state checkpoint; with
+    grad="exact" also the 4 gate pre-activations (16 bytes in float32).
     """
 
     _mode = "LSTM"
@@ -371,8 +386,9 @@ class DiscreteGRU(_DiscreteRNNBase):
     r * (h W_hn + b_hn)), h_t = snap((1 - z) * n + z * h_{t-1}) on the tanh level grid, with a
     straight-through gradient through snap. The whole state is one code per unit.
 
-    Args as :class:`DiscreteLSTM` (no proj_size). Kept for backward per time step, batch row and
-    hidden unit: 4 codes (r, z, n, h) of ceil(log2 L) bits.
+    Args as :class:`DiscreteLSTM` (no proj_size, no cell_clip: h is a tanh level). Kept for
+    backward per time step, batch row and hidden unit: 4 codes (r, z, n, h) of ceil(log2 L) bits;
+    with grad="exact" also the pre-activations of r, z, n (12 bytes in float32).
     """
 
     _mode = "GRU"

@@ -44,8 +44,11 @@ Exactness against the torch reference:
   codes placed exactly on a boundary), and the layer stays self-consistent since backward reads the
   codes forward wrote.
 * Backward: the straight-through derivative of a code (``_code_derivative``, the mean of f' over the
-  level's bin) divides by 3 with Triton's default float32 division, approximate on a GPU; gradients
-  are within a few ulp of torch's.
+  level's bin) divides by 3 with Triton's default float32 division, approximate on a GPU; the exact
+  mode's f'(pre-activation) and u's tanh'(c_t) use the kernels' tanh/sigmoid; gradients are within
+  a few ulp of torch's.
+* The LSTM's cell clamp (``CELL_CLIP``, a compile-time constant that the layers hold as a float32
+  value) is exact in both.
 
 Tiles: on a GPU a program takes ``GPU_TILE.elems`` = 1024 elements, ``BLOCK_H`` = next_pow2(H)
 clamped to [16, 128] and ``BLOCK_B = 1024 // BLOCK_H`` (four tile shapes in all, so few compiled

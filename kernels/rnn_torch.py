@@ -11,13 +11,17 @@ rows of the layers' code store described by :class:`CodeRows` (forward steps wri
 * LSTM, Q = 5: i, f, g, o and u = discrete_tanh(c_t). h_t = o * u (a product of two levels).
 * GRU, Q = 4: r, z, n and h_t itself (the GRU state is one code per unit).
 
-Straight-through derivatives come from the codes alone (``torch_code_derivative``: the mean of f'
-over the level's bin), as in ``discrete_*(..., grad="code")``.
+The LSTM cell state is clamped, c_t = clamp(f c_{t-1} + i g, -cell_clip, cell_clip) (``cell_clip``
+defaults to inf here; the layers pass theirs). Straight-through derivatives of the gates come from
+the codes alone (``torch_code_derivative``: the mean of f' over the level's bin), as in
+``discrete_*(..., grad="code")``, or, given the pre-activations (``preact``), are f' there
+(``grad="exact"``). The LSTM's u uses tanh'(c_t) of the rebuilt c_t, and no gradient passes where
+the clamp was active.
 
 The per-step functions below keep their signatures (they are the reference of the Triton kernels);
 the forward ones run through :class:`LSTMForwardStep` / :class:`GRUForwardStep`, which the layers
-(``discrnn.lstm_function`` / ``gru_function``, torch backend) call directly with preallocated buffers, a few aten calls
-per step. They are bit-identical to encoding and decoding each gate with ``codec_torch``:
+(``discrnn.lstm_function`` / ``gru_function``, torch backend) call directly with preallocated
+buffers, a few aten calls per step. They are bit-identical to encoding and decoding each gate with ``codec_torch``:
 
 * all LSTM gate planes (both GRU r, z planes) are encoded in one pass with per-plane constants:
   ``(act + a) * m`` with ``a`` 1 for the tanh plane, 0 otherwise, and ``m`` = (L - 1) / 2 or
