@@ -10,7 +10,6 @@ import torch
 from .kernels import rnn_torch
 from .kernels.codec_torch import compute_dtype
 from .rnn_function import (
-    GRU_KINDS,
     SIG,
     TANH,
     LayerConfig,
@@ -159,7 +158,9 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
             a_n = tables.gather(tables.pair_table("a_n"), tables.pair_index(idx[1], idx[2]), (R, H))
             d_r, d_z = gather("deriv", SIG, 0), gather("deriv", SIG, 1)
         else:
-            d_r, d_z, d_n = rnn_torch.exact_derivatives(preact[lo:hi], GRU_KINDS, acc).unbind(1)
+            d_r, d_z, d_n = rnn_torch.exact_derivatives(
+                preact[lo:hi], rnn_torch.GRU_GATE_KINDS, acc
+            ).unbind(1)
             a_n = torch.rsub(gather("value", SIG, 1), 1.0).mul_(d_n)
             del d_n
         kk = torch.empty(3, R, H, dtype=acc, device=device)  # plane by plane

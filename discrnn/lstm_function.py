@@ -10,7 +10,6 @@ import torch
 from .kernels import rnn_torch
 from .kernels.codec_torch import compute_dtype
 from .rnn_function import (
-    LSTM_KINDS,
     SIG,
     TANH,
     LayerConfig,
@@ -184,7 +183,9 @@ def _lstm_backward_chunked(
             torch.index_select(tables.pair_table("a_db"), 0, i_g, out=p[2].view(-1))
             u_do = tables.gather(tables.pair_table("b_da"), o_u, (R, H))
         else:
-            d_i, d_f, d_g, d_o = rnn_torch.exact_derivatives(preact[lo:hi], LSTM_KINDS, acc).unbind(1)
+            d_i, d_f, d_g, d_o = rnn_torch.exact_derivatives(
+                preact[lo:hi], rnn_torch.LSTM_GATE_KINDS, acc
+            ).unbind(1)
             torch.mul(tables.gather(tables.table("value", TANH), idx[2], (R, H)), d_i, out=p[0])
             torch.mul(tables.gather(tables.table("value", SIG), idx[0], (R, H)), d_g, out=p[2])
             u_do = tables.gather(tables.table("value", TANH), idx[4], (R, H)).mul_(d_o)

@@ -38,8 +38,6 @@ from .kernels import codec_torch
 from .kernels import rnn_torch
 
 SIG, TANH = "sigmoid", "tanh"
-LSTM_KINDS = (SIG, SIG, TANH, SIG)  # the activations of the gates i, f, g, o
-GRU_KINDS = (SIG, SIG, TANH)  # r, z, n
 
 
 def _is_torch_ops(ops) -> bool:

@@ -62,6 +62,8 @@ GRU_CODES = 4  # r, z, n, h
 _SIG, _TANH = "sigmoid", "tanh"
 _LSTM_KINDS = (_SIG, _SIG, _TANH, _SIG, _TANH)
 _GRU_KINDS = (_SIG, _SIG, _TANH, _TANH)
+LSTM_GATE_KINDS = _LSTM_KINDS[:4]  # the activations of the gate pre-activations i, f, g, o
+GRU_GATE_KINDS = _GRU_KINDS[:3]  # r, z, n
 
 
 class StepTables:
@@ -500,7 +502,7 @@ def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.
     if preact is None:
         d = [torch_code_derivative(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(4)]
     else:
-        d = exact_derivatives(preact, _LSTM_KINDS[:4], acc).unbind(1)
+        d = exact_derivatives(preact, LSTM_GATE_KINDS, acc).unbind(1)
     raw = f * c_prev + i * g  # the forward's arithmetic: c_t bit for bit
     t = torch.tanh(raw.clamp(-cell_clip, cell_clip))
     dc = torch.where(raw.abs() <= cell_clip, dc + dm * o * (1.0 - t * t), 0.0)
@@ -547,7 +549,7 @@ def gru_step_backward(codes, h_prev: torch.Tensor, gh_n: torch.Tensor, dh: torch
     if preact is None:
         d_r, d_z, d_n = (torch_code_derivative(codes[q], levels, _GRU_KINDS[q], acc) for q in range(3))
     else:
-        d_r, d_z, d_n = exact_derivatives(preact, _GRU_KINDS[:3], acc).unbind(1)
+        d_r, d_z, d_n = exact_derivatives(preact, GRU_GATE_KINDS, acc).unbind(1)
     # snap() passes the gradient straight through.
     dpre_n = dh * (1.0 - z) * d_n
     dpre_r = dpre_n * gh_n * d_r
