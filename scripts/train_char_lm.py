@@ -25,6 +25,7 @@ Usage::
     python scripts/train_char_lm.py --rnn lstm --levels 64           # ~800 steps, a few minutes
     python scripts/train_char_lm.py --rnn gru --levels none --seed 1
     python scripts/train_char_lm.py --quick                          # smoke run, seconds
+    python scripts/train_char_lm.py --summarize results/train_char_lm.csv  # markdown table of runs
 """
 
 from __future__ import annotations
@@ -316,7 +317,48 @@ def save(result: dict, args) -> None:
                 writer.writerows(rows + [row])
 
 
+def summarize(path: str) -> str:
+    """A markdown table of a results CSV: validation bits per character, mean +- std over seeds,
+    per (layer, levels, grad), and the difference from torch's layer of the same kind."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["rnn"], r["layer"], r["levels"], r["grad"]), []).append(r)
+
+    def stats(values):
+        mean = statistics.fmean(values)
+        return mean, statistics.stdev(values) if len(values) > 1 else float("nan")
+
+    baseline = {rnn: stats([float(r["val_bpc"]) for r in g])[0]
+                for (rnn, layer, _, _), g in groups.items() if layer.startswith("torch.nn.")}
+    lines = ["| layer | levels | grad | seeds | val. bits/char, mean ± std | vs torch.nn | "
+             "per seed | ms/step (median of runs) |", "|---|---|---|---|---|---|---|---|"]
+
+    def order(key):
+        rnn, layer, levels, grad = key
+        return (rnn, not layer.startswith("torch.nn."), grad or "", int(levels or 0))
+
+    for key in sorted(groups, key=order):
+        rnn, layer, levels, grad = key
+        g = sorted(groups[key], key=lambda r: int(r["seed"]))
+        bpc = [float(r["val_bpc"]) for r in g]
+        mean, std = stats(bpc)
+        delta = f"{mean - baseline[rnn]:+.3f}" if rnn in baseline and not layer.startswith("torch.nn.") else ""
+        ms = statistics.median(float(r["ms_per_step"]) for r in g)
+        lines.append(f"| {layer} | {levels or '-'} | {grad or '-'} | {len(g)} | {mean:.3f} ± {std:.3f} | "
+                     f"{delta} | {' / '.join(f'{b:.3f}' for b in bpc)} | {ms:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--summarize"]:
+        if len(argv) != 2:
+            raise SystemExit("usage: train_char_lm.py --summarize RESULTS.csv")
+        print(summarize(argv[1]))
+        return
     args = build_parser().parse_args(argv)
     save(run(args), args)
 

@@ -31,3 +31,7 @@ def test_quick_run_writes_json_and_csv(tmp_path, args):
     assert 0 < result["val_bpc"] < 10 and result["ms_per_step"] > 0 and result["peak_mib"] > 0
     rows = list(csv.DictReader(out_csv.open()))
     assert len(rows) == runs and rows[-1]["val_bpc"] == str(result["val_bpc"])
+    table = subprocess.run([sys.executable, SCRIPT, "--summarize", str(out_csv)], capture_output=True,
+                           text=True, timeout=120, env=env)
+    assert table.returncode == 0, table.stderr
+    assert f"| {result['val_bpc']:.3f} ± " in table.stdout
