@@ -360,7 +360,8 @@ def _lstm_step_bwd_kernel(
         s_f = _sigmoid(tl.load(pre + (cols + H)[None, :] * stride_ph, mask=mask, other=0.0))
         t_g = _tanh(tl.load(pre + (cols + 2 * H)[None, :] * stride_ph, mask=mask, other=0.0))
         s_o = _sigmoid(tl.load(pre + (cols + 3 * H)[None, :] * stride_ph, mask=mask, other=0.0))
-        dd_i, dd_f, dd_g, dd_o = s_i * (1.0 - s_i), s_f * (1.0 - s_f), 1.0 - t_g * t_g, s_o * (1.0 - s_o)
+        dd_i, dd_f = s_i * (1.0 - s_i), s_f * (1.0 - s_f)
+        dd_g, dd_o = 1.0 - t_g * t_g, s_o * (1.0 - s_o)
     else:  # the bin means of the codes
         dd_i = _code_derivative(k_i, LEVELS, "sigmoid", ACC)
         dd_f = _code_derivative(k_f, LEVELS, "sigmoid", ACC)

@@ -323,8 +323,9 @@ def summarize(path: str) -> str:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["rnn"], r["layer"], r["levels"], r["grad"]), []).append(r)
+    for r in rows:  # a "variant" column (scripts/lstm_cell_variants.py) names the layer's variant
+        layer = r["layer"] + (f" ({r['variant']})" if r.get("variant") else "")
+        groups.setdefault((r["rnn"], layer, r["levels"], r["grad"]), []).append(r)
 
     def stats(values):
         mean = statistics.fmean(values)

@@ -35,3 +35,32 @@ def test_quick_run_writes_json_and_csv(tmp_path, args):
                            text=True, timeout=120, env=env)
     assert table.returncode == 0, table.stderr
     assert f"| {result['val_bpc']:.3f} ± " in table.stdout
+
+
+@pytest.mark.parametrize("levels", [2, 16, 256])
+def test_cell_variant_script_matches_discrete_lstm(levels):
+    """scripts/lstm_cell_variants.py's plain-autograd cell, as the adopted variant (standard gates,
+    tanh'(c), clamp), is DiscreteLSTM: same outputs and gradients (float64), so the variants it
+    measures differ from the library only where their flags say."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import torch
+    from lstm_cell_variants import VariantLSTM
+
+    from discrnn import DiscreteLSTM
+
+    torch.manual_seed(0)
+    lib = DiscreteLSTM(6, 8, batch_first=True, levels=levels, chunk_size=4, cell_clip=1.0).double()
+    var = VariantLSTM(6, 8, levels, "standard", "exact", 1.0).double()
+    var.load_state_dict(lib.state_dict())
+    with torch.no_grad():
+        for m in (lib, var):
+            m.bias_ih_l0[8:16] = 3.0  # forget gates open: the clamp is active
+    x = torch.randn(3, 10, 6, dtype=torch.float64, requires_grad=True)
+    results = []
+    for m in (lib, var):
+        y, (h, c) = m(x)
+        loss = (y * torch.sin(3 * y + 1)).sum() + (c * c).sum()
+        results.append([y, c, *torch.autograd.grad(loss, [x, *m.parameters()])])
+    assert float(results[0][1].detach().abs().max()) == 1.0
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
