@@ -21,7 +21,8 @@ the clamp was active.
 The per-step functions below keep their signatures (they are the reference of the Triton kernels);
 the forward ones run through :class:`LSTMForwardStep` / :class:`GRUForwardStep`, which the layers
 (``discrnn.lstm_function`` / ``gru_function``, torch backend) call directly with preallocated
-buffers, a few aten calls per step. They are bit-identical to encoding and decoding each gate with ``codec_torch``:
+buffers, a few aten calls per step. They are bit-identical to encoding and decoding each gate with
+``codec_torch``:
 
 * all LSTM gate planes (both GRU r, z planes) are encoded in one pass with per-plane constants:
   ``(act + a) * m`` with ``a`` 1 for the tanh plane, 0 otherwise, and ``m`` = (L - 1) / 2 or
