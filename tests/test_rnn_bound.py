@@ -7,8 +7,8 @@ steps, float32 and bfloat16. (The state bound holds for any weights; the gradien
 finite here, but as in any RNN a recurrent weight matrix large enough makes them grow with the
 window's length: ten times the initial range overflows float32 within 1000 steps at 2 levels.)
 
-The default suite runs the 10^4-step case for a few (levels, grad, dtype) and a short sequence for
-every level count 2..256; ``--runslow`` runs 10^4 steps for the whole grid."""
+10^4 steps run for a sample of level counts (both ends, powers of two, odd counts), both gradient
+modes and both dtypes; a short carried run covers every level count 2..256."""
 
 import math
 
@@ -63,25 +63,14 @@ def run_carried(module, steps, window, batch=2, seed=1):
     return largest
 
 
-@pytest.mark.parametrize(
-    "levels, grad, dtype",
-    [(2, "code", torch.float32), (16, "code", torch.float32), (256, "exact", torch.bfloat16),
-     (64, "code", torch.bfloat16)],
-)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad", ["code", "exact"])
+@pytest.mark.parametrize("levels", LEVEL_SAMPLE)
 def test_cell_state_bounded_over_10k_carried_steps(levels, grad, dtype):
     module = saturated_lstm(levels, grad, dtype)
     largest = run_carried(module, steps=10_000, window=1000)
     # the clamp is what holds it: the saturated cell runs into the bound
     assert largest == DEFAULT_CELL_CLIP
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("grad", ["code", "exact"])
-@pytest.mark.parametrize("levels", LEVEL_SAMPLE)
-def test_cell_state_bounded_over_10k_carried_steps_all(levels, grad, dtype):
-    module = saturated_lstm(levels, grad, dtype)
-    assert run_carried(module, steps=10_000, window=1000) == DEFAULT_CELL_CLIP
 
 
 @pytest.mark.parametrize("grad", ["code", "exact"])
@@ -116,7 +105,7 @@ def test_unclamped_cell_would_grow():
     """What the clamp prevents: the same saturated cell with a huge bound grows by ~1 per step."""
     module = saturated_lstm(16, "code", torch.float64, cell_clip=1e6)
     _, (_, c) = module(torch.zeros(200, 2, 4, dtype=torch.float64))
-    assert float(c.abs().max()) > 150
+    assert float(c.detach().abs().max()) > 150
 
 
 @pytest.mark.parametrize("bad, error", [(0.0, ValueError), (-1.0, ValueError), (math.inf, ValueError),
