@@ -2,46 +2,15 @@
 
 from __future__ import annotations
 
-import math
-import os
-import platform
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
+# Where a benchmark ran: the library's own helpers (shared with discrnn-profile).
+from discrnn.profiling.report import device_name, git_commit, load_average
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> float:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return math.nan
-
-
-def git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
-        return (head + ("+dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+__all__ = ["add_device_argument", "device_name", "git_commit", "load_average", "resolve_device",
+           "save_figure"]
 
 
 def add_device_argument(parser) -> None:

@@ -54,7 +54,6 @@ import gc
 import math
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import time
@@ -69,6 +68,12 @@ from torch import nn
 import discrnn
 from discrnn import DiscreteGRU, DiscreteLSTM
 from discrnn.backend import resolve_backend
+# The RSS and saved-tensor measurement lives in the library (shared with discrnn-profile); the
+# underscore names are this script's own and scripts/rnn_memory.py's (B.MMAP_THRESHOLD).
+from discrnn.profiling.memory import MMAP_THRESHOLD, KeptBytes  # noqa: F401
+from discrnn.profiling.memory import reset_rss_peak as _reset_rss_peak
+from discrnn.profiling.memory import rss_now as _rss_now
+from discrnn.profiling.memory import rss_peak as _rss_peak
 from bench_env import (  # scripts/ is on sys.path
     add_device_argument, device_name, git_commit, load_average, resolve_device, save_figure,
 )
@@ -80,8 +85,6 @@ CODES_PER_UNIT = {"lstm": 5, "gru": 4}  # i, f, g, o, tanh(c) / r, z, n, h
 # Steps of the untimed warm-up call in the memory process. Short on purpose: blocks below the mmap
 # threshold that it frees stay in the heap, and the measured call would reuse them unseen.
 WARMUP_STEPS = 2
-# glibc: every allocation above 64 KiB gets its own mapping, returned to the system when freed.
-MMAP_THRESHOLD = "65536"
 
 # shared/BASELINES.md: kept bytes per step x batch x hidden unit that discrnn aims at, and the GPU
 # targets against cuDNN (time within 1.3x, at most a quarter of its peak memory).
@@ -175,58 +178,8 @@ def forward_backward(module: nn.Module, x: torch.Tensor):
     return y, backward(module, x, y, states)
 
 
-class KeptBytes:
-    """Counts the distinct storages autograd saves for backward during a forward pass (identity
-    hooks: nothing is copied or changed). ``total(exclude)`` leaves out storages that exist
-    anyway."""
-
-    def __init__(self):
-        self.storages: dict[int, int] = {}
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        self.storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
-    def total(self, exclude: list[torch.Tensor]) -> int:
-        excluded = {t.untyped_storage().data_ptr() for t in exclude}
-        return sum(n for ptr, n in self.storages.items() if ptr not in excluded)
-
-
 # ---------------------------------------------------------------------------------------------
 # Peak memory, in a fresh process per configuration
-
-
-def _rss_now() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return None
-
-
-def _rss_peak() -> int:
-    # ru_maxrss is in KiB on Linux, in bytes on macOS.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def _reset_rss_peak() -> bool:
-    """Writing 5 to clear_refs resets the high-water mark (and ru_maxrss) to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def memory_worker(case: Case) -> dict:

@@ -1,0 +1,252 @@
+"""discrnn-profile (discrnn/profile.py, discrnn/profiling/): a smoke run with tiny settings writes
+every output file with finite figures; bad flags end with one line and a non-zero exit; the parts
+(size parsing, parameter count, the budget search, the frontier, the variants) on their own."""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from discrnn.profile import PROG, parse_bytes, resolve
+from discrnn.profiling.report import pareto_flags
+from discrnn.profiling.search import longest_within, straight_line_guess
+from discrnn.profiling.variants import (StackConfig, build, default_variant_names, parse_variant,
+                                        token_stream, train_step)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The profiler runs compiled kernels or the torch path, never the interpreter the tests set up.
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+# Figures every point of a smoke run must carry (a finite number each).
+POINT_FIGURES = ["length", "batch", "hidden", "layers", "static_bytes", "peak_bytes", "total_bytes",
+                 "total_mib", "peak_per_unit", "kept_rnn_bytes", "kept_per_unit",
+                 "kept_step_bytes", "ms_median", "ms_min", "ms_max", "spread_pct", "timed_steps",
+                 "tokens_per_s", "loss_first", "loss_last", "time_vs_lstm", "total_vs_lstm",
+                 "kept_vs_lstm", "threads_per_process", "load_avg_1min_start", "wall_s"]
+BUDGET_FIGURES = ["budget_bytes", "longest_length", "resolution", "max_length",
+                  "total_bytes_at_longest", "longest_vs_lstm", "search_runs"]
+
+
+def _finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _check_csv(path, figures, rows_expected):
+    rows = list(csv.DictReader(path.open()))
+    assert len(rows) == rows_expected
+    for row in rows:
+        assert not row["error"], row["error"]
+        for key in figures:
+            assert _finite_number(row[key]), f"{path.name} {row['variant']}: {key}={row[key]!r}"
+        for key, value in row.items():  # nothing that looks like a number may be nan or inf
+            if value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+                pytest.fail(f"{path.name} {row['variant']}: {key}={value!r}")
+        for key in ("device_name", "torch", "triton", "discrnn", "command"):
+            assert row[key], key
+    return rows
+
+
+def _walk_numbers(obj, where=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk_numbers(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _walk_numbers(v, f"{where}[{i}]")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield where, obj
+
+
+def test_quick_run_writes_every_file_with_finite_figures(tmp_path):
+    out = tmp_path / "profile"
+    cmd = [sys.executable, "-m", "discrnn.profile", "--quick", "--device", "cpu", "--no-progress",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    variants = default_variant_names([64, 256])
+    lengths = [16, 32]  # the --quick lengths
+
+    points = _check_csv(out / "profile.csv", POINT_FIGURES, len(variants) * len(lengths))
+    assert {r["variant"] for r in points} == set(variants)
+    budget = _check_csv(out / "budget.csv", BUDGET_FIGURES, len(variants))
+    for row in budget:
+        assert int(row["longest_length"]) >= 0
+        assert row["capped"] == "True" or int(row["exceeded_at"]) > int(row["longest_length"])
+
+    # JSON: strict (NaN/Infinity refused by the parser), every number finite, the same points.
+    def refuse(constant):
+        raise AssertionError(f"non-finite {constant} in profile.json")
+
+    doc = json.loads((out / "profile.json").read_text(), parse_constant=refuse)
+    for where, value in _walk_numbers(doc):
+        assert math.isfinite(value), where
+    assert len(doc["points"]) == len(points) and len(doc["budget"]) == len(variants)
+    assert doc["meta"]["command"].endswith(f"--out {out}")
+    for p in doc["points"]:
+        for key in POINT_FIGURES:
+            if key in p:
+                assert p[key] is not None, (p["variant"], key)
+        assert p["timed_steps"] == 3 and p["timed_steps_ok"] is True
+    # Checkpointing changes memory, not the math: same weights, same tokens, same losses.
+    losses = {p["variant"]: p["loss_last"] for p in doc["points"] if p["length"] == 32}
+    assert losses["lstm-ckpt-sqrt"] == pytest.approx(losses["lstm"], rel=1e-4)
+    assert losses["lstm-ckpt-quarter"] == pytest.approx(losses["lstm"], rel=1e-4)
+    assert losses["dlstm-64-ckpt-sqrt"] == pytest.approx(losses["dlstm-64"], rel=1e-4)
+    assert any(p["pareto"] for p in doc["points"] if p["length"] == 32)
+
+    plots = ["peak_vs_length.png", "time_vs_memory.png", "budget.png"]
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "plots skipped: matplotlib does not import" in proc.stdout
+        assert not any((out / name).exists() for name in plots)
+    else:
+        for name in plots:
+            assert (out / name).stat().st_size > 0, name
+
+
+BAD_FLAGS = [
+    (["--hidden", "-3"], "--hidden"),
+    (["--batch", "0"], "--batch"),
+    (["--layers", "two"], "--layers"),
+    (["--lengths", "16", "-1"], "--lengths"),
+    (["--variants", "lstm", "transformer"], "--variants"),
+    (["--variants", "dlstm-300"], "--variants"),
+    (["--levels", "1"], "--levels"),
+    (["--budget", "lots"], "--budget"),
+    (["--budget", "2XB"], "--budget"),
+    (["--budget", "1KiB"], "--budget"),  # below the model's own size
+    (["--quick", "--budget", "100KB"], "--budget"),
+    (["--resolution", "0"], "--resolution"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_FLAGS)
+def test_bad_flag_is_one_line_and_a_nonzero_exit(argv, flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        resolve(["--device", "cpu", *argv])
+    assert info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"{PROG}: error: argument {flag}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_missing_cuda_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        resolve(["--device", "cuda"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"{PROG}: error: argument --device: cuda was asked for, but torch sees no CUDA device"]
+
+
+@pytest.mark.parametrize("argv", [["--hidden", "-3"], ["--budget", "2 furlongs"],
+                                  ["--variants", "lstm", "dlstm-64-bf16"]])
+def test_bad_flag_from_the_command_line_has_no_traceback(argv):
+    proc = subprocess.run([sys.executable, "-m", "discrnn.profile", "--device", "cpu", *argv],
+                          capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("512MiB", 512 * 2**20), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000), ("4096", 4096),
+    ("64 KiB", 64 * 1024), ("2gib", 2 * 2**30), ("1.5G", 3 * 2**29), ("none", None),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_defaults_and_the_budget_floor():
+    args = resolve(["--device", "cpu"])
+    assert (args.layers, args.hidden, args.batch, args.threads) == (2, 512, 16, 1)
+    assert args.variants == default_variant_names([64, 256])
+    assert resolve(["--device", "cpu", "--budget", "none"]).budget is None
+    floor = args.config.static_bytes("gru")  # the smallest variant of the default set
+    assert resolve(["--device", "cpu", "--budget", str(floor)]).budget == floor
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "dlstm-64", "dgru-256"])
+def test_parameter_count_formula(name):
+    cfg = StackConfig(vocab=11, embed=5, hidden=7, layers=3, batch=2)
+    v = parse_variant(name)
+    model, _, _ = build(v, cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.parameter_count(v.cell)
+
+
+def test_variants_share_weights_data_and_checkpointing_keeps_the_math():
+    cfg = StackConfig(vocab=13, embed=6, hidden=8, layers=2, batch=3, dtype="float64")
+    tokens = token_stream(cfg, 17)
+    assert torch.equal(tokens, token_stream(cfg, 17)) and tokens.shape == (17, 3)
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < cfg.vocab
+    losses = {}
+    for name in ["lstm", "lstm-ckpt-sqrt", "lstm-ckpt-quarter", "dlstm-16", "dlstm-16-ckpt-sqrt"]:
+        model, optimizer, state = build(parse_variant(name), cfg)
+        run = []
+        for window in (tokens[:9], tokens[8:]):  # two steps, state carried
+            loss, state = train_step(model, optimizer, window, state)
+            run.append(float(loss))
+        losses[name] = run
+    for ckpt, plain in [("lstm-ckpt-sqrt", "lstm"), ("lstm-ckpt-quarter", "lstm"),
+                        ("dlstm-16-ckpt-sqrt", "dlstm-16")]:
+        assert losses[ckpt] == pytest.approx(losses[plain], rel=1e-9, abs=1e-12)
+
+
+def test_variant_names():
+    v = parse_variant("dlstm-64-ckpt-sqrt")
+    assert (v.cell, v.levels, v.bf16, v.ckpt) == ("lstm", 64, False, "sqrt")
+    assert v.segment_length(100) == 10 and v.segment_length(101) == 11
+    assert parse_variant("lstm-ckpt-quarter").segment_length(10) == 3
+    assert parse_variant("lstm-bf16").bf16
+    for bad in ["lstm-", "dlstm", "dlstm-1", "dgru-64-bf16", "LSTM"]:
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+
+
+def _linear_run(a, b, calls):
+    def run(T):
+        calls.append(T)
+        return a + b * T
+    return run
+
+
+@pytest.mark.parametrize("known", [[], [64, 128], [8192], [6000, 7000, 20000]])
+@pytest.mark.parametrize("resolution", [0.5, 0.125, 1 / 64])
+def test_search_brackets_the_budget_in_real_runs(known, resolution):
+    """total(T) = 40 + 16 T fits 100_000 up to T = 6247: the answer fits, the next length found
+    does not, they are at most the resolution apart, and both were run (or known)."""
+    calls = []
+    known = {T: 40 + 16 * T for T in known}
+    res = longest_within(_linear_run(40, 16, calls), 100_000, known=known,
+                         resolution=resolution, max_length=1 << 20,
+                         guess=straight_line_guess(list(known.items()), 100_000))
+    assert 40 + 16 * res.longest <= 100_000 < 40 + 16 * res.exceeded_at
+    assert res.exceeded_at - res.longest <= max(1, int(resolution * res.longest))
+    assert res.longest in res.evidence and res.exceeded_at in res.evidence
+    assert set(calls) | set(known) == set(res.evidence) and res.new_runs == len(calls)
+    assert not res.capped and len(calls) == len(set(calls))
+
+
+def test_search_capped_and_nothing_fits():
+    res = longest_within(lambda T: 1.0, 10, known={}, resolution=0.25, max_length=1000)
+    assert res.capped and res.longest == 1000 and res.exceeded_at is None
+    res = longest_within(lambda T: math.inf, 10, known={8: math.inf}, resolution=0.25,
+                         max_length=1000)
+    assert res.longest == 0 and res.exceeded_at == 1 and sorted(res.evidence) == [1, 2, 4, 8]
+
+
+def test_pareto_flags():
+    points = [{"total_bytes": 1, "ms_median": 9, "error": ""},
+              {"total_bytes": 5, "ms_median": 2, "error": ""},
+              {"total_bytes": 6, "ms_median": 3, "error": ""},  # beaten by the second
+              {"total_bytes": 5, "ms_median": 2, "error": ""},  # a tie is not beaten
+              {"total_bytes": 0, "ms_median": 0, "error": "failed"}]
+    assert pareto_flags(points) == [True, True, False, True, False]
