@@ -68,12 +68,10 @@ from torch import nn
 import discrnn
 from discrnn import DiscreteGRU, DiscreteLSTM
 from discrnn.backend import resolve_backend
-# The RSS and saved-tensor measurement lives in the library (shared with discrnn-profile); the
-# underscore names are this script's own and scripts/rnn_memory.py's (B.MMAP_THRESHOLD).
-from discrnn.profiling.memory import MMAP_THRESHOLD, KeptBytes  # noqa: F401
-from discrnn.profiling.memory import reset_rss_peak as _reset_rss_peak
-from discrnn.profiling.memory import rss_now as _rss_now
-from discrnn.profiling.memory import rss_peak as _rss_peak
+# The RSS and saved-tensor measurement lives in the library (shared with discrnn-profile).
+from discrnn.profiling.memory import (  # noqa: F401 (MMAP_THRESHOLD: scripts/rnn_memory.py)
+    MMAP_THRESHOLD, KeptBytes, memory_baseline, memory_peak, rss_now,
+)
 from bench_env import (  # scripts/ is on sys.path
     add_device_argument, device_name, git_commit, load_average, resolve_device, save_figure,
 )
@@ -195,25 +193,13 @@ def memory_worker(case: Case) -> dict:
     del out, warm_x
     gc.collect()
 
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        peak_reset = True
-    else:
-        peak_reset = _reset_rss_peak()
-        base = _rss_now() if peak_reset else _rss_peak()  # without a reset: the old high-water mark
+    base, peak_reset = memory_baseline(device)
 
     with KeptBytes() as kept:
         y, states = module(x)
     grads = backward(module, x, y, states)
-    if cuda:
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        end = torch.cuda.memory_allocated(device) - base
-    else:
-        peak = _rss_peak() - base
-        end = (_rss_now() or 0) - base
+    peak = memory_peak(device) - base
+    end = (torch.cuda.memory_allocated(device) if cuda else (rss_now() or 0)) - base
     kept_bytes = kept.total([x, y, *module.parameters()])
     del y, states, grads
     return {"peak_bytes": peak, "end_bytes": end, "kept_bytes": kept_bytes,

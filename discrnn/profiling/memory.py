@@ -65,6 +65,27 @@ def rss_peak_of(pid: int) -> int | None:
     return None
 
 
+def memory_baseline(device: torch.device) -> tuple[int, bool]:
+    """(baseline bytes, whether the peak was reset) before a measured call: CUDA,
+    ``memory_allocated`` after ``reset_peak_memory_stats``; CPU, the RSS right after resetting the
+    high-water mark (where that is impossible, the old high-water mark itself)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device), True
+    reset = reset_rss_peak()
+    return (rss_now() if reset else rss_peak()), reset
+
+
+def memory_peak(device: torch.device) -> int:
+    """The high-water mark since :func:`memory_baseline`: CUDA ``max_memory_allocated``, CPU the RSS
+    high-water mark; subtract the baseline for what the call added."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return rss_peak()
+
+
 class KeptBytes:
     """Counts the distinct storages autograd saves for backward while the context is open
     (identity hooks: nothing is copied or changed). ``total(exclude)`` leaves out storages that

@@ -52,7 +52,7 @@ import traceback
 
 import torch
 
-from .memory import MMAP_THRESHOLD, reset_rss_peak, rss_now, rss_peak, rss_peak_of
+from .memory import MMAP_THRESHOLD, memory_baseline, memory_peak, rss_peak_of
 from .variants import (StackConfig, StageKept, build, optimizer_state_bytes, parameter_bytes,
                        parse_variant, token_stream, train_step)
 
@@ -83,14 +83,7 @@ def memory_task(payload: dict, send) -> dict:
     gc.collect()
     static = parameter_bytes(model) + optimizer_state_bytes(optimizer)
 
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        peak_reset = True
-    else:
-        peak_reset = reset_rss_peak()
-        base = rss_now() if peak_reset else rss_peak()  # without a reset: the old high-water mark
+    base, peak_reset = memory_baseline(device)
     send(("baseline", {"rss": base, "static": static, "cuda": cuda}))
 
     kept = StageKept()
@@ -101,11 +94,7 @@ def memory_task(payload: dict, send) -> dict:
         if cuda and _is_oom(exc):
             return {"exceeded": True, "oom": True, "static_bytes": static}
         raise
-    if cuda:
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = rss_peak() - base
+    peak = memory_peak(device) - base
     params = list(model.parameters())
     return {
         "peak_bytes": peak, "static_bytes": static, "total_bytes": static + peak,
