@@ -401,7 +401,15 @@ def budget_search(args, points: list[dict]) -> list[dict]:
     with ThreadPoolExecutor(args.jobs) as pool, _progress(
             args, total=len(args.variants), desc=f"budget {human_bytes(budget)}",
             unit="variant") as bar:
-        futures = {pool.submit(one, name): name for name in args.variants}
+        # The longest searches first (a search's runs cost about as much as the lengths they try),
+        # so that the last one to finish does not run alone while the other workers idle.
+        def expected_length(name):
+            mine = [(p["length"], p["total_bytes"]) for p in points
+                    if p["variant"] == name and p["total_bytes"] is not None]
+            return straight_line_guess(mine, budget) or 0.0
+
+        order = sorted(args.variants, key=expected_length, reverse=True)
+        futures = {pool.submit(one, name): name for name in order}
         for future in as_completed(futures):
             name = futures[future]
             rows[name] = future.result()

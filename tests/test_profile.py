@@ -235,6 +235,25 @@ def test_search_brackets_the_budget_in_real_runs(known, resolution):
     assert not res.capped and len(calls) == len(set(calls))
 
 
+def test_search_around_a_good_guess_takes_two_runs():
+    """With the sweep's points on the line, the two probes around the guess close the bracket."""
+    calls = []
+    known = {T: 40 + 16 * T for T in (64, 128, 256)}
+    res = longest_within(_linear_run(40, 16, calls), 100_000, known=known, resolution=0.25,
+                         max_length=1 << 20, guess=straight_line_guess(list(known.items()), 100_000))
+    assert len(calls) == 2 and res.longest < 6247.5 < res.exceeded_at
+
+
+@pytest.mark.parametrize("guess", [100.0, 5000.0, 6247.0, 6300.0, 9000.0, 1e9])
+def test_search_is_right_whatever_the_guess(guess):
+    """A wrong guess costs runs, never the answer: it is only where the first probes go."""
+    calls = []
+    res = longest_within(_linear_run(40, 16, calls), 100_000, known={64: 40 + 16 * 64},
+                         resolution=0.25, max_length=1 << 20, guess=guess)
+    assert 40 + 16 * res.longest <= 100_000 < 40 + 16 * res.exceeded_at
+    assert res.exceeded_at - res.longest <= max(1, int(0.25 * res.longest))
+
+
 def test_search_capped_and_nothing_fits():
     res = longest_within(lambda T: 1.0, 10, known={}, resolution=0.25, max_length=1000)
     assert res.capped and res.longest == 1000 and res.exceeded_at is None

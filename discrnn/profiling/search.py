@@ -8,12 +8,14 @@ never extrapolates: its answer ``longest`` is a length that ran within the budge
 1. Known points (the sweep's own fresh-process runs of the same variant) count as runs.
 2. If none of them fits: halve the shortest failing length until one fits (or T = 1 fails: the
    answer is 0, nothing fits).
-3. Power-of-two doubling from the longest length that fits until one does not (or ``max_length``
-   is reached: the answer is then marked ``capped``, a lower bound). ``guess``, a length the
-   sweep's straight-line fit predicts to fit, only chooses where on that doubling grid to start:
-   the doubling steps the fit says fit comfortably (below ``guess``) are skipped, which saves the
-   longest of the passing runs. If that start does not fit, the bracket is simply wider.
-4. Bisection of the bracket [fits, exceeds] until it is narrower than the resolution.
+3. ``guess``, the length where the sweep's straight-line fit reaches the budget, proposes a first
+   bracket of the resolution's width just around it: two real runs, one a little below the guess
+   and one a little above. Memory grows linearly in T, so usually the first fits and the second
+   does not, and the search is done in two runs; whatever they show is simply more evidence
+   (nothing is concluded from the fit itself).
+4. Power-of-two doubling from the longest length that fits until one does not (or ``max_length``
+   is reached: the answer is then marked ``capped``, a lower bound).
+5. Bisection of the bracket [fits, exceeds] until it is narrower than the resolution.
 """
 
 from __future__ import annotations
@@ -56,7 +58,18 @@ def longest_within(run: Callable[[int], float], budget: float, *, known: dict[in
         hi = min((T for T, v in evidence.items() if v > budget and T > lo), default=None)
         return lo, hi
 
+    def close_enough(lo: int, hi: int) -> bool:
+        return hi - lo <= max(1, int(resolution * lo))
+
     lo, hi = bracket()
+    # 3 (first, when the fit gives a guess inside the open bracket): probe around the guess.
+    if guess is not None and math.isfinite(guess) and guess > lo and (hi is None or guess < hi):
+        below = min(max(lo + 1, int(guess * (1 - resolution / 2))), max_length)
+        if fits(below):
+            above = min(below + max(1, int(resolution * below)), max_length)
+            if above > below and (hi is None or above < hi):
+                fits(above)
+        lo, hi = bracket()
     # 2. Nothing known fits: halve down.
     while lo == 0:
         T = (hi // 2) if hi is not None else 1
@@ -66,21 +79,18 @@ def longest_within(run: Callable[[int], float], budget: float, *, known: dict[in
             lo = T
         else:
             hi = T
-    # 3. Doubling, from the longest that fits (or from the guess, on the same grid).
+    # 4. Doubling, from the longest that fits.
     while lo > 0 and hi is None:
         if lo >= max_length:
             result.capped = True
             break
-        T = 2 * lo
-        if guess is not None and guess >= 4 * lo:
-            T = lo * 2 ** int(math.floor(math.log2(guess / lo)))
-        T = min(T, max_length)
+        T = min(2 * lo, max_length)
         if fits(T):
             lo = T
         else:
             hi = T
-    # 4. Bisection.
-    while lo > 0 and hi is not None and hi - lo > max(1, int(resolution * lo)):
+    # 5. Bisection.
+    while lo > 0 and hi is not None and not close_enough(lo, hi):
         mid = (lo + hi) // 2
         if fits(mid):
             lo = mid
