@@ -120,6 +120,20 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     return y, h_n, c_n, final_codes, checkpoints
 
 
+def _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m, w_ih_a, lo, hi, d_w_ih, d_w_hh, d_b,
+                        d_w_hr, dx):
+    """Accumulate one chunk's weight and bias gradients and write its dx rows lo..hi, from its gate
+    gradients [rows, 4H], h_{t-1} rows, and (with proj_size) dL/dh and m = o u rows."""
+    d_w_hh.addmm_(dgates.t(), h_prev)
+    d_w_ih.addmm_(dgates.t(), input_rows(ctx, ctx.cfg, kept, lo, hi).to(dgates.dtype))
+    if d_b is not None:
+        d_b += dgates.sum(0)
+    if d_w_hr is not None:
+        d_w_hr.addmm_(dhs.t(), m)
+    if dx is not None:
+        mm_into(dgates, w_ih_a, dx[lo:hi])
+
+
 def _lstm_backward_chunked(
     ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, preact, dy, dh_n, dc_n
 ):
@@ -249,15 +263,9 @@ def _lstm_backward_chunked(
 
         # Chunk-wide: h_{t-1} rows, weight gradients, dx.
         h_prev = previous_rows(as_output(m_all), m_before, h_init, cfg, steps, lo, acc)
-        d_w_hh.addmm_(dgates.t(), h_prev)
+        _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m_all, w_ih_a, lo, hi,
+                            d_w_ih, d_w_hh, d_b, d_w_hr, dx)
         del h_prev
-        d_w_ih.addmm_(dgates.t(), input_rows(ctx, cfg, kept, lo, hi).to(acc))
-        if d_b is not None:
-            d_b += dgates.sum(0)
-        if d_w_hr is not None:
-            d_w_hr.addmm_(dhs.t(), m_all)
-        if dx is not None:
-            mm_into(dgates, w_ih_a, dx[lo:hi])
         del dgates, dg4, dg_s, dgifg_s, dgo_s, dh_s, dhs, m_all, m_before  # before the next chunk's
     if pend_dg is not None:
         flush()
@@ -442,13 +450,7 @@ class LSTMLayerFunction(torch.autograd.Function):
             del c_prevs
 
             h_prev = previous_rows(as_output(m_chunk), before, h_init, cfg, steps, lo, acc)
-            d_w_hh.addmm_(dgates.t(), h_prev)
+            _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m_chunk, w_ih_a, lo, hi,
+                                d_w_ih, d_w_hh, d_b, d_w_hr, dx)
             del h_prev
-            d_w_ih.addmm_(dgates.t(), input_rows(ctx, cfg, kept, lo, hi).to(acc))
-            if d_b is not None:
-                d_b += dgates.sum(0)
-            if d_w_hr is not None:
-                d_w_hr.addmm_(dhs.t(), m_chunk)
-            if dx is not None:
-                mm_into(dgates, w_ih_a, dx[lo:hi])
         return dx, dh_state, dc_state, d_w_ih, d_w_hh, d_b, d_w_hr
