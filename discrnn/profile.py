@@ -32,9 +32,11 @@ Measured, per variant and sequence length T (``--lengths``):
   variant, the same number of steps from the same weights): quality is not traded silently;
 * the Pareto frontier of each T: the variants no other beats on both total memory and time.
 
-With ``--budget``, for each variant the longest T whose training step fits within it, found by
-doubling and bisection in real runs in fresh processes (``discrnn.profiling.search``), to
-``--resolution``, never extrapolated; on CPU a run is stopped once it crosses the budget.
+With ``--budget``, for each variant of ``--budget-variants`` the longest T whose training step
+fits within it, found in real runs in fresh processes (``discrnn.profiling.search``): two runs
+around the length where the sweep's straight line meets the budget, at once (usually the whole
+search), then doubling and bisection, to ``--resolution``; never extrapolated. On CPU a run is
+stopped once it crosses the budget.
 
 Processes: ``--jobs`` at a time (default 2 on a CPU with two or more cores, one thread each), so
 on a 2-core CPU a timing process may share the machine with a memory process; the interleaved
@@ -49,14 +51,18 @@ that were not measured are left empty (CSV) or null (JSON), never written as num
 
     discrnn-profile                      # the default (below)
     discrnn-profile --quick              # seconds: tiny sizes, only shows that it runs
-    discrnn-profile --variants lstm dlstm-64 --budget 2GiB --resolution 0.0625
+    discrnn-profile --budget-variants lstm lstm-ckpt-sqrt dlstm-64   # checkpointing searched too
 
 Defaults on CPU: 2 layers, hidden 512, batch 16, embedding 128, vocabulary 256, T in {128, 256,
-512}, 3 timed steps, budget 512 MiB at a resolution of 1/4. Measured: 695 s on a 2-core CPU that
-was running four other training processes (load average 3.7-5), i.e. about a third of the CPU;
-estimated 3-4 minutes on an idle one (not measured). The budget search costs as much as the
-sweep: a few real steps at the longest length that fits, for each variant. At 2 GiB those lengths
-are four times longer, so is the search; ask for it with ``--budget 2GiB`` (and fewer variants).
+512}, 3 timed steps, budget 2 GiB at a resolution of 1/16 for torch.nn.LSTM and DiscreteLSTM at
+the first --levels (``--budget-variants headline``): one run at the length that fits 2 GiB takes
+about a minute for DiscreteLSTM on one core, and several for the checkpointed variants, which fit
+far longer sequences (``--budget-variants all`` searches every variant). The README gives the
+measured wall time of the default. The loss after the few steps of a profile guards against a
+broken variant (NaN, divergence); it is too early to tell quality apart (see
+``scripts/train_char_lm.py`` for that). The step frees its own reference to the logits before
+backward, as ``loss = F.cross_entropy(model(x), y)`` does.
+
 At ``--quick`` sizes the peaks are a few heap pages: noise, by design only a smoke test.
 """
 
@@ -69,6 +75,7 @@ import re
 import shlex
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -90,12 +97,14 @@ DEFAULTS = {
     # sized for about 3-4 minutes on an idle 2-core CPU (one thread per process, two at once);
     # the 512 MiB budget rather than 2 GiB keeps the search within that (see the docstring).
     "cpu": dict(layers=2, hidden=512, batch=16, vocab=256, embed=128, lengths=[128, 256, 512],
-                steps=3, warmup=0, budget="512MiB", resolution=0.25, max_length=1 << 15),
+                steps=3, warmup=0, budget="2GiB", resolution=0.0625, max_length=1 << 15,
+                budget_variants="headline"),
     "cuda": dict(layers=2, hidden=1024, batch=16, vocab=256, embed=256,
                  lengths=[256, 512, 1024, 2048], steps=10, warmup=2, budget="4GiB",
-                 resolution=0.125, max_length=1 << 18),
+                 resolution=0.125, max_length=1 << 18, budget_variants="all"),
     "quick": dict(layers=2, hidden=32, batch=4, vocab=64, embed=16, lengths=[16, 32], steps=3,
-                  warmup=0, budget="4MiB", resolution=0.5, max_length=256),
+                  warmup=0, budget="4MiB", resolution=0.5, max_length=256,
+                  budget_variants="all"),
 }
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20,
           "mb": 10**6, "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40,
@@ -161,6 +170,17 @@ def _resolution(text: str) -> float:
     return value
 
 
+def _variant_or_set(text: str) -> str:
+    return text if text in ("all", "headline") else _variant(text)
+
+
+def headline_variants(levels: list[int]) -> list[str]:
+    """What the budget search compares by default on CPU: torch.nn.LSTM and DiscreteLSTM. (The
+    checkpointed variants fit far longer sequences, whose runs take minutes each on a CPU: ask
+    for them with --budget-variants.)"""
+    return ["lstm", f"dlstm-{levels[0]}"]
+
+
 _UNSET = object()  # --budget not given (None means "none": no search)
 
 
@@ -205,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=parse_bytes, default=_UNSET,
                    help="memory budget for the longest-T search, e.g. 512MiB, 2GiB, 1.5GB; none "
                    "skips the search")
+    p.add_argument("--budget-variants", type=_variant_or_set, nargs="+",
+                   help="variants the budget search runs for (each must be in --variants): names, "
+                   "'all', or 'headline' = lstm and dlstm-L of the first --levels (default on "
+                   "CPU, where one run at the length that fits 2 GiB takes about a minute for "
+                   "DiscreteLSTM and two for lstm-ckpt-sqrt; all on CUDA)")
     p.add_argument("--resolution", type=_resolution,
                    help="budget search stops when the bracket is narrower than this fraction of T")
     p.add_argument("--max-length", type=_positive_int, help="longest T the budget search tries")
@@ -231,10 +256,25 @@ def resolve(argv=None):
         if key == "budget":
             if args.budget is _UNSET:
                 args.budget = parse_bytes(value)
+        elif key == "budget_variants":
+            if args.budget_variants is None:
+                args.budget_variants = [value]
         elif getattr(args, key, None) is None:
             setattr(args, key, value)
     args.lengths = sorted(set(args.lengths))
     args.variants = list(dict.fromkeys(args.variants or default_variant_names(args.levels)))
+    chosen = []
+    for name in args.budget_variants:
+        if name == "all":
+            chosen += args.variants
+        elif name == "headline":
+            chosen += [v for v in headline_variants(args.levels) if v in args.variants]
+        elif name not in args.variants:
+            parser.error(f"argument --budget-variants: {name} is not among the profiled variants "
+                         f"({' '.join(args.variants)})")
+        else:
+            chosen.append(name)
+    args.budget_variants = [v for v in args.variants if v in chosen]  # in --variants order
     args.threads = args.threads or (1 if device.type == "cpu" else torch.get_num_threads())
     args.jobs = args.jobs or (min(2, os.cpu_count() or 1) if device.type == "cpu" else 1)
     args.device = device
@@ -242,7 +282,7 @@ def resolve(argv=None):
                               layers=args.layers, batch=args.batch, dtype=args.dtype,
                               device=str(device), seed=args.seed, chunk_size=args.chunk_size)
     if args.budget is not None:
-        cells = {parse_variant(v).cell for v in args.variants}
+        cells = {parse_variant(v).cell for v in args.budget_variants or args.variants}
         need = min(args.config.static_bytes(c) for c in cells)
         if args.budget < need:
             params = min(args.config.parameter_count(c) for c in cells)
@@ -356,9 +396,11 @@ def build_points(args, memory: dict, timing: dict) -> list[dict]:
 
 
 def budget_search(args, points: list[dict]) -> list[dict]:
-    """The longest T within ``args.budget`` for every variant, one search per variant, the
-    variants ``args.jobs`` at a time (each search is a chain of runs, one after the other)."""
+    """The longest T within ``args.budget`` for every variant of ``args.budget_variants``, one
+    search per variant, all searches at once but at most ``args.jobs`` runs at a time (a search's
+    first two runs may go together, see ``discrnn.profiling.search``)."""
     budget, cuda = args.budget, args.device.type == "cuda"
+    slots = threading.Semaphore(args.jobs)
 
     def one(name: str) -> dict:
         mine = [p for p in points if p["variant"] == name]
@@ -371,8 +413,9 @@ def budget_search(args, points: list[dict]) -> list[dict]:
                                      if p["total_bytes"] is not None], budget)
 
         def run(T: int) -> float:
-            res = run_task("memory", _payload(args, variant=name, steps=T),
-                           budget_bytes=None if cuda else budget)
+            with slots:
+                res = run_task("memory", _payload(args, variant=name, steps=T),
+                               budget_bytes=None if cuda else budget)
             if "error" in res:
                 raise RuntimeError(f"T={T}: {res['error']}")
             return math.inf if res["exceeded"] else res["total_bytes"]
@@ -386,7 +429,8 @@ def budget_search(args, points: list[dict]) -> list[dict]:
             return row
         try:
             res = longest_within(run, budget, known=known, resolution=args.resolution,
-                                 max_length=args.max_length, guess=guess)
+                                 max_length=args.max_length, guess=guess,
+                                 parallel=args.jobs > 1)
         except RuntimeError as exc:
             row["error"] = str(exc)
             return row
@@ -398,8 +442,8 @@ def budget_search(args, points: list[dict]) -> list[dict]:
         return row
 
     rows = {}
-    with ThreadPoolExecutor(args.jobs) as pool, _progress(
-            args, total=len(args.variants), desc=f"budget {human_bytes(budget)}",
+    with ThreadPoolExecutor(max(1, len(args.budget_variants))) as pool, _progress(
+            args, total=len(args.budget_variants), desc=f"budget {human_bytes(budget)}",
             unit="variant") as bar:
         # The longest searches first (a search's runs cost about as much as the lengths they try),
         # so that the last one to finish does not run alone while the other workers idle.
@@ -408,14 +452,14 @@ def budget_search(args, points: list[dict]) -> list[dict]:
                     if p["variant"] == name and p["total_bytes"] is not None]
             return straight_line_guess(mine, budget) or 0.0
 
-        order = sorted(args.variants, key=expected_length, reverse=True)
+        order = sorted(args.budget_variants, key=expected_length, reverse=True)
         futures = {pool.submit(one, name): name for name in order}
         for future in as_completed(futures):
             name = futures[future]
             rows[name] = future.result()
             bar.set_postfix_str(f"{name}: T={rows[name]['longest_length']}")
             bar.update()
-    rows = [rows[name] for name in args.variants]
+    rows = [rows[name] for name in args.budget_variants]
     ref = next((r for r in rows if r["variant"] == "lstm" and r["longest_length"]), None)
     for r in rows:
         if ref is not None and r["longest_length"] is not None:
@@ -521,6 +565,9 @@ def main(argv=None) -> int:
         print(f"  {key:22} {value}")
     print(f"  {'lengths':22} {args.lengths}; {args.steps} timed steps after {args.warmup} "
           f"untimed round(s); variants {' '.join(args.variants)}")
+    if args.budget is not None:
+        print(f"  {'budget':22} {human_bytes(args.budget)} for "
+              f"{' '.join(args.budget_variants) or 'no variant'}")
     load = meta["load_avg_1min_start"]
     if device.type == "cpu" and load is not None and load > 0.5 * (os.cpu_count() or 1):
         print(f"  WARNING: load average {load} on {os.cpu_count()} cores: the CPU is shared; "
@@ -528,7 +575,8 @@ def main(argv=None) -> int:
 
     memory, timing = sweep(args)
     points = build_points(args, memory, timing)
-    budget_rows = budget_search(args, points) if args.budget is not None else []
+    search = args.budget is not None and args.budget_variants
+    budget_rows = budget_search(args, points) if search else []
     meta["load_avg_1min_end"] = report.load_average()
     meta["wall_s"] = round(time.perf_counter() - started, 1)
 
@@ -550,7 +598,8 @@ def main(argv=None) -> int:
         "meta": meta,
         "config": {**vars(cfg), "lengths": args.lengths, "variants": args.variants,
                    "steps": args.steps, "warmup": args.warmup, "min_timed_steps": MIN_TIMED,
-                   "budget_bytes": args.budget, "resolution": args.resolution,
+                   "budget_bytes": args.budget, "budget_variants": args.budget_variants,
+                   "resolution": args.resolution,
                    "max_length": args.max_length},
         "method": __doc__,
         "points": points,

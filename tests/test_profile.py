@@ -9,6 +9,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -170,8 +172,27 @@ def test_defaults_and_the_budget_floor():
     assert (args.layers, args.hidden, args.batch, args.threads) == (2, 512, 16, 1)
     assert args.variants == default_variant_names([64, 256])
     assert resolve(["--device", "cpu", "--budget", "none"]).budget is None
-    floor = args.config.static_bytes("gru")  # the smallest variant of the default set
+    assert args.budget == 2 * 2**30 and args.budget_variants == ["lstm", "dlstm-64"]
+    # The floor is the smallest model among the variants the budget search runs for.
+    floor = args.config.static_bytes("lstm")
     assert resolve(["--device", "cpu", "--budget", str(floor)]).budget == floor
+    with pytest.raises(SystemExit):
+        resolve(["--device", "cpu", "--budget", str(floor - 1)])
+    floor = args.config.static_bytes("gru")  # the smallest variant of the default set
+    every = resolve(["--device", "cpu", "--budget", str(floor), "--budget-variants", "all"])
+    assert every.budget == floor and every.budget_variants == every.variants
+
+
+def test_budget_variants_flag(capsys):
+    args = resolve(["--device", "cpu", "--variants", "gru", "dlstm-16", "lstm",
+                    "--budget-variants", "lstm", "headline", "--levels", "16"])
+    assert args.budget_variants == ["dlstm-16", "lstm"]  # --variants order, no repeats
+    with pytest.raises(SystemExit) as info:
+        resolve(["--device", "cpu", "--variants", "lstm", "--budget-variants", "gru"])
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    assert "--budget-variants: gru is not among the profiled variants" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "dlstm-64", "dgru-256"])
@@ -244,14 +265,34 @@ def test_search_around_a_good_guess_takes_two_runs():
     assert len(calls) == 2 and res.longest < 6247.5 < res.exceeded_at
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("guess", [100.0, 5000.0, 6247.0, 6300.0, 9000.0, 1e9])
-def test_search_is_right_whatever_the_guess(guess):
+def test_search_is_right_whatever_the_guess(guess, parallel):
     """A wrong guess costs runs, never the answer: it is only where the first probes go."""
     calls = []
     res = longest_within(_linear_run(40, 16, calls), 100_000, known={64: 40 + 16 * 64},
-                         resolution=0.25, max_length=1 << 20, guess=guess)
+                         resolution=0.25, max_length=1 << 20, guess=guess, parallel=parallel)
     assert 40 + 16 * res.longest <= 100_000 < 40 + 16 * res.exceeded_at
     assert res.exceeded_at - res.longest <= max(1, int(0.25 * res.longest))
+    assert len(calls) == len(set(calls)) == res.new_runs
+
+
+def test_search_runs_the_two_probes_around_the_guess_at_once():
+    running, overlapped, lock = [0], [False], threading.Lock()
+
+    def run(T):
+        with lock:
+            running[0] += 1
+        time.sleep(0.2)
+        with lock:
+            overlapped[0] |= running[0] == 2
+            running[0] -= 1
+        return 40 + 16 * T
+
+    known = {T: 40 + 16 * T for T in (64, 128, 256)}
+    res = longest_within(run, 100_000, known=known, resolution=1 / 16, max_length=1 << 20,
+                         guess=straight_line_guess(list(known.items()), 100_000), parallel=True)
+    assert overlapped[0] and res.new_runs == 2 and res.longest < 6247.5 < res.exceeded_at
 
 
 def test_search_capped_and_nothing_fits():

@@ -10,9 +10,10 @@ never extrapolates: its answer ``longest`` is a length that ran within the budge
    answer is 0, nothing fits).
 3. ``guess``, the length where the sweep's straight-line fit reaches the budget, proposes a first
    bracket of the resolution's width just around it: two real runs, one a little below the guess
-   and one a little above. Memory grows linearly in T, so usually the first fits and the second
-   does not, and the search is done in two runs; whatever they show is simply more evidence
-   (nothing is concluded from the fit itself).
+   and one a little above (at once, with ``parallel=True``: the second is then speculative).
+   Memory grows linearly in T, so usually the first fits and the second does not, and the search
+   is done in two runs; whatever they show is simply more evidence (nothing is concluded from the
+   fit itself).
 4. Power-of-two doubling from the longest length that fits until one does not (or ``max_length``
    is reached: the answer is then marked ``capped``, a lower bound).
 5. Bisection of the bracket [fits, exceeds] until it is narrower than the resolution.
@@ -21,6 +22,7 @@ never extrapolates: its answer ``longest`` is a length that ran within the budge
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,7 +38,8 @@ class SearchResult:
 
 def longest_within(run: Callable[[int], float], budget: float, *, known: dict[int, float],
                    resolution: float, max_length: int, guess: float | None = None,
-                   on_run: Callable[[int, float], None] | None = None) -> SearchResult:
+                   on_run: Callable[[int, float], None] | None = None,
+                   parallel: bool = False) -> SearchResult:
     if not 0 < resolution <= 1:
         raise ValueError(f"resolution must lie in (0, 1], got {resolution}")
     if max_length < 1:
@@ -52,6 +55,13 @@ def longest_within(run: Callable[[int], float], budget: float, *, known: dict[in
                 on_run(T, evidence[T])
         return evidence[T] <= budget
 
+    def fits_both(a: int, b: int) -> None:
+        """Runs a and b at once (b speculatively: it is wanted only if a fits)."""
+        with ThreadPoolExecutor(2) as pool:
+            later = pool.submit(fits, b)
+            fits(a)
+            later.result()
+
     def bracket() -> tuple[int, int | None]:
         lo = max((T for T, v in evidence.items() if v <= budget), default=0)
         # Above lo only: a longer length that fits outweighs a shorter one that did not (noise).
@@ -65,10 +75,11 @@ def longest_within(run: Callable[[int], float], budget: float, *, known: dict[in
     # 3 (first, when the fit gives a guess inside the open bracket): probe around the guess.
     if guess is not None and math.isfinite(guess) and guess > lo and (hi is None or guess < hi):
         below = min(max(lo + 1, int(guess * (1 - resolution / 2))), max_length)
-        if fits(below):
-            above = min(below + max(1, int(resolution * below)), max_length)
-            if above > below and (hi is None or above < hi):
-                fits(above)
+        above = min(below + max(1, int(resolution * below)), max_length)
+        if parallel and above > below and (hi is None or above < hi):
+            fits_both(below, above)
+        elif fits(below) and above > below and (hi is None or above < hi):
+            fits(above)
         lo, hi = bracket()
     # 2. Nothing known fits: halve down.
     while lo == 0:

@@ -274,6 +274,9 @@ def train_step(model: LMStack, optimizer, tokens: torch.Tensor, state, kept: Sta
         if logits.dtype in (torch.bfloat16, torch.float16):
             logits = logits.float()  # cross-entropy in float32, as autocast does on CUDA
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    # As in `loss = F.cross_entropy(model(x), y)`: only autograd holds the logits' descendants in
+    # backward (cross-entropy keeps its log-softmax), not a [T, B, vocab] reference of ours.
+    del logits
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
