@@ -1,0 +1,21 @@
+"""scripts/gpu_check.sh: the one command for a lent GPU. Without a GPU only its plan is checked
+(--dry-run); the run itself is for a GPU machine (README, "GPU check")."""
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_plan(tmp_path):
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run",
+                          str(tmp_path / "gc")], capture_output=True, text=True, check=True).stdout
+    steps = [line for line in out.splitlines() if line.startswith("[")]
+    names = [line[1:].split(",")[0] for line in steps]
+    assert names == ["env", "install", "tests_gpu", "tests_kernels", "bench_codec", "bench_rnn",
+                     "profile"]
+    limits = [int(line.split("at most ")[1].split(" s]")[0]) for line in steps]
+    assert sum(limits) < 8 * 60  # the script's promise: under 8 minutes on the GPU machine
+    assert f"--numel {1 << 28}" in out and "-m gpu" in out
+    assert "--hidden 1024 --batch 64 --steps 1024 --dtype float32 bfloat16" in out
+    assert all(str(tmp_path / "gc") in line for line in steps if "--out" in line)
