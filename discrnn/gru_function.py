@@ -16,6 +16,7 @@ from .rnn_function import (
     CodeStore,
     backward_buffers,
     chunk_rows,
+    create_graph_backward,
     finish_rows,
     input_rows,
     keep_input,
@@ -237,7 +238,7 @@ class GRULayerFunction(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.has_bias = b_ih is not None
         kept = keep_input(ctx, x, cfg)
-        ctx.save_for_backward(*kept, h0, w_ih, w_hh, b_hh, codes_data, preact)
+        ctx.save_for_backward(*kept, h0, w_ih, w_hh, b_ih, b_hh, codes_data, preact)
         ctx.mark_non_differentiable(codes_data, final_codes)
         return y, h, codes_data, final_codes
 
@@ -280,7 +281,10 @@ class GRULayerFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n, _codes, _final):
         saved = ctx.saved_tensors
         kept = saved[: ctx.n_kept]
-        h0, w_ih, w_hh, b_hh, codes_data, preact = saved[ctx.n_kept :]
+        h0, w_ih, w_hh, b_ih, b_hh, codes_data, preact = saved[ctx.n_kept :]
+        if torch.is_grad_enabled():  # backward(create_graph=True): differentiable gradients
+            return create_graph_backward(ctx, "gru", [kept[0], h0, w_ih, w_hh, b_ih, b_hh],
+                                         [dy, dh_n])
         backward = _gru_backward_chunked if ctx.cfg.chunked else GRULayerFunction._backward_steps
         grads = backward(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, dy, dh_n)
         dx, dh_state, d_w_ih, d_w_hh, d_b_ih, d_b_hh = grads

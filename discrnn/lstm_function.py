@@ -16,6 +16,7 @@ from .rnn_function import (
     CodeStore,
     backward_buffers,
     chunk_rows,
+    create_graph_backward,
     finish_rows,
     input_rows,
     keep_input,
@@ -304,7 +305,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.has_bias = b is not None
         kept = keep_input(ctx, x, cfg)
-        ctx.save_for_backward(*kept, h0, c0, w_ih, w_hh, w_hr, codes_data, preact, *checkpoints)
+        ctx.save_for_backward(*kept, h0, c0, w_ih, w_hh, w_hr, b, codes_data, preact, *checkpoints)
         c_state = c.clone()  # the compute-dtype cell state, for the packed (detached) final state
         ctx.mark_non_differentiable(codes_data, final_codes, c_state)
         return y, h, c.to(dtype), codes_data, final_codes, c_state
@@ -361,7 +362,10 @@ class LSTMLayerFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n, dc_n, _codes, _final, _c):
         saved = ctx.saved_tensors
         kept = saved[: ctx.n_kept]
-        h0, c0, w_ih, w_hh, w_hr, codes_data, preact, *checkpoints = saved[ctx.n_kept :]
+        h0, c0, w_ih, w_hh, w_hr, b, codes_data, preact, *checkpoints = saved[ctx.n_kept :]
+        if torch.is_grad_enabled():  # backward(create_graph=True): differentiable gradients
+            return create_graph_backward(ctx, "lstm", [kept[0], h0, c0, w_ih, w_hh, b, w_hr],
+                                         [dy, dh_n, dc_n])
         backward = _lstm_backward_chunked if ctx.cfg.chunked else LSTMLayerFunction._backward_steps
         grads = backward(
             ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, preact, dy, dh_n, dc_n

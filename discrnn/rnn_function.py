@@ -355,3 +355,38 @@ def backward_buffers(ctx, acc, states, state_grads, weights, bias_rows):
     d_biases = [torch.zeros(n, dtype=acc, device=device) if ctx.has_bias else None for n in bias_rows]
     dx = torch.empty(ctx.x_shape, dtype=ctx.x_dtype, device=device) if ctx.needs_input_grad[0] else None
     return d_states, d_weights, d_biases, dx
+
+
+def create_graph_backward(ctx, cell: str, inputs: list, grad_outputs: list) -> tuple:
+    """The gradients of one layer call under ``backward(create_graph=True)`` (double backward, e.g.
+    a gradient penalty): the layer's math rerun by ``rnn_reference.reference_packed_layer`` on the
+    saved inputs and differentiated by autograd with ``create_graph=True``, so the gradients are
+    themselves differentiable. ``inputs``: the Function's tensor inputs in order (x, states,
+    weights); ``grad_outputs``: the incoming gradients of (y, final states), None where unused.
+    Costs what plain autograd costs (every step kept): only this mode takes that path.
+
+    Needs the layer's input tensor: an inner layer of a ``num_layers > 1`` module rebuilds its input
+    from the previous layer's codes, which autograd cannot differentiate, and raises instead."""
+    from .rnn_reference import reference_packed_layer
+
+    cfg = ctx.cfg
+    if cfg.input_source is not None:
+        raise RuntimeError(
+            f"Discrete{cell.upper()}: backward with create_graph=True (double backward) needs each "
+            "layer's input, and layers 2 and up of a module with num_layers > 1 rebuild theirs "
+            "from the previous layer's codes; stack single-layer modules instead (each keeps its "
+            "input), or use levels=None"
+        )
+    n_states = 2 if cell == "lstm" else 1
+    states, weights = inputs[1 : 1 + n_states], inputs[1 + n_states :]
+    y, finals = reference_packed_layer(cell, inputs[0], cfg.layout.batch_sizes, cfg.layout.reverse,
+                                       states, weights, cfg.levels, cfg.grad, cfg.cell_clip)
+    pairs = [(o, g) for o, g in zip([y, *finals], grad_outputs) if g is not None]
+    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    grads = [None] * (len(inputs) + 1)  # + the LayerConfig
+    if pairs and wanted:
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
+                                  [g for _, g in pairs], create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, got):
+            grads[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return tuple(grads)
