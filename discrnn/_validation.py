@@ -2,12 +2,18 @@
 
 Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (right kind, bad
 value) with the argument's name, what was expected and what was given, before any kernel launch.
+
+Where a discrnn class mirrors a torch one (DiscreteLSTM/GRU and torch.nn.LSTM/GRU), a mistake that
+torch reports with another exception type raises one of the classes below, which derive from both
+discrnn's documented type and torch's, so that ``except ValueError`` and ``except RuntimeError``
+written for either library both catch it.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import struct
 
 import torch
 
@@ -17,6 +23,49 @@ KINDS = ("tanh", "sigmoid")
 GRAD_MODES = ("exact", "code")
 BACKENDS = ("torch", "triton")
 MIN_LEVELS, MAX_LEVELS = 2, 256
+
+
+class ShapeError(ValueError, RuntimeError):
+    """A tensor of the wrong shape or size: a ``ValueError`` (discrnn's rule) that is also the
+    ``RuntimeError`` torch.nn.LSTM/GRU raise for the same mistake (wrong number of features, h_0 of
+    the wrong shape or number of dimensions, a zero-length sequence)."""
+
+
+class DeviceError(ValueError, RuntimeError):
+    """Tensors on different devices: a ``ValueError`` that is also the ``RuntimeError`` torch.nn.LSTM
+    /GRU raise for input and parameters (or input and h_0) on different devices."""
+
+
+class DTypeError(TypeError, ValueError):
+    """An input whose dtype is not the parameters' dtype: a ``TypeError`` (discrnn's rule) that is
+    also the ``ValueError`` torch.nn.LSTM/GRU raise ("RNN input dtype ... does not match weight
+    dtype")."""
+
+
+class StateDTypeError(TypeError, RuntimeError):
+    """An initial state (h_0, c_0) whose dtype is not the input's: a ``TypeError`` that is also the
+    ``RuntimeError`` torch.nn.LSTM/GRU end in for the same mistake."""
+
+
+class StateRangeWarning(UserWarning):
+    """An initial state outside the range the layer can hold (DiscreteGRU: h_0 outside [-1, 1]),
+    used as given but saturated by the first step."""
+
+
+def values_unreadable(*tensors) -> bool:
+    """True where a check that reads tensor values (NaN/Inf, ranges) must not bring them to the
+    host: while torch.compile / torch.export trace (``torch.compiler.is_compiling()``), under
+    torch.jit.trace, under make_fx's proxy tracing, and for meta or fake tensors (no values).
+    Callers then use ``torch._assert_async`` (checked when the compiled or exported program runs)
+    instead of ``bool(tensor)`` (a graph break, or an error on data-dependent values)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    if any(t.device.type == "meta" for t in tensors):
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return get_proxy_mode() is not None or any(is_fake(t) for t in tensors)
 
 
 def _as_int(name: str, value) -> int:
@@ -142,7 +191,10 @@ def check_cell_clip(cell_clip) -> float:
     value = float(cell_clip)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"cell_clip must be finite and > 0, got {cell_clip!r}")
-    as_float32 = float(torch.tensor(value, dtype=torch.float32))
+    try:  # struct, not a tensor: no host sync, and torch.compile traces it without a graph break
+        as_float32 = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        as_float32 = math.inf
     if as_float32 != value:
         raise ValueError(f"cell_clip must be exactly representable in float32 (the kernels hold it "
                          f"so), got {cell_clip!r}; the nearest float32 is {as_float32!r}")

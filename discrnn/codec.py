@@ -14,7 +14,14 @@ because 1 | 2 << 6 | 3 << 12 | 63 << 18 = 0xFC3081, stored low byte first.
 
 NaN and infinities. ``encode`` and ``quantize_pack`` map NaN to code 0 (the lowest level: -1 for
 tanh, 0 for sigmoid) and +-Inf, like every out-of-range value, to the nearest end level. A code
-cannot hold a NaN; pass ``check_finite=True`` to get a ``ValueError`` instead (one device sync).
+cannot hold a NaN; pass ``check_finite=True`` to get a ``ValueError`` instead (one device sync;
+while torch.compile / torch.export trace, a ``torch._assert_async`` in the graph instead, which
+raises ``RuntimeError`` when the compiled program meets a NaN; nothing is checked on meta tensors).
+
+Saving. A :class:`PackedTensor` pickles to its bytes and fields and loads back through
+``torch.load(..., weights_only=True)`` once discrnn is imported (its rebuild function is registered
+with ``torch.serialization.add_safe_globals``); loading checks the bytes against shape, bits and
+levels and raises ``ValueError``/``TypeError`` for a corrupted or mismatched buffer.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
+    if V.values_unreadable(x):
+        torch._assert_async(torch.isfinite(x).all(), f"{name} must be finite when check_finite=True")
+        return
     if x.numel() and not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
@@ -107,6 +117,12 @@ class PackedTensor:
             self.data.to(device), self.shape, self.dtype, self.levels, self.kind, self.bits
         )
 
+    def __reduce_ex__(self, protocol):
+        # Plain fields and one uint8 tensor, rebuilt (and checked) by an allow-listed function, so
+        # that torch.load(weights_only=True) accepts it.
+        return _rebuild_packed_tensor, (_FORMAT, self.data, tuple(self.shape), self.dtype,
+                                        self.levels, self.kind, self.bits)
+
     def __repr__(self) -> str:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         dense = self.numel() * itemsize
@@ -116,6 +132,36 @@ class PackedTensor:
             f"levels={self.levels}, bits={self.bits}, nbytes={self.nbytes}{share}, "
             f"device={self.device})"
         )
+
+
+_FORMAT = 1  # version of the pickled form of PackedTensor (and of PackedRNNState)
+
+
+def _rebuild_packed_tensor(version, data, shape, dtype, levels, kind, bits) -> PackedTensor:
+    """Rebuild a pickled :class:`PackedTensor` (torch.load, pickle, copy.deepcopy), checking it as
+    the constructor does (uint8 bytes, 1-D, exactly ceil(numel * bits / 8) of them, known dtype,
+    levels, kind and bits) and that every code lies below ``levels``."""
+    if version != _FORMAT:
+        raise ValueError(f"PackedTensor: unknown saved format {version!r}, expected {_FORMAT} "
+                         "(saved by another version of discrnn?)")
+    if not (isinstance(shape, (tuple, list)) and all(type(n) is int and n >= 0 for n in shape)):
+        raise ValueError(f"PackedTensor: saved shape must be a tuple of ints >= 0, got {shape!r}")
+    try:
+        packed = PackedTensor(data, shape, dtype, levels, kind, bits)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"PackedTensor (saved): {e}") from None
+    if packed.numel() and (1 << packed.bits) > packed.levels and not V.values_unreadable(data):
+        top = int(packed.codes(backend="torch").max())
+        if top >= packed.levels:
+            raise ValueError(
+                f"PackedTensor: saved codes must lie in [0, {packed.levels - 1}] for "
+                f"levels={packed.levels}, got a code {top}: the bytes are corrupted or belong to "
+                "other levels"
+            )
+    return packed
+
+
+torch.serialization.add_safe_globals([_rebuild_packed_tensor])
 
 
 def encode(values: torch.Tensor, levels: int, kind: str = "tanh", *, check_finite: bool = False):

@@ -2,10 +2,45 @@
 discrete units and whose backward-pass memory is bit-packed level codes.
 
 Parameters have the names, shapes, gate order and initialisation of torch.nn.LSTM/GRU, so state
-dicts load both ways. ``levels=None`` runs torch's own continuous LSTM/GRU (for comparison).
+dicts load both ways (and ``from_torch`` / ``to_torch`` convert whole modules). ``levels=None`` runs
+torch's own continuous LSTM/GRU (for comparison).
+
+Checks, and where they run (``forward``, before any layer runs):
+
+* Shapes, dtypes and devices: always. A mistake torch.nn.LSTM/GRU also reject raises the exception
+  type torch raises, through a class that derives from discrnn's documented type as well (see
+  ``discrnn._validation``): wrong feature count, h_0/c_0 shape or number of dimensions, or a
+  zero-length sequence: ``ShapeError`` (ValueError and RuntimeError); input dtype other than the
+  parameters': ``DTypeError`` (TypeError and ValueError); h_0/c_0 dtype other than the input's:
+  ``StateDTypeError`` (TypeError and RuntimeError); tensors on different devices: ``DeviceError``
+  (ValueError and RuntimeError). An empty batch (B = 0) is not an error: as torch, the outputs have
+  0 rows and backward gives zero gradients.
+* Values, with ``check_finite=True`` (the default), eager mode (one device sync per call for all
+  of them): ``ValueError`` naming each tensor that holds NaN or +-Inf among the input, h_0, c_0 and
+  every weight forward actually uses (so also weights substituted by ``torch.func.functional_call``
+  or computed by a parametrization); for DiscreteGRU a ``StateRangeWarning`` (a UserWarning) when
+  a float h_0 holds values outside [-1, 1], which the first step's snap to the tanh grid saturates
+  (see DiscreteGRU). ``check_finite=False`` checks no values and costs no sync.
+* Values while torch.compile or torch.export trace the module (``torch.compiler.is_compiling()``,
+  also make_fx/FakeTensor tracing), with ``check_finite=True``: the NaN/Inf conditions go into the
+  graph as ``torch._assert_async``, so the compiled or exported program raises ``RuntimeError``
+  with the same message when it meets them (on CUDA a device-side assert, which is fatal to the
+  CUDA context); the h_0 range warning is left out. On meta and fake tensors nothing is checked
+  (there are no values). No ``.item()``/``bool()`` runs in any of these.
+* torch.jit: ``torch.jit.trace`` and ``torch.jit.script`` of a module with levels set raise a
+  ``RuntimeError`` naming the alternatives (torch.export.export, torch.compile).
+
+NaN with ``check_finite=False``: a gate whose pre-activation is NaN takes code 0, its lowest level
+(sigmoid 0, tanh -1); +-Inf pre-activations take the end levels. So a NaN input row (or a NaN in
+h_0 or in a weight row, which spreads through the matmuls) gives, at that step, i = f = o = 0 and
+g = -1 in the LSTM (c and h of the row become 0) and r = z = 0, n = -1 in the GRU (h becomes -1).
+A NaN in the LSTM's c_0 stays in that unit's c (and c_n) while its u reads the lowest level
+(h = -o). Outputs y and h_n stay finite (they are levels), except through a NaN in weight_hr.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -13,6 +48,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _validation as V
 from .backend import resolve_backend
+from ._validation import DeviceError, DTypeError, ShapeError, StateDTypeError, StateRangeWarning
 from .codec import PackedTensor
 from .kernels import codec as triton_codec
 from .kernels import codec_torch, rnn_torch
@@ -60,6 +96,55 @@ class _TritonSteps:
 def _step_ops(backend: str):
     """The step math of a resolved backend ("torch" or "triton", see backend.resolve_backend)."""
     return _TritonSteps if backend == "triton" else _TorchSteps
+
+
+def _no_torchscript(module, how: str) -> str:
+    """Why torch.jit.<how> cannot compile ``module``, and what to use instead."""
+    name = type(module).__name__
+    torch_name = "LSTM" if module._n_states == 2 else "GRU"
+    if module.levels is None:
+        why = ("its forward takes the keyword-only argument packed_state, which TorchScript does "
+               f"not support; torch.jit.{how}(module.to_torch()) compiles the same computation "
+               f"(torch.nn.{torch_name})")
+    else:
+        why = ("each layer is a Python autograd Function that keeps Python-side state (the "
+               "sequence layout, the packed codes a stacked layer rebuilds its input from), which a "
+               "TorchScript graph would freeze or drop. Use torch.export.export(module, args) or "
+               "torch.compile(module) instead, or run it eagerly (torch.jit."
+               f"{how}(module.to_torch()) compiles the continuous torch.nn.{torch_name})")
+    return f"{name} with levels={module.levels} cannot be compiled by torch.jit.{how}: {why}"
+
+
+class _EmptyBatchFunction(torch.autograd.Function):
+    """The outputs of a call on an empty batch (B = 0: every output has 0 rows), connected to every
+    input so that backward gives each one a zero gradient of its own shape, as torch.nn.LSTM/GRU
+    do."""
+
+    @staticmethod
+    def forward(ctx, out_specs, *tensors):
+        ctx.specs = [(t.shape, t.dtype, t.device) for t in tensors]
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in out_specs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        zeros = [torch.zeros(shape, dtype=dtype, device=device) if needed else None
+                 for (shape, dtype, device), needed in zip(ctx.specs, ctx.needs_input_grad[1:])]
+        return (None, *zeros)
+
+
+_AUTOCAST_DTYPES: dict = {}  # (device type, autocast dtype, states) -> dtype or None
+
+
+def _to_amp(value, amp: torch.dtype):
+    """float32 tensors (alone, in a tuple or in a PackedSequence) cast to ``amp``; the rest as is
+    (autocast leaves float64 alone, and a PackedRNNState keeps its codes and float32 cell)."""
+    if isinstance(value, PackedSequence):
+        return value._replace(data=_to_amp(value.data, amp))
+    if isinstance(value, tuple):
+        return tuple(_to_amp(v, amp) for v in value)
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+        return value.to(amp)
+    return value
 
 
 class _DiscreteRNNBase(nn.RNNBase):
@@ -118,6 +203,61 @@ class _DiscreteRNNBase(nn.RNNBase):
             s += f", chunk_size={self.chunk_size}"
         return s
 
+    # -- conversion to and from torch.nn --------------------------------------------------------
+
+    @classmethod
+    def _torch_config(cls, module) -> dict:
+        config = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
+                      dropout=module.dropout, bidirectional=module.bidirectional)
+        if cls._n_states == 2:
+            config["proj_size"] = module.proj_size
+        return config
+
+    @classmethod
+    def from_torch(cls, module, levels: int | None = 256, **kwargs):
+        """A new layer with ``module``'s configuration (input_size, hidden_size, num_layers, bias,
+        batch_first, dropout, bidirectional and, for the LSTM, proj_size), a copy of its parameters
+        (same device and dtype) and its training mode. ``module`` is a torch.nn.LSTM for
+        DiscreteLSTM, a torch.nn.GRU for DiscreteGRU. ``levels`` and ``kwargs`` (grad, cell_clip,
+        chunk_size, check_finite, backend) as for the constructor; with ``levels=None`` the result
+        computes exactly what ``module`` does.
+
+        Raises:
+            TypeError: ``module`` is not a torch.nn.LSTM / GRU, or ``kwargs`` repeats a setting
+                taken from it.
+        """
+        torch_cls = nn.LSTM if cls._n_states == 2 else nn.GRU
+        if not isinstance(module, torch_cls):
+            raise TypeError(f"{cls.__name__}.from_torch: module must be a torch.nn.{torch_cls.__name__}, "
+                            f"got {type(module).__name__}")
+        config = cls._torch_config(module)
+        taken = sorted(set(kwargs) & (set(config) | {"device", "dtype", "input_size", "hidden_size"}))
+        if taken:
+            raise TypeError(f"{cls.__name__}.from_torch takes {', '.join(taken)} from the module; "
+                            "set them on the torch module instead")
+        first = next(module.parameters())
+        new = cls(module.input_size, module.hidden_size, **config, levels=levels, device=first.device,
+                  dtype=first.dtype, **kwargs)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+
+    def to_torch(self):
+        """A torch.nn.LSTM (DiscreteLSTM) or torch.nn.GRU (DiscreteGRU) with this layer's
+        configuration, a copy of its parameters (same device and dtype) and its training mode. It
+        computes torch's continuous cell: the same as this layer only with ``levels=None``."""
+        torch_cls = nn.LSTM if self._n_states == 2 else nn.GRU
+        first = self.weight_ih_l0
+        module = torch_cls(self.input_size, self.hidden_size, **self._torch_config(self),
+                           device=first.device, dtype=first.dtype)
+        module.load_state_dict(self.state_dict())
+        module.train(self.training)
+        return module
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this (on submodules too) before compiling anything.
+        raise RuntimeError(_no_torchscript(self, "script"))
+
     # -- input handling -------------------------------------------------------------------------
 
     def _parse_input(self, input, hx):
@@ -125,15 +265,15 @@ class _DiscreteRNNBase(nn.RNNBase):
         name = type(self).__name__
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_idx, unsorted_idx = input
-            V.check_float_tensor("input", data)
+            V.check_tensor("input", data)
             batch_sizes = [int(b) for b in batch_sizes]
             info = ("packed", input, sorted_idx, unsorted_idx)
             if hx is not None:
-                hx = self._as_tuple(hx)
+                hx = tuple(V.check_tensor("hx", h) for h in self._as_tuple(hx))
                 if sorted_idx is not None:
                     hx = tuple(h.index_select(1, sorted_idx) for h in hx)
             return data, batch_sizes, hx, info
-        V.check_float_tensor("input", input)
+        V.check_tensor("input", input)
         if input.dim() not in (2, 3):
             raise ValueError(
                 f"{name}: input must be 2-D (unbatched) or 3-D, got shape {tuple(input.shape)}"
@@ -149,9 +289,10 @@ class _DiscreteRNNBase(nn.RNNBase):
             input = input.transpose(0, 1)
         T, B = input.shape[0], input.shape[1]
         if T == 0:
-            raise ValueError(f"{name}: input has a zero-length sequence (shape {tuple(input.shape)})")
-        if B == 0:
-            raise ValueError(f"{name}: input has an empty batch (shape {tuple(input.shape)})")
+            # torch: RuntimeError "Expected sequence length to be larger than 0 in RNN"
+            raise ShapeError(f"{name}: input must have a sequence length > 0, got a zero-length "
+                             f"sequence (shape {tuple(input.shape)})")
+        # An empty batch (B = 0) is valid, as in torch: forward returns empty outputs.
         x_data = input.reshape(T * B, input.shape[2])
         return x_data, [B] * T, hx, ("padded", batched, T, B)
 
@@ -168,7 +309,7 @@ class _DiscreteRNNBase(nn.RNNBase):
     def _check_state_dim(h, dim, what):
         V.check_tensor("hx", h)
         if h.dim() != dim:
-            raise ValueError(f"hx must be {dim}-D for {what} input, got shape {tuple(h.shape)}")
+            raise ShapeError(f"hx must be {dim}-D for {what} input, got shape {tuple(h.shape)}")
         return h
 
     def _initial_states(self, hx, batch, dtype, device):
@@ -181,36 +322,82 @@ class _DiscreteRNNBase(nn.RNNBase):
             return [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
         names = ["h_0", "c_0"]
         for h, shape, name in zip(hx, shapes, names):
-            V.check_float_tensor(f"hx ({name})", h)
+            if h.dtype not in V.FLOAT_DTYPES:
+                raise StateDTypeError(f"hx ({name}) must have a floating dtype, {dtype} like the input, "
+                                      f"got {h.dtype}")
             if tuple(h.shape) != shape:
-                raise ValueError(f"hx ({name}) must have shape {shape}, got {tuple(h.shape)}")
+                raise ShapeError(f"hx ({name}) must have shape {shape}, got {tuple(h.shape)}")
             if h.dtype != dtype:
-                raise TypeError(f"hx ({name}) must have dtype {dtype} like the input, got {h.dtype}")
+                raise StateDTypeError(f"hx ({name}) must have dtype {dtype} like the input, got {h.dtype}")
             if h.device != device:
-                raise ValueError(f"hx ({name}) must be on {device} like the input, got {h.device}")
+                raise DeviceError(f"hx ({name}) must be on {device} like the input, got {h.device}")
         return list(hx)
 
-    def _validate(self, x_data, states):
+    def _weights(self):
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of every layer and direction, read once per call exactly
+        as forward uses them (a parametrization is evaluated, a functional_call's tensors are
+        seen), and their names."""
+        D = 2 if self.bidirectional else 1
+        weights, names = [], []
+        for layer in range(self.num_layers):
+            for direction in range(D):
+                weights.append(self._layer_weights(layer, direction))
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                names.append([n + suffix for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                                   "weight_hr")])
+        return weights, names
+
+    def _check_input(self, x_data, weights):
+        """The input's dtype, features and device against the parameters (torch's order)."""
         name = type(self).__name__
-        w = self.weight_ih_l0
+        w = weights[0][0]
+        if x_data.dtype != w.dtype:
+            what = "dtype" if x_data.dtype in V.FLOAT_DTYPES else "a floating dtype"
+            raise DTypeError(f"{name}: input must have {what} {w.dtype} like the parameters, got "
+                             f"{x_data.dtype} (convert the input, or the module with .to(dtype))")
         if x_data.shape[-1] != self.input_size:
-            raise ValueError(
+            raise ShapeError(
                 f"{name}: input must have {self.input_size} features (input_size), got {x_data.shape[-1]}"
             )
-        if x_data.dtype != w.dtype:
-            raise TypeError(f"input must have dtype {w.dtype} like the parameters, got {x_data.dtype}")
         if x_data.device != w.device:
-            raise ValueError(f"input must be on {w.device} like the parameters, got {x_data.device}")
-        if self.check_finite:
-            tensors = [x_data, *states, *self._flat_weights]
-            finite = torch.stack([torch.isfinite(t).all() for t in tensors if t is not None])
-            if not bool(finite.all()):  # one device sync for all of them
-                bad = [n for n, t, ok in zip(["input", "hx", "cx"][: 1 + len(states)] + self._flat_weights_names,
-                                               tensors, finite.tolist()) if not ok]
-                raise ValueError(
-                    f"{name}: expected finite values, got NaN or Inf in {', '.join(bad)} "
-                    "(codes cannot hold NaN; pass check_finite=False to map NaN to code 0 instead)"
-                )
+            raise DeviceError(f"input must be on {w.device} like the parameters, got {x_data.device}")
+
+    def _check_values(self, x_data, states, weights, weight_names, user_h0):
+        """The value checks, with ``check_finite`` (see the module docstring): NaN/Inf in every
+        tensor forward reads (an error), and, for the GRU, an h_0 from the caller (``user_h0``: a
+        tensor, not a packed state) outside [-1, 1] (a warning)."""
+        if not self.check_finite:
+            return
+        name = type(self).__name__
+        named = [("input", x_data)] + list(zip(["hx (h_0)", "hx (c_0)"], states))
+        named += [(n, t) for ws, ns in zip(weights, weight_names) for n, t in zip(ns, ws)
+                  if t is not None]
+        h0 = states[0] if (self._n_states == 1 and user_h0) else None
+        finite_msg = ("{name}: expected finite values, got NaN or Inf in {bad} (codes cannot hold "
+                      "NaN; pass check_finite=False to map NaN to code 0 instead)")
+        if V.values_unreadable(x_data, *states, weights[0][0]):
+            # Tracing (torch.compile / export / fake tensors) or meta: no value may reach Python;
+            # the checks go into the graph (the h_0 warning has no graph form and is left out).
+            for n, t in named:
+                torch._assert_async(torch.isfinite(t).all(), finite_msg.format(name=name, bad=n))
+            return
+        flags = [torch.isfinite(t).all() for _, t in named]
+        if h0 is not None:
+            flags.append(torch.logical_not((h0.abs() > 1).any()))
+        ok = torch.stack(flags).tolist()  # one device sync for all of them
+        bad = [n for (n, _), good in zip(named, ok) if not good]
+        if bad:
+            raise ValueError(finite_msg.format(name=name, bad=", ".join(bad)))
+        if h0 is not None and not ok[-1]:
+            lo, hi = (float(v) for v in torch.aminmax(h0.detach()))
+            warnings.warn(
+                f"{name}: hx (h_0) holds values outside [-1, 1] (in [{lo:.4g}, {hi:.4g}]): they are "
+                "used as given, but h_1 = snap((1 - z) n + z h_0) lies on the tanh grid, so h_1 "
+                "saturates at -1 / +1 where torch.nn.GRU's would not (and backward passes the "
+                "gradient straight through that saturation). Keep h_0 in [-1, 1], e.g. a previous "
+                "h_n; pass check_finite=False to skip the value checks.",
+                StateRangeWarning, stacklevel=2,
+            )
 
     def _layer_weights(self, layer, direction):
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
@@ -229,7 +416,7 @@ class _DiscreteRNNBase(nn.RNNBase):
                 finals = [f.index_select(1, unsorted_idx) for f in finals]
             return out, finals
         _, batched, T, B = info
-        y = y_data.view(T, B, -1)
+        y = y_data.view(T, B, y_data.shape[-1])  # not -1: B may be 0
         if self.batch_first and batched:
             y = y.transpose(0, 1)
         if not batched:
@@ -237,30 +424,38 @@ class _DiscreteRNNBase(nn.RNNBase):
             finals = [f.squeeze(1) for f in finals]
         return y, finals
 
-    def _state_to_tensors(self, state: PackedRNNState, dtype):
-        """Float h_0 (and c_0) of a packed state, exactly as the call that produced it left them."""
+    def _state_to_tensors(self, state: PackedRNNState, dtype, weights=None):
+        """Float h_0 (and c_0) of a packed state, exactly as the call that produced it left them.
+        ``weights``: as :meth:`_weights` returns them (read here when not given)."""
+        if weights is None:
+            weights = self._weights()[0]
         mode = "LSTM" if self._n_states == 2 else "GRU"
         if state.mode != mode:
             raise TypeError(f"hx is a {state.mode} PackedRNNState, expected one for {mode}")
         if state.levels != self.levels:
             raise ValueError(f"hx has levels={state.levels}, expected levels={self.levels} like the module")
+        D = 2 if self.bidirectional else 1
+        if state.shape[0] != self.num_layers * D or state.shape[2] != self.hidden_size:
+            raise ShapeError(f"hx holds a state of shape {tuple(state.shape)}, expected "
+                             f"({self.num_layers * D}, batch, {self.hidden_size})")
+        if state.device != weights[0][0].device:
+            raise DeviceError(f"hx (a PackedRNNState) must be on {weights[0][0].device} like the "
+                              f"parameters, got {state.device}")
         if state.h is not None:
             return (state.h.dequantize(dtype),)
         acc = codec_torch.compute_dtype(dtype)
         m = (state.o.dequantize(acc) * state.u.dequantize(acc)).to(dtype)
         if self.proj_size > 0:
-            D = 2 if self.bidirectional else 1
-            m = torch.stack([m[i] @ self._layer_weights(i // D, i % D)[4].t() for i in range(m.shape[0])])
+            m = torch.stack([m[i] @ weights[i][4].t() for i in range(m.shape[0])])
         # c stays in the compute dtype: the layers take c_0 in any float dtype.
         return (m, state.c)
 
-    def _pack_state(self, final_codes, c_states, info, ops):
+    def _pack_state(self, final_codes, c_states, info, ops, dtype):
         """PackedRNNState from each layer-direction's last-step codes [Qs, B, H] (and c)."""
         codes = torch.stack(final_codes, dim=1)  # [Qs, L*D, B, H]
         if info[0] == "packed" and info[3] is not None:
             codes = codes.index_select(2, info[3])
             c_states = [c.index_select(0, info[3]) for c in c_states] if c_states else c_states
-        dtype = self.weight_ih_l0.dtype
         shape = codes.shape[1:]
 
         def packed(plane, kind):
@@ -272,9 +467,70 @@ class _DiscreteRNNBase(nn.RNNBase):
         return PackedRNNState(o=packed(codes[0], "sigmoid"), u=packed(codes[1], "tanh"),
                               c=torch.stack(c_states))
 
+    def _empty_batch(self, x_data, states, weights, info, want_packed):
+        """forward on a batch of 0 rows: torch's output shapes, zero gradients for every input."""
+        D = 2 if self.bidirectional else 1
+        T, dtype, device = info[2], x_data.dtype, x_data.device
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        specs = [((T * 0, D * out_size), dtype, device)] + [(tuple(s.shape), dtype, device) for s in states]
+        inputs = [x_data, *states] + [t for ws in weights for t in ws if t is not None]
+        y_data, *finals = _EmptyBatchFunction.apply(specs, *inputs)
+        y, finals = self._restore(y_data, finals, info)
+        if want_packed:
+            shape = (self.num_layers * D, 0, self.hidden_size)
+
+            def empty(kind):
+                return PackedTensor(torch.zeros(0, dtype=torch.uint8, device=device), shape, dtype,
+                                    self.levels, kind, self.bits)
+
+            if self._n_states == 1:
+                return y, PackedRNNState(h=empty("tanh"))
+            c = torch.zeros(shape, dtype=codec_torch.compute_dtype(dtype), device=device)
+            return y, PackedRNNState(o=empty("sigmoid"), u=empty("tanh"), c=c)
+        return (y, tuple(finals)) if self._n_states == 2 else (y, finals[0])
+
+    def _autocast_dtype(self, device: torch.device):
+        """The dtype torch.nn.LSTM / GRU computes in under the autocast state of ``device``'s type,
+        or None (autocast off, or it leaves them in float32: torch.nn.GRU on CPU). Found once per
+        (device type, autocast dtype, cell) by a one-unit probe of torch's own module, so that
+        this layer does what torch's does."""
+        if not torch.is_autocast_enabled(device.type):
+            return None
+        amp = torch.get_autocast_dtype(device.type)
+        key = (device.type, amp, self._n_states)
+        if key not in _AUTOCAST_DTYPES:
+            probe = (nn.LSTM if self._n_states == 2 else nn.GRU)(1, 1, device=device)
+            with torch.no_grad():
+                out = probe(torch.zeros(1, 1, 1, device=device))[0]
+            _AUTOCAST_DTYPES[key] = None if out.dtype == torch.float32 else out.dtype
+        return _AUTOCAST_DTYPES[key]
+
     def forward(self, input, hx=None, *, packed_state: bool | None = None):
         """As torch.nn.LSTM/GRU's forward. ``hx`` may also be a :class:`PackedRNNState`; the final
-        state is returned packed (and detached) when ``hx`` is one or ``packed_state=True``."""
+        state is returned packed (and detached) when ``hx`` is one or ``packed_state=True``.
+        Errors and value checks: see the module docstring.
+
+        Under ``torch.autocast`` the layer computes as torch.nn.LSTM / GRU do in the same context:
+        where torch's runs in the autocast dtype (LSTM on CPU and CUDA, GRU on CUDA), float32
+        input, states and weights are cast to it (the casts are differentiable, so the float32
+        parameters get their gradients), the matmuls run in it, the cell math and the codes in
+        float32 as always, and the outputs come back in it. Where torch's stays in float32 (GRU on
+        CPU), so does this layer, entirely (autocast is off inside it)."""
+        if self.levels is not None and torch.jit.is_tracing():
+            raise RuntimeError(_no_torchscript(self, "trace"))
+        data = input.data if isinstance(input, PackedSequence) else input
+        if (self.levels is not None and isinstance(data, torch.Tensor)
+                and torch.amp.is_autocast_available(data.device.type)
+                and torch.is_autocast_enabled(data.device.type)):
+            # Autocast decides the dtype of the whole layer here, not op by op inside it.
+            amp = self._autocast_dtype(data.device)
+            if amp is not None:
+                input, hx = _to_amp(input, amp), _to_amp(hx, amp)
+            with torch.autocast(data.device.type, enabled=False):
+                return self._forward(input, hx, packed_state, amp)
+        return self._forward(input, hx, packed_state, None)
+
+    def _forward(self, input, hx, packed_state, amp):
         is_packed_hx = isinstance(hx, PackedRNNState)
         want_packed = is_packed_hx if packed_state is None else bool(packed_state)
         if self.levels is None:
@@ -282,20 +538,27 @@ class _DiscreteRNNBase(nn.RNNBase):
                 raise ValueError("packed states need discrete levels; this module has levels=None")
             torch_rnn = nn.LSTM if self._n_states == 2 else nn.GRU
             return torch_rnn.forward(self, input, hx)
+        weights, weight_names = self._weights()
+        if amp is not None:
+            weights = [[_to_amp(t, amp) for t in ws] for ws in weights]
         if is_packed_hx:
-            hx = self._state_to_tensors(hx, self.weight_ih_l0.dtype)
-            if not isinstance(input, PackedSequence) and input.dim() == 2:
+            hx = self._state_to_tensors(hx, weights[0][0].dtype, weights)
+            if isinstance(input, torch.Tensor) and input.dim() == 2:
                 hx = tuple(h.squeeze(1) for h in hx)
             hx = hx if self._n_states == 2 else hx[0]
         x_data, batch_sizes, hx, info = self._parse_input(input, hx)
+        self._check_input(x_data, weights)
         dtype, device = x_data.dtype, x_data.device
         if is_packed_hx:
             states = list(hx)  # built by _state_to_tensors: shapes right by construction
             if states[0].shape[1] != batch_sizes[0]:
-                raise ValueError(f"hx holds a batch of {states[0].shape[1]}, the input a batch of {batch_sizes[0]}")
+                raise ShapeError(f"hx holds a batch of {states[0].shape[1]}, the input a batch of {batch_sizes[0]}")
         else:
             states = self._initial_states(hx, batch_sizes[0], dtype, device)
-        self._validate(x_data, states)
+        self._check_values(x_data, states, weights, weight_names,
+                           user_h0=hx is not None and not is_packed_hx)
+        if batch_sizes[0] == 0:
+            return self._empty_batch(x_data, states, weights, info, want_packed)
         backend = resolve_backend(self.backend, device)
         ops = _step_ops(backend)
         grad = V.check_grad_mode(self.grad)  # attributes may have been changed since __init__
@@ -308,7 +571,7 @@ class _DiscreteRNNBase(nn.RNNBase):
             outputs, cfgs, codes = [], [], []
             for direction in range(D):
                 idx = layer * D + direction
-                w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, direction)
+                w_ih, w_hh, b_ih, b_hh, w_hr = weights[idx]
                 cfg = LayerConfig(batch_sizes, self.levels, self.bits, self.chunk_size,
                                   bool(direction), ops, input_source=source, grad=grad,
                                   cell_clip=cell_clip)
@@ -338,7 +601,7 @@ class _DiscreteRNNBase(nn.RNNBase):
         finals = [torch.stack(f) for f in finals]
         y, finals = self._restore(layer_input, finals, info)
         if want_packed:
-            return y, self._pack_state(final_codes, c_states, info, ops)
+            return y, self._pack_state(final_codes, c_states, info, ops, dtype)
         return (y, tuple(finals)) if self._n_states == 2 else (y, finals[0])
 
 
@@ -350,6 +613,10 @@ class DiscreteLSTM(_DiscreteRNNBase):
     Guarantee: |c_t| <= cell_clip at every step (c_0 is used as given), and |o * u| <= 1, for any
     input, weights, sequence length, level count and gradient mode. Without the clamp the cell is
     unbounded: the top sigmoid level is exactly 1, so a saturated forget gate never forgets.
+
+    Initial state: h_0 and c_0 (float tensors, or a :class:`PackedRNNState`) are used as given,
+    nothing clamped: h_0 enters h_0 W_hh as it is, and c_0 may exceed cell_clip (c_1 = clamp(f c_0
+    + i g) is the first bounded cell).
 
     Backward: the gates' straight-through derivatives follow ``grad``; the cell output
     u = discrete_tanh(c_t) always uses tanh'(c_t), from c_t rebuilt in backward, so it fades as |c|
@@ -364,9 +631,16 @@ class DiscreteLSTM(_DiscreteRNNBase):
         cell_clip: the bound on |c_t| (default 8.0; a finite float > 0 that float32 holds exactly).
         chunk_size: time steps per input-projection / weight-gradient chunk and per float32 cell-state
             checkpoint (default 32).
-        check_finite: raise ValueError on NaN/Inf in input, states or weights (one device sync per
-            call); with False, non-finite pre-activations encode as code 0.
+        check_finite: check values: raise ValueError on NaN/Inf in the input, h_0, c_0 or any
+            weight forward uses (and, DiscreteGRU, warn on h_0 outside [-1, 1]): one device sync
+            per call; under torch.compile/export a ``torch._assert_async`` in the graph, on meta
+            tensors nothing. With False nothing is checked and NaN pre-activations encode as code
+            0 (see the module docstring for what NaN does then).
         backend: None (Triton step kernels on CUDA, torch elsewhere), "torch" or "triton".
+
+    ``DiscreteLSTM.from_torch(lstm, levels=...)`` builds one from a torch.nn.LSTM (configuration
+    and a copy of the weights), ``to_torch()`` goes back. Errors: see the module docstring (the
+    exception types are torch's where torch rejects the same mistake).
 
     Kept for backward per time step, batch row and hidden unit: 5 codes of ceil(log2 L) bits
     (i, f, g, o and tanh(c)) plus 4 / chunk_size bytes of cell-state checkpoint; with
@@ -386,9 +660,18 @@ class DiscreteGRU(_DiscreteRNNBase):
     r * (h W_hn + b_hn)), h_t = snap((1 - z) * n + z * h_{t-1}) on the tanh level grid, with a
     straight-through gradient through snap. The whole state is one code per unit.
 
-    Args as :class:`DiscreteLSTM` (no proj_size, no cell_clip: h is a tanh level). Kept for
-    backward per time step, batch row and hidden unit: 4 codes (r, z, n, h) of ceil(log2 L) bits;
-    with grad="exact" also the pre-activations of r, z, n (12 bytes in float32).
+    Args as :class:`DiscreteLSTM` (no cell_clip: h is a tanh level; proj_size only 0, as for
+    torch.nn.GRU, which raises ValueError for any other). Kept for backward per time step, batch
+    row and hidden unit: 4 codes (r, z, n, h) of ceil(log2 L) bits; with grad="exact" also the
+    pre-activations of r, z, n (12 bytes in float32).
+
+    Initial state: h_0 is used as given (it need not be a level): in h_0 W_hh and in
+    (1 - z) n + z h_0. The state is one tanh level per unit, so h_1 = snap((1 - z) n + z h_0), as
+    every step, lies on the grid of [-1, 1]: where h_0 lies outside [-1, 1] that snap saturates at
+    -1 / +1 where torch.nn.GRU's h_1 would not, and backward passes the gradient straight through
+    it. So h_0 belongs in [-1, 1] (h_n of a previous call always is); with ``check_finite=True``
+    (the default) an h_0 outside it gives a ``StateRangeWarning`` naming hx, the range and the
+    values found. A PackedRNNState holds levels only.
     """
 
     _mode = "GRU"
@@ -396,8 +679,11 @@ class DiscreteGRU(_DiscreteRNNBase):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, levels=256, **kwargs):
-        if "proj_size" in kwargs:
-            raise TypeError("DiscreteGRU has no proj_size (torch.nn.GRU has none either)")
+        proj_size = kwargs.pop("proj_size", 0)
+        if isinstance(proj_size, bool) or proj_size != 0:
+            # torch.nn.GRU: ValueError "proj_size argument is only supported for LSTM, not RNN or GRU"
+            raise ValueError(f"DiscreteGRU: proj_size must be 0 (a projection is only supported for "
+                             f"LSTM, as in torch.nn.GRU), got proj_size={proj_size!r}")
         if "cell_clip" in kwargs:
             raise TypeError("DiscreteGRU has no cell_clip: its state h is a tanh level, in [-1, 1] "
                             "by construction")
