@@ -30,7 +30,8 @@ Measured, per variant and sequence length T (``--lengths``):
   T x batch / median. The timing processes keep glibc's default allocator settings;
 * the loss of the last timed step and of the first full-length one (the same tokens for every
   variant, the same number of steps from the same weights): quality is not traded silently;
-* the Pareto frontier of each T: the variants no other beats on both total memory and time.
+* the Pareto frontier of each T and cell (LSTM variants among themselves, GRU variants among
+  themselves): the variants no other of the same cell beats on both total memory and time.
 
 With ``--budget``, for each variant of ``--budget-variants`` the longest T whose training step
 fits within it, found in real runs in fresh processes (``discrnn.profiling.search``): two runs
@@ -383,8 +384,12 @@ def build_points(args, memory: dict, timing: dict) -> list[dict]:
     for T in args.lengths:
         mine = [p for p in points if p["length"] == T]
         ref = next((p for p in mine if p["variant"] == "lstm"), None)
-        for p, on_front in zip(mine, report.pareto_flags(mine)):
-            p["pareto"] = on_front
+        # One frontier per cell: a GRU is a different model, not a way of running an LSTM.
+        for cell in dict.fromkeys(p["cell"] for p in mine):
+            group = [p for p in mine if p["cell"] == cell]
+            for p, on_front in zip(group, report.pareto_flags(group)):
+                p["pareto"] = on_front
+        for p in mine:
             if ref is None:
                 continue
             for key, num, den in (("time_vs_lstm", "ms_median", "ms_median"),
@@ -487,7 +492,7 @@ def print_points(args, points: list[dict], title: str) -> None:
           f"bytes per T x batch x hidden x layer;\n  kept: saved for backward inside the "
           f"recurrent layers (checkpointed segments recompute instead); * fewer than {MIN_TIMED} "
           f"timed steps;\n  loss: of step {args.warmup + args.steps + 1} on the same tokens; "
-          "front: on the time/memory Pareto frontier of that T.")
+          "front: on the time/memory Pareto frontier of that T and cell.")
 
 
 def print_budget(args, rows: list[dict]) -> None:

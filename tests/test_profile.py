@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from discrnn.profile import PROG, parse_bytes, resolve
+from discrnn.profile import PROG, build_points, parse_bytes, resolve
 from discrnn.profiling.report import pareto_flags
 from discrnn.profiling.search import longest_within, straight_line_guess
 from discrnn.profiling.variants import (StackConfig, build, default_variant_names, parse_variant,
@@ -310,3 +310,17 @@ def test_pareto_flags():
               {"total_bytes": 5, "ms_median": 2, "error": ""},  # a tie is not beaten
               {"total_bytes": 0, "ms_median": 0, "error": "failed"}]
     assert pareto_flags(points) == [True, True, False, True, False]
+
+
+def test_one_frontier_per_cell():
+    """A GRU variant that beats every LSTM variant on both axes must not push the LSTM variants off
+    their own frontier: a GRU is another model, not a way of running the LSTM."""
+    args = resolve(["--device", "cpu", "--variants", "lstm", "lstm-ckpt-sqrt", "gru", "dgru-64",
+                    "--lengths", "64"])
+    figures = {"lstm": (400, 2.0), "lstm-ckpt-sqrt": (150, 3.0), "gru": (90, 1.0),
+               "dgru-64": (100, 1.5)}  # (MiB, s): gru beats both LSTM variants
+    memory = {(v, 64): {"peak_bytes": m * 2**20, "static_bytes": 0, "total_bytes": m * 2**20,
+                        "kept_rnn_bytes": 1, "kept_step_bytes": 1} for v, (m, _) in figures.items()}
+    timing = {64: {v: {"times_ms": [t * 1e3] * 3, "losses": [1.0]} for v, (_, t) in figures.items()}}
+    front = {p["variant"]: p["pareto"] for p in build_points(args, memory, timing)}
+    assert front == {"lstm": True, "lstm-ckpt-sqrt": True, "gru": True, "dgru-64": False}

@@ -180,7 +180,8 @@ def plot_peak_vs_length(plt, path: Path, points: list[dict], variants: list[str]
 
 
 def plot_time_memory(plt, path: Path, points: list[dict], lengths: list[int], title: str) -> None:
-    """One panel per length: each variant's (step memory, time per step); the frontier joined."""
+    """One panel per length: each variant's (step memory, time per step); the frontier of each cell
+    joined (LSTM solid, GRU dashed)."""
     n = len(lengths)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.6), squeeze=False)
     for ax, T in zip(axes[0], lengths):
@@ -193,10 +194,13 @@ def plot_time_memory(plt, path: Path, points: list[dict], lengths: list[int], ti
             ax.annotate(p["variant"] + ("" if p["timed_steps_ok"] else " (few)"),
                         (p["total_bytes"] / MIB, p["ms_median"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
-        front = sorted((p for p in mine if p["pareto"]), key=lambda p: p["total_bytes"])
-        if front:
-            ax.plot([p["total_bytes"] / MIB for p in front], [p["ms_median"] for p in front],
-                    "-", color="tab:red", linewidth=0.8, label="Pareto frontier")
+        for cell, style in (("lstm", "-"), ("gru", "--")):  # one frontier per cell
+            front = sorted((p for p in mine if p["pareto"] and p["cell"] == cell),
+                           key=lambda p: p["total_bytes"])
+            if front:
+                ax.plot([p["total_bytes"] / MIB for p in front], [p["ms_median"] for p in front],
+                        style, color="tab:red", linewidth=0.8, label=f"{cell.upper()} frontier")
+        if any(p["pareto"] for p in mine):
             ax.legend(fontsize=7)
         ax.set_xlabel("training-step memory, MiB")
         ax.set_ylabel("median ms per training step")
