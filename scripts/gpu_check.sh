@@ -30,7 +30,7 @@ STEPS=(
   "tests_kernels|80|$PY -m pytest -q -x -p no:cacheprovider tests/test_codec.py tests/test_rnn_kernels.py"
   "bench_codec|50|$PY scripts/bench_codec.py --device cuda --numel $((1 << 28)) --out $DEST/bench_codec"
   "bench_rnn|90|$PY scripts/bench_rnn.py --device cuda --hidden 1024 --batch 64 --steps 1024 --dtype float32 bfloat16 --out $DEST/bench_rnn"
-  "profile|110|$PY -m discrnn.profile --device cuda --no-progress --budget-variants lstm lstm-ckpt-sqrt dlstm-64 --out $DEST/profile"
+  "profile|110|$PY -m discrnn.profile --device cuda --no-progress --budget-variants lstm lstm-ckpt-sqrt dlstm-64 --max-length 65536 --out $DEST/profile"
 )
 
 for step in "${STEPS[@]}"; do
