@@ -29,16 +29,16 @@ from .rnn_function import (
 
 
 def _gru_output_rows_fn(store, ops, levels, dtype):
-    def output_rows(data, first, last):  # h_t exactly as the forward pass fed it to the next step
-        return ops.gru_output(store.rows_at(data, first, last), levels, dtype)
+    def output_rows(tensors, first, last):  # h_t exactly as the forward pass fed it to the next step
+        return ops.gru_output(store.rows_at(tensors[0], first, last), levels, dtype)
 
     return output_rows
 
 
 
 def _gru_output_rows_fn_tables(store, tables):
-    def output_rows(data, first, last):
-        codes = store.read_rows(data, first, last)
+    def output_rows(tensors, first, last):
+        codes = store.read_rows(tensors[0], first, last)
         return tables.lookup("value", TANH, codes[:, 3, : store.hidden]).to(tables.dtype)
 
     return output_rows
@@ -235,6 +235,7 @@ class GRULayerFunction(torch.autograd.Function):
             )
             cfg.output_rows = _gru_output_rows_fn(store, ops, levels, dtype)
         cfg.store = store
+        cfg.output_tensors = [codes_data]  # what the next layer of a stack saves
         ctx.cfg = cfg
         ctx.has_bias = b_ih is not None
         kept = keep_input(ctx, x, cfg)

@@ -1,7 +1,16 @@
 """The discrete LSTM layer as one autograd Function per layer and direction (see
 :mod:`discrnn.rnn_function` for the sequence layout, the code store and the two paths): the chunked
 torch path (``_lstm_forward_chunked`` / ``_lstm_backward_chunked``) and the per-step path through
-the Triton step kernels (``LSTMLayerFunction._forward_steps`` / ``_backward_steps``)."""
+the Triton step kernels (``LSTMLayerFunction._forward_steps`` / ``_backward_steps``).
+
+Kept per step and unit: the codes of i, f, g and o (4 planes), plus c every ``chunk`` steps (the
+checkpoints) and c_0. u = discrete_tanh(c_t) is not kept: wherever it is needed (u d_o and
+m = o u in this layer's backward, the outputs h_t = o u the next layer of a stack rebuilds as its
+input) c_t is rebuilt from the checkpoint before it with the forward's arithmetic and u's code is
+encoded from tanh(c_t) as the forward computed it: on the torch path one ``torch.tanh`` per step
+on a contiguous [bs, H] tensor (the forward's loop shape, see ``kernels.rnn_torch``), in the
+kernels the forward kernel's expression. The final-state codes (o, u of each row's last step) are
+kept apart, as before (``final_codes``)."""
 
 from __future__ import annotations
 
@@ -28,27 +37,81 @@ from .rnn_function import (
 )
 
 
-def _lstm_output_rows_fn(store, ops, levels, dtype, w_hr):
-    """``LayerConfig.output_rows`` of the Triton path: one output kernel over the packed rows."""
+def _rebuild_start(cfg, tensors, first, acc):
+    """(code buffer, c_0 in ``acc``, the first processing step s0 of the chunk that holds step
+    ``first``, c_{s0-1} [bs, H] in ``acc``) from a layer's ``output_tensors`` (code buffer, c_0,
+    checkpoints): rebuilding c starts at the chunk's checkpoint (a reverse direction's next layer
+    may start mid-chunk)."""
+    data, c0, *checkpoints = tensors
+    c_init = c0.to(acc)
+    k = first // cfg.chunk
+    s0 = k * cfg.chunk
+    bs = cfg.layout.batch_sizes[cfg.layout.order[s0]]
+    return data, c_init, s0, (checkpoints[k - 1] if k else c_init)[:bs].to(acc)
 
-    def output_rows(data, first, last):
-        m = ops.lstm_output(store.rows_at(data, first, last), levels, dtype)
+
+def _lstm_output_rows_fn(cfg, store, ops, levels, dtype, w_hr):
+    """``LayerConfig.output_rows`` of the Triton path: c rebuilt step by step from the checkpoint
+    before ``first``, one cell kernel per step, which also writes m = o u from the rebuilt c."""
+    layout = cfg.layout
+
+    def output_rows(tensors, first, last):
+        data, c_init, s0, c = _rebuild_start(cfg, tensors, first, compute_dtype(dtype))
+        sizes = layout.proc_sizes(s0, last)
+        skip = sum(sizes[: first - s0])
+        m = torch.empty(sum(sizes) - skip, store.hidden, dtype=dtype, device=data.device)
+        m_s = split_proc(m, sizes[first - s0 :])
+        for j, bs in enumerate(sizes):
+            s = s0 + j
+            c = ops.lstm_recompute_cell(store.rows_at(data, s, s), c, levels, cfg.cell_clip,
+                                        m_out=m_s[s - first] if s >= first else None)
+            if j + 1 < len(sizes):
+                c = step_input(c, bs, sizes[j + 1], c_init)
         return m if w_hr is None else m @ w_hr.t()
 
     return output_rows
 
 
-def _lstm_output_rows_fn_tables(store, tables, w_hr):
+def _lstm_output_rows_fn_tables(cfg, store, tables, w_hr):
     """As :func:`_lstm_output_rows_fn` for the torch path, decoding by the layer's lookup tables
-    (bit-identical)."""
+    and rebuilding c with the forward step's arithmetic (bit-identical)."""
+    layout, H, acc = cfg.layout, store.hidden, tables.acc
 
-    def output_rows(data, first, last):
-        codes = store.read_rows(data, first, last)
-        m = tables.lookup("value", SIG, codes[:, 3, : store.hidden])
-        m = (m * tables.lookup("value", TANH, codes[:, 4, : store.hidden])).to(tables.dtype)
+    def output_rows(tensors, first, last):
+        data, c_init, s0, c = _rebuild_start(cfg, tensors, first, acc)
+        sizes = layout.proc_sizes(s0, last)
+        R = sum(sizes)
+        idx = tables.indices(store.read_rows(data, s0, last)[:, :, :H])  # [4, R * H]
+        f_s = split_proc(tables.gather(tables.table("value", SIG), idx[1], (R, H)), sizes)
+        ig = tables.gather(tables.pair_table("ab"), tables.pair_index(idx[0], idx[2]), (R, H))
+        ig_s = split_proc(ig, sizes)
+        skip = sum(sizes[: first - s0])
+        t = torch.empty(R - skip, H, dtype=acc, device=data.device)  # tanh(c_t), steps first..
+        t_s = split_proc(t, sizes[first - s0 :])
+        for j, bs in enumerate(sizes):
+            c = torch.mul(f_s[j], c).add_(ig_s[j]).clamp_(-cfg.cell_clip, cfg.cell_clip)
+            if s0 + j >= first:
+                torch.tanh(c, out=t_s[s0 + j - first])  # the forward's call on c_t [bs, H]
+            if j + 1 < len(sizes):
+                c = step_input(c, bs, sizes[j + 1], c_init)
+        del f_s, ig, ig_s
+        u_idx = _lstm_u_codes(tables, t)
+        o_u = tables.pair_index(idx[3][skip * H :], u_idx.view(-1))
+        m = tables.gather(tables.pair_table("ab"), o_u, (R - skip, H)).to(tables.dtype)
         return m if w_hr is None else m @ w_hr.t()
 
     return output_rows
+
+
+def _lstm_u_codes(tables, t, dtanh_out=None):
+    """u's int32 codes [R, H] from t = tanh(c_t) [R, H] (overwritten), and with ``dtanh_out`` also
+    1 - t^2 there. For the forward's codes bit for bit, t must come from one ``torch.tanh`` call
+    per step on that step's contiguous [bs, H] rows of c_t (the forward step's loop shape, see
+    ``kernels.rnn_torch``); the encoding is exact arithmetic, so it runs on all rows at once."""
+    if dtanh_out is not None:
+        torch.mul(t, t, out=dtanh_out).neg_().add_(1.0)
+    u_idx = torch.empty(t.shape, dtype=torch.int32, device=t.device)
+    return tables.encode_tanh_(t, True, u_idx)
 
 
 def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes,
@@ -72,7 +135,8 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     direct = w_hr is None and dtype == acc  # m goes straight into y
     max_rows = min(cfg.chunk, len(sizes)) * B
     rows_buf = store.rows_buffer(max_rows)  # the chunk's codes, uint8, as the store packs them
-    k_buf = torch.empty(max_rows, rnn_torch.LSTM_CODES, H, dtype=torch.int32, device=device)
+    # the step's codes i, f, g, o (kept) and u (for the final-state codes only)
+    k_buf = torch.empty(max_rows, rnn_torch.LSTM_CODES + 1, H, dtype=torch.int32, device=device)
     finish = finish_rows(layout)
     checkpoints = []
     h_prev = c_prev = None
@@ -86,7 +150,7 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
         xps = split_steps(xproj, cfg, steps, lo)
         outs = split_steps(y[lo:hi], cfg, steps, lo)
         k_gates = split_proc(k_buf[: hi - lo, :4], psizes)
-        k_u = split_proc(k_buf[: hi - lo, 4], psizes)
+        k_u = split_proc(k_buf[: hi - lo, 4], psizes)  # not kept: backward rebuilds it from c
         pres = split_steps(preact[lo:hi], cfg, steps, lo) if preact is not None else None
         for j, bs in enumerate(psizes):
             h_in = step_input(h_prev, prev_bs, bs, h0)
@@ -116,7 +180,7 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
                 final_codes[1, done:bs] = k_u[j][done:bs]
             h_prev, c_prev, prev_bs = out, c_new, bs
         if keep_codes:
-            rows_buf[: hi - lo, :, :H] = k_buf[: hi - lo]
+            rows_buf[: hi - lo, :, :H] = k_buf[: hi - lo, :4]
             store.write_rows(codes_data, first, first + len(steps) - 1, rows_buf[: hi - lo])
     return y, h_n, c_n, final_codes, checkpoints
 
@@ -179,56 +243,78 @@ def _lstm_backward_chunked(
 
         m_before = None
         if before is not None:
+            # c of the step processed before the chunk is the chunk's checkpoint (its first n rows;
+            # zeros in the rest keep the forward's [bs, H] shape for tanh, see _lstm_u_codes)
+            n_b = before.shape[0]
+            c_b = torch.zeros(n_b, H, dtype=acc, device=device)
+            n = min(n_b, psizes[0])
+            c_b[:n] = checkpoints[k - 1][:n]
+            u_b = _lstm_u_codes(tables, torch.tanh(c_b))
             o_b = tables.lookup("value", SIG, before[:, 3])
-            u_b = tables.lookup("value", TANH, before[:, 4])
-            m_before = as_output(o_b * u_b)
+            m_before = as_output(o_b * tables.lookup("value", TANH, u_b))
+            del c_b, u_b, o_b
         # What the gate gradients need, for the whole chunk, gathered from tables of the codes'
         # values, derivatives and products of two codes' (i and g; o and u):
         # p = [g d_i, c_prev d_f, i d_g] plane by plane, o d_u, u d_o, m = o u, i g. With
         # grad="exact" the gate derivatives are f' at the kept pre-activations instead.
-        idx = tables.indices(codes)
+        idx = tables.indices(codes)  # [4, R * H]: i, f, g, o
         del codes, before
-        i_g, o_u = tables.pair_index(idx[0], idx[2]), tables.pair_index(idx[3], idx[4])
+        i_g = tables.pair_index(idx[0], idx[2])
         f_v = tables.gather(tables.table("value", SIG), idx[1], (R, H))
         o_v = tables.gather(tables.table("value", SIG), idx[3], (R, H))
         p = torch.empty(3, R, H, dtype=acc, device=device)
+        d_o = None
         if preact is None:
             d_f = tables.gather(tables.table("deriv", SIG), idx[1], (R, H))
             torch.index_select(tables.pair_table("b_da"), 0, i_g, out=p[0].view(-1))
             torch.index_select(tables.pair_table("a_db"), 0, i_g, out=p[2].view(-1))
-            u_do = tables.gather(tables.pair_table("b_da"), o_u, (R, H))
         else:
             d_i, d_f, d_g, d_o = rnn_torch.exact_derivatives(
                 preact[lo:hi], rnn_torch.LSTM_GATE_KINDS, acc
             ).unbind(1)
             torch.mul(tables.gather(tables.table("value", TANH), idx[2], (R, H)), d_i, out=p[0])
             torch.mul(tables.gather(tables.table("value", SIG), idx[0], (R, H)), d_g, out=p[2])
-            u_do = tables.gather(tables.table("value", TANH), idx[4], (R, H)).mul_(d_o)
-            del d_i, d_g, d_o
-        del idx
+            del d_i, d_g
         ig = tables.gather(tables.pair_table("ab"), i_g, (R, H))
         del i_g
-        m_all = tables.gather(tables.pair_table("ab"), o_u, (R, H))
-        del o_u
 
         # c_{t-1} of every step, rebuilt from the checkpoint with the forward's arithmetic (a mul,
-        # an add, the clamp: bit-identical), into p[1]; then c_t of every step before its clamp
-        # (the same arithmetic). u's straight-through derivative is tanh'(c_t): o d_u. Where the
-        # clamp was active no gradient reaches the gates or c_{t-1}: p and f (as dc_{t-1} = dc f)
-        # are zeroed there.
-        f_s, ig_s, cp_s = split(f_v), split(ig), split(p[1])
-        cp_s[0].copy_(c_init[: psizes[0]] if k == 0 else checkpoints[k - 1])
-        for j in range(len(steps) - 1):
-            bs, bs_next = psizes[j], psizes[j + 1]
-            n = min(bs, bs_next)
-            torch.mul(f_s[j][:n], cp_s[j][:n], out=cp_s[j + 1][:n]).add_(ig_s[j][:n]).clamp_(-clip, clip)
-            if bs_next > bs:
-                cp_s[j + 1][bs:] = c_init[bs:bs_next]
-        c_raw = torch.mul(f_v, p[1]).add_(ig)
+        # an add, the clamp: bit-identical), into p[1]; c_t of every step before its clamp into
+        # c_raw, tanh(c_t) step by step (the forward's call on c_t [bs, H]) into t_c, whose
+        # encoding is u's code, the forward's. u's straight-through derivative is tanh'(c_t):
+        # o d_u. Where the clamp was active no gradient reaches the gates or c_{t-1}: p and f (as
+        # dc_{t-1} = dc f) are zeroed there.
+        c_raw = torch.empty(R, H, dtype=acc, device=device)
+        t_c = torch.empty(R, H, dtype=acc, device=device)
+        f_s, ig_s, cp_s, raw_s, t_s = split(f_v), split(ig), split(p[1]), split(c_raw), split(t_c)
+        cp_s[0].copy_(c_init[: psizes[0]] if k == 0 else checkpoints[k - 1][: psizes[0]])
+        for j in range(len(steps)):
+            bs = psizes[j]
+            bs_next = psizes[j + 1] if j + 1 < len(steps) else 0
+            raw = torch.mul(f_s[j], cp_s[j], out=raw_s[j]).add_(ig_s[j])
+            if bs_next == bs:  # c_t is the next step's c_{t-1}: clamp straight into it
+                c_t = torch.clamp(raw, -clip, clip, out=cp_s[j + 1])
+            else:
+                c_t = raw.clamp(-clip, clip)
+                if bs_next:
+                    n = min(bs, bs_next)
+                    cp_s[j + 1][:n] = c_t[:n]
+                    if bs_next > bs:
+                        cp_s[j + 1][bs:] = c_init[bs:bs_next]
+            torch.tanh(c_t, out=t_s[j])  # contiguous [bs, H], as the forward step's call
+        del raw, c_t, t_s
         passed = c_raw.abs() <= clip  # where the clamp passes the gradient
-        o_du = c_raw.clamp_(-clip, clip).tanh_()
-        o_du.mul_(o_du).neg_().add_(1.0).mul_(o_v)  # o (1 - tanh(c_t)^2)
-        del ig, ig_s, cp_s, o_v, c_raw
+        o_du = c_raw  # reused: o (1 - tanh(c_t)^2)
+        u_idx = _lstm_u_codes(tables, t_c, dtanh_out=o_du)
+        o_du.mul_(o_v)
+        del t_c
+        o_u = tables.pair_index(idx[3], u_idx.view(-1))
+        if d_o is None:
+            u_do = tables.gather(tables.pair_table("b_da"), o_u, (R, H))
+        else:
+            u_do = tables.gather(tables.table("value", TANH), u_idx.view(-1), (R, H)).mul_(d_o)
+        m_all = tables.gather(tables.pair_table("ab"), o_u, (R, H))
+        del idx, o_u, u_idx, d_o, ig, ig_s, cp_s, raw_s, o_v, c_raw
         p[1].mul_(d_f)
         del d_f
         p.mul_(passed)
@@ -295,13 +381,16 @@ class LSTMLayerFunction(torch.autograd.Function):
             y, h, c, final_codes, checkpoints = _lstm_forward_chunked(
                 x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes, preact
             )
-            cfg.output_rows = _lstm_output_rows_fn_tables(store, cfg.tables(dtype, x.device), w_hr)
+            cfg.output_rows = _lstm_output_rows_fn_tables(cfg, store, cfg.tables(dtype, x.device),
+                                                          w_hr)
         else:
             y, h, c, final_codes, checkpoints = LSTMLayerFunction._forward_steps(
                 x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes, preact
             )
-            cfg.output_rows = _lstm_output_rows_fn(store, ops, levels, dtype, w_hr)
+            cfg.output_rows = _lstm_output_rows_fn(cfg, store, ops, levels, dtype, w_hr)
         cfg.store = store
+        # What the next layer of a stack saves to rebuild its input (the same tensors as here)
+        cfg.output_tensors = [codes_data, c0.detach(), *checkpoints]
         ctx.cfg = cfg
         ctx.has_bias = b is not None
         kept = keep_input(ctx, x, cfg)
@@ -395,7 +484,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         store, layout, levels, ops = cfg.store, cfg.layout, cfg.levels, cfg.ops
         sizes = layout.batch_sizes
         dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
-        P = h0.shape[1]
+        P, H = h0.shape[1], c0.shape[1]
         w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
         w_hr_a = w_hr.to(acc) if w_hr is not None else None
         c_init, h_init = c0.to(acc), h0.to(acc)
@@ -416,18 +505,29 @@ class LSTMLayerFunction(torch.autograd.Function):
             psizes = [sizes[t] for t in steps]
             step_codes = [store.rows_at(codes_data, s, s) for s in range(first, last + 1)]
 
-            # Cell states before each step, rebuilt from the checkpoint with the saved codes.
+            # Cell states before each step, rebuilt from the checkpoint with the saved codes, and
+            # m = o * u of every step (u's code rebuilt from c_t), one cell launch per step.
             c_prevs = [(checkpoints[k - 1] if k else c_init)[: psizes[0]]]
-            for j in range(len(steps) - 1):
-                c_next = ops.lstm_recompute_cell(step_codes[j], c_prevs[j], levels, cfg.cell_clip)
-                c_prevs.append(step_input(c_next, psizes[j], psizes[j + 1], c_init))
-
-            # m = o * u of every step of the chunk and of the step before it, one launch.
-            m_rows = ops.lstm_output(store.rows_at(codes_data, max(first - 1, 0), last), levels, acc)
-            n_before = sizes[layout.order[first - 1]] if first else 0
-            m_chunk = layout.to_time_order(m_rows[n_before:], first, last)
-            before = as_output(m_rows[:n_before]) if first else None
-            del m_rows
+            m_rows = torch.empty(hi - lo, H, dtype=acc, device=device)  # processing order
+            m_s = split_proc(m_rows, psizes)
+            for j in range(len(steps)):
+                c_next = ops.lstm_recompute_cell(step_codes[j], c_prevs[j], levels, cfg.cell_clip,
+                                                 m_out=m_s[j])
+                if j + 1 < len(steps):
+                    c_prevs.append(step_input(c_next, psizes[j], psizes[j + 1], c_init))
+            m_chunk = layout.to_time_order(m_rows, first, last)
+            del m_rows, m_s
+            # m of the step processed before the chunk: its c is the checkpoint's first n rows
+            # (the other rows are not needed: zeros keep the step's [bs, H] shape).
+            before = None
+            if first:
+                n_before = sizes[layout.order[first - 1]]
+                c_b = torch.zeros(n_before, H, dtype=acc, device=device)
+                n = min(n_before, psizes[0])
+                c_b[:n] = c_prevs[0][:n]
+                before = as_output(ops.lstm_output(store.rows_at(codes_data, first - 1, first - 1),
+                                                   c_b, levels, acc))
+                del c_b
 
             def split(rows):
                 return split_steps(rows, cfg, steps, lo)

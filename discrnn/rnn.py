@@ -568,7 +568,7 @@ class _DiscreteRNNBase(nn.RNNBase):
         final_codes, c_states = [], []
         layer_input, source = x_data, None
         for layer in range(self.num_layers):
-            outputs, cfgs, codes = [], [], []
+            outputs, cfgs = [], []
             for direction in range(D):
                 idx = layer * D + direction
                 w_ih, w_hh, b_ih, b_hh, w_hr = weights[idx]
@@ -590,14 +590,13 @@ class _DiscreteRNNBase(nn.RNNBase):
                 final_codes.append(last_codes)
                 outputs.append(y)
                 cfgs.append(cfg)
-                codes.append(layer_codes)
             layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=1)
             mask = None
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 mask = PackedDropoutMask(layer_input.shape, self.dropout, layer_input.device)
                 layer_input = PackedDropoutFunction.apply(layer_input, mask.packed, mask)
             # The next layer rebuilds its input from these codes instead of keeping the floats.
-            source = CodedInput(cfgs, codes, mask)
+            source = CodedInput(cfgs, mask)
         finals = [torch.stack(f) for f in finals]
         y, finals = self._restore(layer_input, finals, info)
         if want_packed:
@@ -642,8 +641,9 @@ class DiscreteLSTM(_DiscreteRNNBase):
     and a copy of the weights), ``to_torch()`` goes back. Errors: see the module docstring (the
     exception types are torch's where torch rejects the same mistake).
 
-    Kept for backward per time step, batch row and hidden unit: 5 codes of ceil(log2 L) bits
-    (i, f, g, o and tanh(c)) plus 4 / chunk_size bytes of cell-state checkpoint; with
+    Kept for backward per time step, batch row and hidden unit: 4 codes of ceil(log2 L) bits
+    (i, f, g, o; the code of tanh(c) is rebuilt from c in backward) plus 4 / chunk_size bytes of
+    cell-state checkpoint; with
     grad="exact" also the 4 gate pre-activations (16 bytes in float32).
     """
 

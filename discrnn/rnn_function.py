@@ -8,9 +8,11 @@ the special case of equal sizes). Forward runs steps in processing order (t = 0.
 the reverse direction); the active rows of a step are always a prefix of the batch.
 
 What one layer keeps for backward, per step and active row (``Q`` codes of ``bits`` bits per unit,
-see ``discrnn.kernels.rnn_torch``), in one uint8 buffer: ``Q * bits / 8`` bytes per unit; the LSTM
-adds its float32 cell state every ``chunk`` steps (``4 / chunk`` bytes per unit and step) and
-recomputes c in between from the saved i, f, g codes. Input projections, gate gradients and weight
+see ``discrnn.kernels.rnn_torch``), in one uint8 buffer: ``Q * bits / 8`` bytes per unit (LSTM:
+Q = 4, i, f, g, o; GRU: Q = 4, r, z, n, h); the LSTM adds its float32 cell state every ``chunk``
+steps (``4 / chunk`` bytes per unit and step) and c_0, recomputes c in between from the saved
+i, f, g codes, and rebuilds u = discrete_tanh(c_t)'s code from the recomputed c_t (see
+``discrnn.lstm_function``) instead of keeping it. Input projections, gate gradients and weight
 gradients are computed ``chunk`` steps at a time, so no [T, B, 4H] float tensor ever exists.
 
 Two implementations share the code store and the layer Functions (each cell's in its module):
@@ -148,9 +150,11 @@ class LayerConfig:
 
     ``input_source``: None when the layer keeps its input tensor for backward (the first layer), or
     a :class:`CodedInput` that rebuilds the input from the previous layer's codes (inner layers).
-    After forward, ``store`` and ``output_rows`` describe this layer's codes to the next layer:
-    ``output_rows(data, first, last)`` rebuilds the outputs of processing steps first..last (rows in
-    processing order, the layer's dtype) from the code buffer ``data``.
+    After forward, ``store``, ``output_tensors`` and ``output_rows`` describe this layer's codes to
+    the next layer: ``output_tensors`` is what rebuilds its outputs (the code buffer; the LSTM adds
+    c_0 and its cell-state checkpoints), which the next layer saves too (the same tensors: no extra
+    memory), and ``output_rows(tensors, first, last)`` rebuilds the outputs of processing steps
+    first..last (rows in processing order, the layer's dtype) from those tensors.
     """
 
     def __init__(self, batch_sizes, levels, bits, chunk, reverse, ops, input_source=None,
@@ -161,6 +165,7 @@ class LayerConfig:
         self.cell_clip = cell_clip  # the LSTM's bound on |c_t|
         self.input_source = input_source
         self.store = None
+        self.output_tensors = None
         self.output_rows = None
         self.chunked = _is_torch_ops(ops)  # the chunked torch path (see the module docstring)
         self._tables = {}
@@ -237,22 +242,26 @@ class CodedInput:
     """An inner layer's input rebuilt from the previous layer's codes instead of kept as floats:
     the concatenated outputs of its directions, times the packed dropout mask if any."""
 
-    def __init__(self, prev_cfgs, prev_codes, mask=None):
+    def __init__(self, prev_cfgs, mask=None):
         self.prev_cfgs = prev_cfgs  # one LayerConfig per direction of the previous layer
-        self.prev_codes = prev_codes  # their code buffers (saved by this layer, too)
         self.mask = mask  # PackedDropoutMask or None
 
     def tensors(self):
-        return list(self.prev_codes) + ([self.mask.packed] if self.mask is not None else [])
+        """What this layer saves: each previous direction's ``output_tensors``, then the mask."""
+        kept = [t for cfg in self.prev_cfgs for t in cfg.output_tensors]
+        return kept + ([self.mask.packed] if self.mask is not None else [])
 
     def rows(self, kept, lo: int, hi: int) -> torch.Tensor:
         t_first, t_last = self.prev_cfgs[0].layout.times_in(lo, hi)
         T = len(self.prev_cfgs[0].layout.batch_sizes)
         parts = []
-        for cfg, data in zip(self.prev_cfgs, kept):
+        start = 0
+        for cfg in self.prev_cfgs:
+            tensors = kept[start : start + len(cfg.output_tensors)]
+            start += len(cfg.output_tensors)
             # processing indices of these times in that direction form one contiguous run
             a, b = (T - 1 - t_last, T - 1 - t_first) if cfg.layout.reverse else (t_first, t_last)
-            parts.append(cfg.layout.to_time_order(cfg.output_rows(data, a, b), a, b))
+            parts.append(cfg.layout.to_time_order(cfg.output_rows(tensors, a, b), a, b))
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if self.mask is not None:
             x = x * self.mask.scaled_rows(kept[-1], lo, hi, x.dtype)

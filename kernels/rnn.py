@@ -21,7 +21,10 @@ elementwise inside one program: no reductions, nothing shared between programs. 
   store pads rows to a multiple of 8 units) are written as code 0 by the programs covering them.
   Readers fetch, per unit, the (at most two) bytes that hold its bits and shift them into place;
 * the layers' code store keeps a step's codes as rows [bs, Q, padded] one after another, so a run
-  of steps is one :class:`CodeRows` and the output kernel decodes a whole chunk in one launch.
+  of steps is one :class:`CodeRows` and the GRU's output kernel decodes a whole chunk in one launch.
+  The LSTM keeps i, f, g, o (Q = 4): u = discrete_tanh(c_t) needs c_t, so its outputs m = o u come
+  from the cell kernel that rebuilds c_t step by step (``lstm_recompute_cell(..., m_out=)``), or
+  from the output kernel given c_t (``lstm_output(codes, c, ...)``).
 
 Inputs are read through their strides (row slices of a chunk's input projection ``xproj[rows]``,
 state prefixes ``c[:bs]``), never copied; float outputs are fresh contiguous tensors. Dtypes: the
@@ -38,6 +41,9 @@ Exactness against the torch reference:
   operation, with fused multiply-add off (every launch passes ``enable_fp_fusion=False``). So c, m
   and h match torch bit for bit, and ``lstm_recompute_cell`` reproduces the forward kernel's c
   exactly, which backward relies on (it rebuilds c from the codes between the float checkpoints).
+* u's code is not kept: the cell, output and backward kernels encode ``_tanh(c)`` of the rebuilt
+  c_t, the forward kernel's expression on the same value with fusion off, so they get the forward
+  kernel's u code (and m) bit for bit; against torch's u code, the same one-level caveat as below.
 * The codes themselves: tanh and sigmoid are written with ``exp`` (no libdevice in the interpreter)
   and may differ from torch's in the last ulp, so an activation that lands on a level boundary can
   move one level. Rare (measured under the interpreter: none in 786k codes of random steps; 4-10% of
@@ -80,7 +86,7 @@ __all__ = [
     "gru_step_backward",
 ]
 
-LSTM_CODES = 5  # i, f, g, o, u (as rnn_torch)
+LSTM_CODES = 4  # i, f, g, o (as rnn_torch: u = discrete_tanh(c_t) is rebuilt from c_t)
 GRU_CODES = 4  # r, z, n, h
 
 
@@ -150,7 +156,7 @@ def _clamp_cell(c, CELL_CLIP: tl.constexpr):
 def _lstm_step_fwd_kernel(
     GATES,  # [bs, 4H] pre-activations i, f, g, o; any float dtype; strided
     C_PREV,  # [bs, H] float32/64 (its dtype is ACC); strided
-    CODES,  # uint8 code rows out (i, f, g, o, u), when STORE_CODES
+    CODES,  # uint8 code rows out (i, f, g, o), when STORE_CODES
     FINAL,  # [2, B, H] uint8 out (o, u of rows done..bs-1), contiguous, when STORE_FINAL
     C,  # [bs, H] ACC out, contiguous; may be C_PREV itself (each element is read, then written)
     M,  # [bs, H] out (o * u), any float dtype (rounded to nearest even from ACC), contiguous
@@ -220,8 +226,7 @@ def _lstm_step_fwd_kernel(
                      GROUP_BYTES_POW2, BLOCK_B, BLOCK_H)
         _store_codes(row + 3 * stride_kq, k_o, row_ok, col0, H, H_PAD, BITS, GROUP_CODES,
                      GROUP_BYTES_POW2, BLOCK_B, BLOCK_H)
-        _store_codes(row + 4 * stride_kq, k_u, row_ok, col0, H, H_PAD, BITS, GROUP_CODES,
-                     GROUP_BYTES_POW2, BLOCK_B, BLOCK_H)
+        # u's code is not kept: readers rebuild it from c_t with this expression (_tanh(c)).
     if STORE_FINAL:  # rows whose sequence ends here: their o, u codes are the packed final state
         final_mask = mask & (rows >= done)[:, None]
         tl.store(FINAL + out, k_o.to(tl.uint8), mask=final_mask)
@@ -230,9 +235,10 @@ def _lstm_step_fwd_kernel(
 
 @triton.jit(do_not_specialize=["bs", "code_offset"])
 def _lstm_cell_kernel(
-    CODES,  # uint8 code rows (i, f, g, ...)
+    CODES,  # uint8 code rows (i, f, g, o)
     C_PREV,  # [bs, H] float32/64 (ACC); strided
     C,  # [bs, H] ACC out, contiguous
+    M,  # [bs, H] out (o * u, u's code rebuilt from c), any float dtype, contiguous; when STORE_M
     bs,
     H,
     code_offset,
@@ -243,6 +249,7 @@ def _lstm_cell_kernel(
     LEVELS: tl.constexpr,
     BITS: tl.constexpr,
     CELL_CLIP: tl.constexpr,
+    STORE_M: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -264,21 +271,29 @@ def _lstm_cell_kernel(
     f = _decode(k_f, LEVELS, "sigmoid", ACC)
     g = _decode(k_g, LEVELS, "tanh", ACC)
     c = _clamp_cell(f * c_prev + i * g, CELL_CLIP)  # the forward kernel's: c bit-identical
-    tl.store(C + rows[:, None] * H + cols[None, :], c, mask=mask)
+    out = rows[:, None] * H + cols[None, :]  # [BLOCK_B, BLOCK_H] int64 into contiguous [bs, H]
+    tl.store(C + out, c, mask=mask)
+    if STORE_M:  # u's code as the forward kernel computed it from the same c: m bit-identical
+        o = _decode(_load_codes(row + 3 * stride_kq, cols, mask, BITS), LEVELS, "sigmoid", ACC)
+        m = o * _decode(_encode(_tanh(c), LEVELS, "tanh"), LEVELS, "tanh", ACC)
+        tl.store(M + out, _round_to(m, M.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["bs", "code_offset"])
 def _output_kernel(
     CODES,  # uint8 code rows
+    C,  # [bs, H] ACC: c_t, read for "lstm" (u's code rebuilt from it); strided
     OUT,  # [bs, H] out, any float dtype (ACC: float64 for float64, else float32), contiguous
     bs,
     H,
     code_offset,
     stride_kq,
     stride_kb,
+    stride_cb,
+    stride_ch,
     LEVELS: tl.constexpr,
     BITS: tl.constexpr,
-    CELL: tl.constexpr,  # "lstm": m = o * u (planes 3, 4); "gru": h (plane 3)
+    CELL: tl.constexpr,  # "lstm": m = o * u (plane 3 and C); "gru": h (plane 3)
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -293,7 +308,9 @@ def _output_kernel(
     row = CODES + code_offset + rows * stride_kb
     if CELL == "lstm":
         k_o = _load_codes(row + 3 * stride_kq, cols, mask, BITS)
-        k_u = _load_codes(row + 4 * stride_kq, cols, mask, BITS)
+        c = tl.load(C + rows[:, None] * stride_cb + cols[None, :] * stride_ch, mask=mask,
+                    other=0.0).to(ACC)
+        k_u = _encode(_tanh(c), LEVELS, "tanh")  # the forward kernel's u code
         value = _decode(k_o, LEVELS, "sigmoid", ACC) * _decode(k_u, LEVELS, "tanh", ACC)
     else:
         value = _decode(_load_codes(row + 3 * stride_kq, cols, mask, BITS), LEVELS, "tanh", ACC)
@@ -303,7 +320,7 @@ def _output_kernel(
 
 @triton.jit(do_not_specialize=["bs", "code_offset"])
 def _lstm_step_bwd_kernel(
-    CODES,  # uint8 code rows (i, f, g, o, u)
+    CODES,  # uint8 code rows (i, f, g, o)
     C_PREV,  # [bs, H] ACC; strided
     DM,  # [bs, H] ACC, dL/dm_t; strided
     DC,  # [bs, H] ACC, dL/dc_t from step t+1; strided
@@ -343,7 +360,6 @@ def _lstm_step_bwd_kernel(
     k_f = _load_codes(row + stride_kq, cols, mask, BITS)
     k_g = _load_codes(row + 2 * stride_kq, cols, mask, BITS)
     k_o = _load_codes(row + 3 * stride_kq, cols, mask, BITS)
-    k_u = _load_codes(row + 4 * stride_kq, cols, mask, BITS)
     c_prev = tl.load(C_PREV + rows[:, None] * stride_cb + cols[None, :] * stride_ch, mask=mask,
                      other=0.0)
     dm = tl.load(DM + rows[:, None] * stride_mb + cols[None, :] * stride_mh, mask=mask, other=0.0)
@@ -353,7 +369,6 @@ def _lstm_step_bwd_kernel(
     f = _decode(k_f, LEVELS, "sigmoid", ACC)
     g = _decode(k_g, LEVELS, "tanh", ACC)
     o = _decode(k_o, LEVELS, "sigmoid", ACC)
-    u = _decode(k_u, LEVELS, "tanh", ACC)
     if EXACT:  # f' at the pre-activations
         pre = PRE + rows[:, None] * stride_pb
         s_i = _sigmoid(tl.load(pre + cols[None, :] * stride_ph, mask=mask, other=0.0))
@@ -371,7 +386,8 @@ def _lstm_step_bwd_kernel(
     # grows. Where the clamp was active nothing passes to the gates and c_prev (torch.clamp's
     # derivative). The order of products is torch's.
     c_raw = f * c_prev + i * g
-    t_c = _tanh(_clamp_cell(c_raw, CELL_CLIP))
+    t_c = _tanh(_clamp_cell(c_raw, CELL_CLIP))  # the forward kernel's tanh(c): u's code rebuilt
+    u = _decode(_encode(t_c, LEVELS, "tanh"), LEVELS, "tanh", ACC)
     dc = tl.where(tl.abs(c_raw) <= CELL_CLIP, dc + dm * o * (1.0 - t_c * t_c), 0.0)
     d_i = dc * g * dd_i
     d_f = dc * c_prev * dd_f
@@ -714,37 +730,50 @@ def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store
     return returned, c, m
 
 
-def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int,
-                        cell_clip: float = math.inf) -> torch.Tensor:
-    """c_t from the saved i, f, g codes (uint8 [>=3, bs, H] or CodeRows) and c_{t-1} [bs, H]
-    (float32/64): bit-identical to the c that :func:`lstm_step_forward` returned."""
+def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int, cell_clip: float = math.inf,
+                        m_out=None) -> torch.Tensor:
+    """c_t from the saved i, f, g codes (uint8 [>=3, bs, H] or CodeRows; >= 4 planes with
+    ``m_out``) and c_{t-1} [bs, H] (float32/64): bit-identical to the c that
+    :func:`lstm_step_forward` returned. With ``m_out`` ([bs, H], any float dtype, contiguous) also
+    m = o * u there, u's code rebuilt from c_t as the forward kernel computed it (bit-identical to
+    its m). One kernel."""
     _checkcompute_dtype("c_prev", c_prev)
     bs, H = c_prev.shape
     _check_device(c_prev.device)
-    code_args, bits = _code_args(codes, 3, bs, H, c_prev.device)
+    code_args, bits = _code_args(codes, 3 if m_out is None else LSTM_CODES, bs, H, c_prev.device)
     c = torch.empty(bs, H, dtype=c_prev.dtype, device=c_prev.device)
+    if m_out is not None:
+        m_out = _out_tensor("m_out", m_out, (bs, H), c_prev.dtype, c_prev.device, any_float=True)
     if bs * H:
-        args = (code_args[0], c_prev, c, bs, H, *code_args[1:], *c_prev.stride())
+        m = c if m_out is None else m_out  # a pointer never written without STORE_M
+        args = (code_args[0], c_prev, c, m, bs, H, *code_args[1:], *c_prev.stride())
         _launch(_lstm_cell_kernel, bs, H, args, LEVELS=levels, BITS=bits,
-                CELL_CLIP=cell_clip_value(cell_clip))
+                CELL_CLIP=cell_clip_value(cell_clip), STORE_M=m_out is not None)
     return c
 
 
-def _decode_output(codes, levels: int, dtype: torch.dtype, cell: str, planes: int) -> torch.Tensor:
+def _decode_output(codes, levels: int, dtype: torch.dtype, cell: str, planes: int,
+                   c=None) -> torch.Tensor:
     rows = as_code_rows(codes)
     bs, H = rows.rows, rows.hidden
     _check_device(rows.data.device)
     code_args, bits = _code_args(rows, planes, bs, H, rows.data.device)
     out = torch.empty(bs, H, dtype=dtype, device=rows.data.device)
+    if c is not None:
+        _check("c", c, (bs, H), rows.data.device)
+        c = _as(c, compute_dtype(dtype))
     if bs * H:
-        args = (code_args[0], out, bs, H, *code_args[1:])
+        c_arg = out if c is None else c  # a pointer never read for the GRU
+        args = (code_args[0], c_arg, out, bs, H, *code_args[1:], *c_arg.stride())
         _launch(_output_kernel, bs, H, args, LEVELS=levels, BITS=bits, CELL=cell)
     return out
 
 
-def lstm_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
-    """m = o * u [bs, H] in ``dtype`` from the saved codes (uint8 [5, bs, H] or CodeRows)."""
-    return _decode_output(codes, levels, dtype, "lstm", LSTM_CODES)
+def lstm_output(codes, c: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
+    """m = o * u [bs, H] in ``dtype`` from the saved codes (uint8 [4, bs, H] or CodeRows) and c_t
+    [bs, H] (converted to the compute dtype of ``dtype``): u's code rebuilt from c_t as the forward
+    kernel computed it. One kernel."""
+    return _decode_output(codes, levels, dtype, "lstm", LSTM_CODES, c)
 
 
 def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
@@ -754,7 +783,7 @@ def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
 
 def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_prev_out=None,
                        preact=None, cell_clip: float = math.inf):
-    """Backward of one step: codes (uint8 [5, bs, H] or CodeRows), c_prev [bs, H] (float32/64),
+    """Backward of one step: codes (uint8 [4, bs, H] or CodeRows), c_prev [bs, H] (float32/64),
     dm = dL/dm_t and dc = dL/dc_t [bs, H] (converted to c_prev's dtype) -> dgates [bs, 4H]
     (i, f, g, o), dc_prev [bs, H], both in c_prev's dtype, written to ``dgates_out`` /
     ``dc_prev_out`` when given (``dc_prev_out`` may be ``dc`` itself). ``preact`` [bs, 4H]: the

@@ -8,7 +8,12 @@ What one step keeps for backward is the level codes: a uint8 tensor ``[Q, bs, H]
 rows of the layers' code store described by :class:`CodeRows` (forward steps write there when given
 ``out``; every reader takes either form):
 
-* LSTM, Q = 5: i, f, g, o and u = discrete_tanh(c_t). h_t = o * u (a product of two levels).
+* LSTM, Q = 4: i, f, g, o. h_t = o * u with u = discrete_tanh(c_t) (a product of two levels); u's
+  code is not kept but rebuilt wherever it is needed (backward, the next layer's input) from c_t,
+  which is itself rebuilt from a float checkpoint with the forward's arithmetic: ``tanh`` of the
+  rebuilt c_t, called with the forward's loop shape (one call on a contiguous [bs, H] tensor per
+  step, see below), encoded, gives the forward's u code bit for bit. The final-state codes (o, u of
+  each row's last step) still come from the forward step (``final``).
 * GRU, Q = 4: r, z, n and h_t itself (the GRU state is one code per unit).
 
 The LSTM cell state is clamped, c_t = clamp(f c_{t-1} + i g, -cell_clip, cell_clip) (``cell_clip``
@@ -57,7 +62,7 @@ from .codec_torch import (
     torch_unpack,
 )
 
-LSTM_CODES = 5  # i, f, g, o, u
+LSTM_CODES = 4  # i, f, g, o (u = discrete_tanh(c_t) is rebuilt from c_t)
 GRU_CODES = 4  # r, z, n, h
 
 _SIG, _TANH = "sigmoid", "tanh"
@@ -429,13 +434,16 @@ def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-def _emit(codes: torch.Tensor, out, final, done: int, final_planes: slice, store: bool):
+def _emit(codes: torch.Tensor, out, final, done: int, final_planes: slice, store: bool,
+          kept: int | None = None):
     """Where a forward step's uint8 codes [Q, bs, H] go: the final-state codes of rows done..bs-1
-    into ``final``, then ``out`` (a :class:`CodeRows`) or, without one, the returned tensor."""
+    into ``final``, then the first ``kept`` planes (all by default) into ``out`` (a
+    :class:`CodeRows`) or, without one, the returned tensor."""
     if final is not None:
         final[:, done : codes.shape[1]] = codes[final_planes, done:]
     if not store:
         return None
+    codes = codes[:kept]
     if out is None:
         return codes
     write_codes(out, codes)
@@ -448,8 +456,8 @@ def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store
     codes, c [bs, H], m = o * u [bs, H] (compute dtype). c = clamp(f c_prev + i g, -cell_clip,
     cell_clip).
 
-    The codes (i, f, g, o, u) are a fresh uint8 tensor [5, bs, H], or are written to ``out`` (a
-    :class:`CodeRows` of 5 planes and bs rows, e.g. a step of the packed code store), which is
+    The kept codes (i, f, g, o) are a fresh uint8 tensor [4, bs, H], or are written to ``out`` (a
+    :class:`CodeRows` of 4 planes and bs rows, e.g. a step of the packed code store), which is
     returned; ``store=False`` writes none and returns None. ``final`` [2, B, H] uint8 (B >= bs)
     receives the o and u codes of rows done..bs-1: the rows whose sequence ends at this step.
     ``c_out`` (compute dtype; may be ``c_prev``) and ``m_out`` (any float dtype: m rounded to it)
@@ -457,25 +465,52 @@ def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store
     bs, H = c_prev.shape
     step = LSTMForwardStep(StepTables(levels, c_prev.dtype, c_prev.device), bs, H, c_prev.device,
                            cell_clip)
-    k = torch.empty(LSTM_CODES, bs, H, dtype=torch.int32, device=c_prev.device)
+    k = torch.empty(LSTM_CODES + 1, bs, H, dtype=torch.int32, device=c_prev.device)  # + u
     c, m = step(step.rows(bs), c_prev, k[:4].transpose(0, 1), k[4], gates=gates)
-    codes = _emit(k.to(torch.uint8), out, final, done, slice(3, 5), store)
+    codes = _emit(k.to(torch.uint8), out, final, done, slice(3, 5), store, LSTM_CODES)
     return codes, _into(c, c_out), _into(m, m_out)
 
 
-def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int,
-                        cell_clip: float = math.inf) -> torch.Tensor:
-    """c_t from the saved i, f, g codes and c_{t-1}: the same arithmetic as the forward step."""
+def lstm_u_codes(c: torch.Tensor, levels: int) -> torch.Tensor:
+    """u's codes (int32, [bs, H]) rebuilt from c_t [bs, H] (compute dtype, contiguous: one step's
+    rows, the shape the forward step evaluates tanh on): bit-identical to the u codes
+    :func:`lstm_step_forward` computed from that c_t."""
+    return _encode_u(torch.tanh(c), levels)
+
+
+def _encode_u(t: torch.Tensor, levels: int) -> torch.Tensor:
+    """int32 tanh codes of t = tanh(c_t) (overwritten), as the forward step encodes u."""
+    k = torch.empty(t.shape, dtype=torch.int32, device=t.device)
+    return StepTables(levels, t.dtype, t.device).encode_tanh_(t, True, k)
+
+
+def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int, cell_clip: float = math.inf,
+                        m_out=None) -> torch.Tensor:
+    """c_t from the saved i, f, g codes and c_{t-1}: the same arithmetic as the forward step. With
+    ``m_out`` ([bs, H], any float dtype) also m = o * u there, u's code rebuilt from c_t: the m
+    (rounded to ``m_out``'s dtype) that the forward step returned, bit for bit."""
     acc, codes = c_prev.dtype, read_codes(codes)
     i, f, g = (torch_decode(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(3))
-    return (f * c_prev + i * g).clamp_(-cell_clip, cell_clip)
+    c = (f * c_prev + i * g).clamp_(-cell_clip, cell_clip)
+    if m_out is not None:
+        m_out.copy_(_cell_output(codes, c, levels))
+    return c
 
 
-def lstm_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
-    """m = o * u from the saved codes (the unprojected h_t)."""
-    acc, codes = compute_dtype(dtype), read_codes(codes)
-    o, u = torch_decode(codes[3], levels, _SIG, acc), torch_decode(codes[4], levels, _TANH, acc)
-    return (o * u).to(dtype)
+def _cell_output(codes: torch.Tensor, c: torch.Tensor, levels: int) -> torch.Tensor:
+    """m = o * u in c's dtype: o from its code (plane 3), u's code rebuilt from c_t."""
+    acc = c.dtype
+    o = torch_decode(codes[3], levels, _SIG, acc)
+    return o * torch_decode(lstm_u_codes(c, levels), levels, _TANH, acc)
+
+
+def lstm_output(codes, c: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
+    """m = o * u (the unprojected h_t) in ``dtype`` from the saved codes and c_t [bs, H] (the compute
+    dtype of ``dtype``): u's code rebuilt from c_t as the forward step computed it. Rows of c_t that
+    are unknown may hold anything (e.g. zeros): each row's m depends on its own c_t only, and c
+    keeps the forward step's shape, so the known rows' tanh runs the forward's loop."""
+    codes = read_codes(codes)
+    return _cell_output(codes, c.to(compute_dtype(dtype)).contiguous(), levels).to(dtype)
 
 
 def exact_derivatives(preact: torch.Tensor, kinds, acc) -> torch.Tensor:
@@ -488,7 +523,8 @@ def exact_derivatives(preact: torch.Tensor, kinds, acc) -> torch.Tensor:
 
 def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.Tensor, levels: int,
                        dgates_out=None, dc_prev_out=None, preact=None, cell_clip: float = math.inf):
-    """Backward of one step. dm = dL/dm_t [bs, H], dc = dL/dc_t from step t+1 [bs, H] ->
+    """Backward of one step: codes (i, f, g, o), c_prev = c_{t-1} [bs, H].
+    dm = dL/dm_t [bs, H], dc = dL/dc_t from step t+1 [bs, H] ->
     dgates [bs, 4H] (pre-activation gradients, gate order i, f, g, o), dc_prev [bs, H]; into
     ``dgates_out`` / ``dc_prev_out`` when given (``dc_prev_out`` may be ``dc``).
 
@@ -499,13 +535,14 @@ def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.
     pre-activations [bs, 4H], ``grad="exact"``) are f' at the pre-activation."""
     acc, codes = c_prev.dtype, read_codes(codes)
     dm = dm.to(acc)
-    i, f, g, o, u = (torch_decode(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(5))
+    i, f, g, o = (torch_decode(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(4))
     if preact is None:
         d = [torch_code_derivative(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(4)]
     else:
         d = exact_derivatives(preact, LSTM_GATE_KINDS, acc).unbind(1)
     raw = f * c_prev + i * g  # the forward's arithmetic: c_t bit for bit
-    t = torch.tanh(raw.clamp(-cell_clip, cell_clip))
+    t = torch.tanh(raw.clamp(-cell_clip, cell_clip))  # the forward's call on c_t [bs, H]
+    u = torch_decode(_encode_u(t.clone(), levels), levels, _TANH, acc)  # u's code, rebuilt
     dc = torch.where(raw.abs() <= cell_clip, dc + dm * o * (1.0 - t * t), 0.0)
     dgates = torch.cat(
         [dc * g * d[0], dc * c_prev * d[1], dc * i * d[2], dm * u * d[3]], dim=1

@@ -79,7 +79,7 @@ from bench_env import (  # scripts/ is on sys.path
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 CELLS = {"lstm": (nn.LSTM, DiscreteLSTM), "gru": (nn.GRU, DiscreteGRU)}
-CODES_PER_UNIT = {"lstm": 5, "gru": 4}  # i, f, g, o, tanh(c) / r, z, n, h
+CODES_PER_UNIT = {"lstm": 4, "gru": 4}  # i, f, g, o (tanh(c) is rebuilt from c) / r, z, n, h
 # Steps of the untimed warm-up call in the memory process. Short on purpose: blocks below the mmap
 # threshold that it frees stay in the heap, and the measured call would reuse them unseen.
 WARMUP_STEPS = 2

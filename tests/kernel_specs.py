@@ -98,13 +98,17 @@ def _rnn_kernels():
          lambda g, a: {"GATES": f"*{g}", "C_PREV": f"*{a}", **codes, "FINAL": "*u8", "C": f"*{a}",
                        "M": f"*{g}", **ints("bs", "H", "H_PAD", "done", *strides("g", "c"),
                                             *code_strides, "stride_fq")}, "forward", None),
-        ("lstm_cell", rnn._lstm_cell_kernel, [(a,) for a in ACC_DTYPES],
-         lambda a: {**codes, "C_PREV": f"*{a}", "C": f"*{a}",
-                    **ints("bs", "H", *code_strides, *strides("c"))}, None, None),
+        # m_out of the cell kernel: any float dtype (the next layer's input rows, or acc)
+        ("lstm_cell", rnn._lstm_cell_kernel, [(a, m) for a in ACC_DTYPES for m in dtypes if
+                                              a == "fp64" or m != "fp64"],
+         lambda a, m: {**codes, "C_PREV": f"*{a}", "C": f"*{a}", "M": f"*{m}",
+                       **ints("bs", "H", *code_strides, *strides("c"))}, None, "STORE_M"),
         ("lstm_out", rnn._output_kernel, [(d,) for d in dtypes],
-         lambda d: {**codes, "OUT": f"*{d}", **ints("bs", "H", *code_strides)}, "lstm", None),
+         lambda d: {**codes, "C": "*fp64" if d == "fp64" else "*fp32", "OUT": f"*{d}",
+                    **ints("bs", "H", *code_strides, *strides("c"))}, "lstm", None),
         ("gru_out", rnn._output_kernel, [(d,) for d in dtypes],
-         lambda d: {**codes, "OUT": f"*{d}", **ints("bs", "H", *code_strides)}, "gru", None),
+         lambda d: {**codes, "C": f"*{d}", "OUT": f"*{d}",
+                    **ints("bs", "H", *code_strides, *strides("c"))}, "gru", None),
         ("lstm_bwd", rnn._lstm_step_bwd_kernel, [(a,) for a in ACC_DTYPES],
          lambda a: {**codes, "C_PREV": f"*{a}", "DM": f"*{a}", "DC": f"*{a}",
                     "DGATES": f"*{a}", "DC_PREV": f"*{a}", "PRE": f"*{a}",
@@ -164,7 +168,7 @@ def rnn_kernel_specs(full: bool):
                                   BLOCK_H=block_h)
                 tag = f"b{code['BITS']}" + ("" if code.get("STORE_CODES", True) else "-nocodes")
                 tag += "" if code.get("STORE_FINAL", True) else "-nofinal"
-                tag += "-exact" if any(grad.values()) else ""
+                tag += ("-m" if switch == "STORE_M" else "-exact") if any(grad.values()) else ""
                 tag += f"-clip{clip['CELL_CLIP']}" if clip else ""
                 specs.append((f"rnn_{name}-{'-'.join(dts)}-L{levels}-{tag}-{block_b}x{block_h}",
                               kernel, signature(*dts), constexprs))

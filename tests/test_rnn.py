@@ -1,6 +1,8 @@
 """DiscreteLSTM / DiscreteGRU: output, final state and every gradient against a plain-autograd
 reference of the same discrete cell; torch.nn parity with levels=None; memory actually kept."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -321,7 +323,7 @@ def kept_bytes(module, x, hx):
 
 @pytest.mark.parametrize(
     "cls, levels, budget",
-    [(DiscreteLSTM, 64, 4.0), (DiscreteLSTM, 256, 5.25), (DiscreteGRU, 64, 3.5), (DiscreteGRU, 256, 4.5)],
+    [(DiscreteLSTM, 64, 3.25), (DiscreteLSTM, 256, 4.25), (DiscreteGRU, 64, 3.5), (DiscreteGRU, 256, 4.5)],
 )
 def test_bytes_kept_per_step_and_unit(cls, levels, budget):
     T, B, H = 256, 8, 64
@@ -331,7 +333,7 @@ def test_bytes_kept_per_step_and_unit(cls, levels, budget):
     per_unit = kept / (T * B * H)
     assert per_unit <= budget, f"{cls.__name__} at L={levels} keeps {per_unit:.3f} B per step x unit"
     # and more than the codes alone: the test counts real storage
-    codes_only = (5 if cls is DiscreteLSTM else 4) * (levels - 1).bit_length() / 8
+    codes_only = 4 * (levels - 1).bit_length() / 8  # LSTM: i, f, g, o; GRU: r, z, n, h
     assert per_unit >= codes_only
 
 
@@ -349,7 +351,7 @@ def test_exact_grad_keeps_the_preactivations_as_well(cls, preacts):
 
 @pytest.mark.parametrize(
     "cls, levels, budget",
-    [(DiscreteLSTM, 64, 4.0), (DiscreteLSTM, 100, 5.25), (DiscreteLSTM, 256, 5.25),
+    [(DiscreteLSTM, 64, 3.25), (DiscreteLSTM, 100, 3.75), (DiscreteLSTM, 256, 4.25),
      (DiscreteGRU, 64, 3.5), (DiscreteGRU, 256, 4.5)],
 )
 def test_bytes_kept_triton_path(cls, levels, budget):
@@ -365,11 +367,11 @@ def test_bytes_kept_triton_path(cls, levels, budget):
     per_unit = kept["triton"] / (T * B * H)
     print(f"{cls.__name__} L={levels}: {per_unit:.3f} B per step x unit on both paths")
     assert kept["triton"] == kept["torch"]
-    codes_only = (5 if cls is DiscreteLSTM else 4) * (levels - 1).bit_length() / 8
+    codes_only = 4 * (levels - 1).bit_length() / 8  # LSTM: i, f, g, o; GRU: r, z, n, h
     assert codes_only <= per_unit <= budget, f"{per_unit:.3f} B per step x unit"
 
 
-@pytest.mark.parametrize("cls, budget", [(DiscreteLSTM, 4.0), (DiscreteGRU, 3.5)])
+@pytest.mark.parametrize("cls, budget", [(DiscreteLSTM, 3.25), (DiscreteGRU, 3.5)])
 def test_stacked_layers_keep_inner_outputs_as_codes(cls, budget):
     T, B, H = 128, 4, 32
     module = cls(16, H, num_layers=3, bidirectional=True, dropout=0.25, levels=64)
@@ -592,8 +594,12 @@ def test_torch_step_math_bit_identical_to_codec(levels, dtype):
         gates[0, 0], gates[-1, -1] = float("nan"), float("inf")
         c_prev = 2 * torch.randn(bs, H, generator=g, dtype=acc)
         c_prev[-1, 0] = float("-inf")
-        for got, expected in zip(rnn_torch.lstm_step_forward(gates, c_prev, levels),
-                                 _codec_lstm_step(gates, c_prev, levels)):
+        final = torch.empty(2, bs, H, dtype=torch.uint8)  # o, u of every row
+        codes, c, m = rnn_torch.lstm_step_forward(gates, c_prev, levels, final=final)
+        ref_codes, ref_c, ref_m = _codec_lstm_step(gates, c_prev, levels)
+        assert torch.equal(codes, ref_codes[:4])  # i, f, g, o kept; u only in the final state
+        assert torch.equal(final, ref_codes[3:5])
+        for got, expected in ((c, ref_c), (m, ref_m)):
             assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
         gx = (3 * torch.randn(bs, 3 * H, generator=g, dtype=torch.float64)).to(dtype)
         gh = torch.randn(bs, 3 * H, generator=g, dtype=torch.float64).to(dtype)
@@ -688,3 +694,198 @@ def test_chunked_torch_path_matches_per_step_path(monkeypatch, cls, kwargs, chun
     names += [n for n, _ in module.named_parameters()]
     for name, a, b in zip(names, grads_a, grads_b):
         torch.testing.assert_close(a, b, atol=atol, rtol=atol, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The LSTM keeps i, f, g, o: u = discrete_tanh(c_t) is rebuilt from c_t (itself rebuilt from the
+# checkpoints) in backward and for the next layer's input. The rebuilt codes must be the forward's.
+
+# (H, batch sizes, reverse, chunk, cell_clip, grad, dtype): H not a multiple of 8 (padded code
+# rows) or 32, batches that shrink (forward direction) or grow (reverse, in processing order)
+# inside and between chunks, the clamp active (small cell_clip) or not, both gradient modes.
+REBUILD_CASES = [
+    (11, [5, 5, 4, 4, 2, 1, 1], False, 3, math.inf, "code", torch.float32),
+    (11, [5, 5, 4, 4, 2, 1, 1], True, 3, 0.5, "code", torch.float32),
+    (33, [3, 3, 3, 3, 3], True, 2, 8.0, "exact", torch.float64),
+    (7, [4, 2, 2, 1, 1], False, 1, 0.25, "exact", torch.bfloat16),
+    (9, [6, 6, 5, 3, 3, 3, 1], True, 4, 1.0, "code", torch.float32),
+]
+REBUILD_IDS = [f"H{c[0]}-{'rev' if c[2] else 'fwd'}-chunk{c[3]}-clip{c[4]}-{c[5]}-{str(c[6])[6:]}"
+               for c in REBUILD_CASES]
+
+
+def _lstm_layer_call(ops, H, batch_sizes, reverse, chunk, clip, grad, dtype, levels=64, seed=0):
+    """One LSTMLayerFunction call on a packed batch: (its LayerConfig, y, the Function's outputs)."""
+    from discrnn._validation import default_bits
+    from discrnn.lstm_function import LSTMLayerFunction
+    from discrnn.rnn_function import LayerConfig
+
+    g = torch.Generator().manual_seed(seed)
+    I, B, N = 5, batch_sizes[0], sum(batch_sizes)
+    x = torch.randn(N, I, generator=g).to(dtype).requires_grad_()
+    h0 = (0.5 * torch.randn(B, H, generator=g)).to(dtype).requires_grad_()
+    c0 = (2 * torch.randn(B, H, generator=g)).to(dtype).requires_grad_()  # beyond small clips
+    w_ih = torch.randn(4 * H, I, generator=g).to(dtype).requires_grad_()
+    w_hh = (0.5 * torch.randn(4 * H, H, generator=g)).to(dtype).requires_grad_()
+    b = (0.5 * torch.randn(4 * H, generator=g)).to(dtype).requires_grad_()
+    cfg = LayerConfig(batch_sizes, levels, default_bits(levels), chunk, reverse, ops, grad=grad,
+                      cell_clip=clip)
+    outs = LSTMLayerFunction.apply(x, h0, c0, w_ih, w_hh, b, None, cfg)
+    return cfg, outs[0], outs, (x, h0, c0, w_ih, w_hh, b)
+
+
+def _proc_rows(cfg, y, first, last):
+    """The rows of processing steps first..last of ``y`` (time-ordered packed rows), in processing
+    order."""
+    return torch.cat([y[cfg.layout.rows(t)] for t in cfg.layout.order[first : last + 1]])
+
+
+def _ops_of(path):
+    from discrnn.rnn import _step_ops
+
+    return {"torch": _step_ops("torch"), "per-step": _StepwiseTorchOps,
+            "triton": _step_ops("triton")}[path]
+
+
+@pytest.mark.parametrize("path", ["torch", "per-step", "triton"])
+@pytest.mark.parametrize("H, sizes, reverse, chunk, clip, grad, dtype", REBUILD_CASES, ids=REBUILD_IDS)
+def test_lstm_output_rows_rebuild_the_outputs_bit_for_bit(path, H, sizes, reverse, chunk, clip,
+                                                          grad, dtype):
+    """What the next layer of a stack reads as its input: the outputs h_t = o u of any run of
+    processing steps, rebuilt from the codes, c_0 and the checkpoints (c rebuilt from the
+    checkpoint of the chunk holding the run's first step, which may start mid-chunk, and u's code
+    from c), equal the forward's outputs bit for bit."""
+    cfg, y, _, _ = _lstm_layer_call(_ops_of(path), H, sizes, reverse, chunk, clip, grad, dtype)
+    assert cfg.store.n_codes == 4
+    y = y.detach()
+    T = len(sizes)
+    firsts = range(T) if path != "triton" else sorted({0, 1, chunk - 1, chunk, T - 1} & set(range(T)))
+    for first in firsts:
+        for last in range(first, T):
+            got = cfg.output_rows(cfg.output_tensors, first, last)
+            expected = _proc_rows(cfg, y, first, last)
+            assert got.dtype == expected.dtype and torch.equal(got, expected), (first, last)
+
+
+def _record_forward_u(monkeypatch, path):
+    """Record the u code of every row of every forward step, keyed by the step's code offset (the
+    per-step paths) or in processing order (the chunked torch path)."""
+    from discrnn.kernels import rnn_torch
+
+    fwd = {}
+    if path == "torch":
+        real_call = rnn_torch.LSTMForwardStep.__call__
+
+        def call(self, v, c_prev, k_gates, k_u, *args, **kwargs):
+            out = real_call(self, v, c_prev, k_gates, k_u, *args, **kwargs)
+            fwd[len(fwd)] = k_u.clone()
+            return out
+
+        monkeypatch.setattr(rnn_torch.LSTMForwardStep, "__call__", call)
+        return None, fwd
+    base = _ops_of(path)
+
+    class Recording(base):
+        @staticmethod
+        def lstm_step_forward(gates, c_prev, levels, out=None, cell_clip=math.inf, **kwargs):
+            bs, H = c_prev.shape
+            every = torch.empty(2, bs, H, dtype=torch.uint8)  # o, u of all rows (done=0)
+            base.lstm_step_forward(gates, c_prev.clone(), levels, final=every, store=False,
+                                   cell_clip=cell_clip)
+            fwd[out.offset] = every[1].clone()
+            return base.lstm_step_forward(gates, c_prev, levels, out=out, cell_clip=cell_clip,
+                                          **kwargs)
+
+    return Recording, fwd
+
+
+@pytest.mark.parametrize("path", ["torch", "per-step", "triton"])
+@pytest.mark.parametrize("H, sizes, reverse, chunk, clip, grad, dtype", REBUILD_CASES, ids=REBUILD_IDS)
+def test_lstm_backward_rebuilds_the_forward_u_codes(monkeypatch, path, H, sizes, reverse, chunk,
+                                                    clip, grad, dtype):
+    """Backward uses u = discrete_tanh(c_t) in u d_o (the o gate's gradient) and m = o u (h_{t-1}
+    of the weight gradient, including the step before each chunk): rebuilt from c_t, its codes
+    must be the ones the forward step computed. The chunked torch path: every code it rebuilds,
+    compared directly; the per-step paths (torch step functions, Triton kernels): the o gate's
+    gradient of every step against dm u d_o with the forward's u."""
+    from discrnn import lstm_function
+    from discrnn.kernels import rnn_torch
+    from discrnn.kernels.codec_torch import torch_code_derivative, torch_decode
+
+    levels = 64
+    Recording, fwd = _record_forward_u(monkeypatch, path)
+    rebuilt = []
+    if path == "torch":
+        real_u_codes = lstm_function._lstm_u_codes
+
+        def u_codes(tables, t, dtanh_out=None):  # dtanh_out: a chunk's steps, else the one before
+            codes = real_u_codes(tables, t, dtanh_out)
+            rebuilt.append((dtanh_out is None, codes.clone()))
+            return codes
+
+        monkeypatch.setattr(lstm_function, "_lstm_u_codes", u_codes)
+        ops = _ops_of(path)
+    else:
+        class Checking(Recording):
+            @staticmethod
+            def lstm_step_backward(codes, c_prev, dm, dc, levels, dgates_out=None, preact=None,
+                                   **kwargs):
+                dm = dm.clone()
+                dgates, dc_prev = _ops_of(path).lstm_step_backward(
+                    codes, c_prev, dm, dc, levels, dgates_out=dgates_out, preact=preact, **kwargs)
+                acc, H_ = c_prev.dtype, c_prev.shape[1]
+                k_o = rnn_torch.read_codes(codes)[3]
+                if preact is None:
+                    d_o = torch_code_derivative(k_o, levels, "sigmoid", acc)
+                else:
+                    d_o = rnn_torch.exact_derivatives(preact, rnn_torch.LSTM_GATE_KINDS, acc)[:, 3]
+                u = torch_decode(fwd[codes.offset], levels, "tanh", acc)
+                rebuilt.append((dgates[:, 3 * H_ :].clone(), dm.to(acc) * u * d_o))
+                return dgates, dc_prev
+
+        ops = Checking
+    cfg, y, outs, inputs = _lstm_layer_call(ops, H, sizes, reverse, chunk, clip, grad, dtype)
+    g = torch.Generator().manual_seed(9)
+    loss = (y * torch.randn(y.shape, generator=g).to(dtype)).sum() + outs[1].sum() + outs[2].sum()
+    loss.backward()
+    assert rebuilt, "backward rebuilt no u codes"
+    if path != "torch":
+        assert len(rebuilt) == len(sizes)
+        # to rounding (Triton's sigmoid in grad="exact"); a u code off by one level moves d_o by
+        # 2 / 63 of dm d_o
+        tol = 1e-12 if rebuilt[0][1].dtype == torch.float64 else 1e-7
+        for d_o, expected in rebuilt:
+            torch.testing.assert_close(d_o, expected, atol=tol, rtol=1e-5)
+        return
+    # The chunked path, chunk by chunk in backward's order: the chunk's rows in time order, after
+    # the step processed before the chunk (its rows that also run in the chunk's first step).
+    layout = cfg.layout
+    expected = []
+    for first, steps in list(cfg.chunks())[::-1]:
+        if first:
+            n = min(sizes[layout.order[first - 1]], sizes[steps[0]])
+            expected.append((True, fwd[first - 1][:n], n))
+        lo, hi = layout.row_span(steps)
+        rows = torch.empty(hi - lo, H, dtype=torch.int32)
+        for s, t in enumerate(steps, start=first):
+            rows[layout.rows(t).start - lo : layout.rows(t).stop - lo] = fwd[s]
+        expected.append((False, rows, hi - lo))
+    assert [e[0] for e in expected] == [r[0] for r in rebuilt]
+    for (_, want, n), (_, got) in zip(expected, rebuilt):
+        assert torch.equal(got[:n], want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bidirectional_lstm_stack_rebuilds_u_for_every_layer(backend):
+    """A 2-layer bidirectional stack, grad="exact", H = 11, the clamp active, chunks of 3 over 9
+    steps: layer 2 rebuilds its input (layer 1's o u, the reverse direction's runs starting
+    mid-chunk) and both layers' backward rebuild u from c. Outputs and every gradient against the
+    plain-autograd reference, on both paths (a wrong u code moves them by a whole level)."""
+    torch.manual_seed(0)
+    module = DiscreteLSTM(5, 11, num_layers=2, bidirectional=True, levels=64, chunk_size=3,
+                          grad="exact", cell_clip=0.75, backend=backend)
+    with torch.no_grad():
+        for layer in range(2):
+            for sfx in ("", "_reverse"):
+                getattr(module, f"bias_ih_l{layer}{sfx}")[11:22] += 2.0  # c runs into the clamp
+    check_against_reference(module, T=9, B=3, dtype=torch.float64, levels=64)

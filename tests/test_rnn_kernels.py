@@ -26,7 +26,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from discrnn import DiscreteGRU, DiscreteLSTM
 from discrnn.kernels import rnn as K
 from discrnn.kernels import rnn_torch as R
-from discrnn.kernels.codec_torch import compute_dtype, torch_decode, torch_encode
+from discrnn.kernels.codec_torch import (compute_dtype, torch_code_derivative, torch_decode,
+                                         torch_encode)
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 SIG, TANH = "sigmoid", "tanh"
@@ -111,8 +112,11 @@ def assert_bitwise(name, got, expected):
 
 def lstm_forward_checked(gates, c_prev, levels, cell_clip=math.inf):
     """Run the kernel, check it against torch, return (number of moved codes, codes checked)."""
-    codes, c, m = K.lstm_step_forward(gates, c_prev, levels, cell_clip=cell_clip)
+    bs, H = c_prev.shape
+    final = torch.empty(2, bs, H, dtype=torch.uint8)  # o, u of every row (done=0)
+    codes, c, m = K.lstm_step_forward(gates, c_prev, levels, final=final, cell_clip=cell_clip)
     ref_codes, ref_c, ref_m = R.lstm_step_forward(gates, c_prev, levels, cell_clip=cell_clip)
+    assert codes.shape == (4, bs, H)  # i, f, g, o: u is not kept
     assert codes.dtype == torch.uint8 and codes.shape == ref_codes.shape
     assert c.dtype == ref_c.dtype and m.dtype == ref_m.dtype
     acc, H = c_prev.dtype, c_prev.shape[1]
@@ -125,8 +129,24 @@ def lstm_forward_checked(gates, c_prev, levels, cell_clip=math.inf):
     assert_bitwise("c", c, R.lstm_recompute_cell(codes, c_prev, levels, cell_clip))
     assert_bitwise("c (recompute kernel)", K.lstm_recompute_cell(codes, c_prev, levels, cell_clip), c)
     assert float(c.abs().max()) <= cell_clip
-    moved += check_activation_codes(codes[4], c, levels, TANH, "u = tanh(c)")
-    assert_bitwise("m", m, R.lstm_output(codes, levels, acc))
+    assert_bitwise("final o", final[0], codes[3])
+    moved += check_activation_codes(final[1], c, levels, TANH, "u = tanh(c)")
+    # m from u's code rebuilt from c: the output kernel, the cell kernel's m_out and torch's
+    assert_bitwise("m", m, R.lstm_output(codes, c, levels, acc))
+    assert_bitwise("m (output kernel)", K.lstm_output(codes, c, levels, acc), m)
+    m_out = torch.empty_like(m)
+    K.lstm_recompute_cell(codes, c_prev, levels, cell_clip, m_out=m_out)
+    assert_bitwise("m (recompute kernel)", m_out, m)
+    # the backward kernel rebuilds u too: with dm = 1, the o gate's gradient is u d_o, u the
+    # forward kernel's level (torch's step: where torch's tanh gives the same code, see above)
+    u = torch_decode(final[1], levels, TANH, acc)
+    d_o = torch_code_derivative(codes[3], levels, SIG, acc)
+    same = torch_encode(torch.tanh(c), levels, TANH) == final[1]
+    for step, where in ((K, torch.ones_like(same)), (R, same)):
+        dgates, _ = step.lstm_step_backward(codes, c_prev, torch.ones_like(c), torch.zeros_like(c),
+                                            levels, cell_clip=cell_clip)
+        torch.testing.assert_close(dgates[:, 3 * H :][where], (u * d_o)[where], atol=1e-7,
+                                   rtol=1e-6, msg=f"u d_o ({step.__name__})")
     # ... and where no code moved, the whole step is torch's.
     if torch.equal(codes, ref_codes):
         assert_bitwise("c vs torch", c, ref_c)
@@ -146,13 +166,17 @@ def test_lstm_step_forward(bs, H, levels, dtype, layout, cell_clip):
 @pytest.mark.parametrize("bs, H, levels, dtype, layout", CASES, ids=CASE_IDS)
 def test_lstm_recompute_cell_and_output(bs, H, levels, dtype, layout):
     acc = compute_dtype(dtype)
-    codes = codes_view(random_codes(5, bs, H, levels, seed=H), layout)
+    codes = codes_view(random_codes(4, bs, H, levels, seed=H), layout)
     c_prev = as_layout(torch.randn(bs, H, generator=gen(bs), dtype=acc), layout)
-    assert_bitwise("c", K.lstm_recompute_cell(codes, c_prev, levels),
-                   R.lstm_recompute_cell(codes, c_prev, levels))
+    c = R.lstm_recompute_cell(codes, c_prev, levels)
+    assert_bitwise("c", K.lstm_recompute_cell(codes, c_prev, levels), c)
     for out_dtype in (dtype, acc):
-        assert_bitwise(f"m {out_dtype}", K.lstm_output(codes, levels, out_dtype),
-                       R.lstm_output(codes, levels, out_dtype))
+        m = R.lstm_output(codes, as_layout(c, layout), levels, out_dtype)
+        assert_bitwise(f"m {out_dtype}", K.lstm_output(codes, as_layout(c, layout), levels, out_dtype), m)
+        for step in (K, R):  # the cell kernel's m_out: the same m from the c it rebuilds
+            m_out = torch.empty(bs, H, dtype=out_dtype)
+            assert_bitwise("c with m_out", step.lstm_recompute_cell(codes, c_prev, levels, m_out=m_out), c)
+            assert_bitwise(f"m_out {out_dtype}", m_out, m)
 
 
 @pytest.mark.parametrize("exact, cell_clip", [(False, math.inf), (True, math.inf), (False, 2.0)])
@@ -160,7 +184,7 @@ def test_lstm_recompute_cell_and_output(bs, H, levels, dtype, layout):
 def test_lstm_step_backward(bs, H, levels, dtype, layout, exact, cell_clip):
     acc = compute_dtype(dtype)
     g = gen(bs + 7 * H)
-    codes = codes_view(random_codes(5, bs, H, levels, seed=levels + H), layout)
+    codes = codes_view(random_codes(4, bs, H, levels, seed=levels + H), layout)
     c_prev = as_layout(3 * torch.randn(bs, H, generator=g, dtype=acc), layout)  # tanh' of c fades
     # dm in the input dtype: both convert it to the compute dtype
     dm = as_layout(torch.randn(bs, H, generator=g, dtype=F64).to(dtype), layout)
@@ -268,12 +292,13 @@ def test_small_tiles_many_programs(monkeypatch):
     gx, gh = 2 * torch.randn(bs, 3 * H, generator=g), torch.randn(bs, 3 * H, generator=g)
     h_prev = torch.rand(bs, H, generator=g) * 2 - 1
     gru_forward_checked(as_layout(gx, "transposed"), gh, h_prev, levels)
-    codes = codes_view(random_codes(5, bs, H, levels, seed=1), "slice")
+    codes = codes_view(random_codes(4, bs, H, levels, seed=1), "slice")
     dm, dc = torch.randn(bs, H, generator=g), torch.randn(bs, H, generator=g)
     for a, b in zip(K.lstm_step_backward(codes, c_prev, dm, dc, levels),
                     R.lstm_step_backward(codes, c_prev, dm, dc, levels)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    assert_bitwise("m", K.lstm_output(codes, levels, BF16), R.lstm_output(codes, levels, BF16))
+    assert_bitwise("m", K.lstm_output(codes, c_prev, levels, BF16),
+                   R.lstm_output(codes, c_prev, levels, BF16))
     for a, b in zip(K.gru_step_backward(codes[:4], c_prev, dm, dc, levels),
                     R.gru_step_backward(codes[:4], c_prev, dm, dc, levels)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
@@ -313,11 +338,12 @@ def test_forward_kernels_pack_codes_in_place(monkeypatch, bits, levels, tiles):
     g = gen(bits)
     gates = as_layout(3 * torch.randn(bs, 4 * H, generator=g), "slice")
     c_prev = torch.randn(bs, H, generator=g)
-    codes, c, m = K.lstm_step_forward(gates, c_prev, levels)  # unpacked, checked above
-    rows = packed_rows(bs, H, 5, bits)
+    final_all = torch.empty(2, bs, H, dtype=torch.uint8)  # o, u of every row
+    codes, c, m = K.lstm_step_forward(gates, c_prev, levels, final=final_all)  # checked above
+    rows = packed_rows(bs, H, 4, bits)
     final = torch.full((2, bs + 2, H), 0xEE, dtype=torch.uint8)
     expected_final = final.clone()
-    expected_final[:, done:bs] = codes[3:5, done:]
+    expected_final[:, done:bs] = final_all[:, done:]
     out, c2, m2 = K.lstm_step_forward(gates, c_prev, levels, out=rows, final=final, done=done)
     assert out is rows
     assert_bitwise("packed lstm codes", rows.data, expected_bytes(rows, codes))
@@ -347,14 +373,19 @@ def test_kernels_read_packed_codes(bits, levels):
     the unpacked codes."""
     bs, H = 3, 13
     g = gen(levels)
-    codes = random_codes(5, bs, H, levels, seed=bits)
-    rows = packed_rows(bs, H, 5, bits)
+    codes = random_codes(4, bs, H, levels, seed=bits)
+    rows = packed_rows(bs, H, 4, bits)
     R.write_codes(rows, codes)
     assert torch.equal(R.read_codes(rows), codes)
     c_prev, dm, dc = (torch.randn(bs, H, generator=g) for _ in range(3))
     assert_bitwise("c", K.lstm_recompute_cell(rows, c_prev, levels),
                    K.lstm_recompute_cell(codes, c_prev, levels))
-    assert_bitwise("m", K.lstm_output(rows, levels, BF16), K.lstm_output(codes, levels, BF16))
+    m_rows, m_codes = torch.empty(bs, H, dtype=BF16), torch.empty(bs, H, dtype=BF16)
+    K.lstm_recompute_cell(rows, c_prev, levels, m_out=m_rows)
+    K.lstm_recompute_cell(codes, c_prev, levels, m_out=m_codes)
+    assert_bitwise("m_out", m_rows, m_codes)
+    assert_bitwise("m", K.lstm_output(rows, c_prev, levels, BF16),
+                   K.lstm_output(codes, c_prev, levels, BF16))
     for name, a, b in zip(("dgates", "dc_prev"), K.lstm_step_backward(rows, c_prev, dm, dc, levels),
                           K.lstm_step_backward(codes, c_prev, dm, dc, levels)):
         assert_bitwise(name, a, b)
@@ -384,7 +415,7 @@ def test_step_outputs_into_given_tensors(step):
     assert_bitwise("c in place", c_state[:bs], c_ref)
     assert_bitwise("m as bfloat16", y[2 : 2 + bs], m_ref.to(BF16))
 
-    codes = random_codes(5, bs, H, levels, seed=2)
+    codes = random_codes(4, bs, H, levels, seed=2)
     dm, dc = torch.randn(bs, H, generator=g), torch.randn(bs, H, generator=g)
     dg_ref, dcp_ref = step.lstm_step_backward(codes, c_ref, dm, dc.clone(), levels)
     chunk = torch.full((bs + 2, 4 * H), float("nan"))
@@ -413,10 +444,10 @@ def test_code_rows_bad_arguments():
     rows = packed_rows(bs, H, 5, 6)
     short = rows._replace(data=rows.data[:-3])
     with pytest.raises(ValueError, match="codes reaches byte 65 of a buffer of 63 bytes"):
-        K.lstm_output(short, 64, F32)
-    with pytest.raises(ValueError, match=r"out must hold >= 5 planes of \(2, 5\) codes, got 4"):
+        K.lstm_output(short, torch.zeros(bs, H), 64, F32)
+    with pytest.raises(ValueError, match=r"out must hold >= 4 planes of \(2, 5\) codes, got 3"):
         K.lstm_step_forward(torch.zeros(bs, 4 * H), torch.zeros(bs, H), 64,
-                            out=packed_rows(bs, H, 4, 6))
+                            out=packed_rows(bs, H, 3, 6))
     with pytest.raises(ValueError, match=r"final must be a contiguous uint8 tensor \[2, >= 2, 5\]"):
         K.lstm_step_forward(torch.zeros(bs, 4 * H), torch.zeros(bs, H), 64,
                             final=torch.zeros(2, 1, H, dtype=torch.uint8))
@@ -486,7 +517,7 @@ def test_forward_codes_on_level_boundaries_move_at_most_one_level(dtype):
 
 def test_empty_batch():
     codes, c, m = K.lstm_step_forward(torch.zeros(0, 12), torch.zeros(0, 3), 64)
-    assert codes.shape == (5, 0, 3) and c.shape == m.shape == (0, 3)
+    assert codes.shape == (4, 0, 3) and c.shape == m.shape == (0, 3)
     codes, h = K.gru_step_forward(torch.zeros(0, 9), torch.zeros(0, 9), torch.zeros(0, 3), 64)
     assert codes.shape == (4, 0, 3) and h.shape == (0, 3)
 
@@ -577,7 +608,8 @@ def test_layer_code_buffers_match_torch_path(cell, levels, bits):
         assert_bitwise(f"output {k}", a, b_)
     codes = results["torch"][-3 if cell == "lstm" else -2]
     padded = 16
-    assert codes.numel() == sum(batch_sizes) * (Q + 1) * padded * bits // 8
+    planes = Q if cell == "lstm" else Q + 1  # LSTM: i, f, g, o (u is rebuilt); GRU: r, z, n, h
+    assert codes.numel() == sum(batch_sizes) * planes * padded * bits // 8
 
 
 @pytest.mark.parametrize("cls, kwargs, dtype, tol", [
