@@ -812,7 +812,6 @@ def test_lstm_backward_rebuilds_the_forward_u_codes(monkeypatch, path, H, sizes,
     from discrnn.kernels import rnn_torch
     from discrnn.kernels.codec_torch import torch_code_derivative, torch_decode
 
-    levels = 64
     Recording, fwd = _record_forward_u(monkeypatch, path)
     rebuilt = []
     if path == "torch":
