@@ -55,7 +55,8 @@ from .kernels import codec_torch, rnn_torch
 from .kernels import rnn as triton_rnn
 from .gru_function import GRULayerFunction
 from .lstm_function import LSTMLayerFunction
-from .rnn_function import CodedInput, LayerConfig, PackedDropoutFunction, PackedDropoutMask
+from .rnn_function import (CodedInput, LayerConfig, PackedDropoutFunction, PackedDropoutMask,
+                           release_output_tensors)
 from .rnn_state import PackedRNNState
 
 __all__ = ["DiscreteLSTM", "DiscreteGRU", "PackedRNNState", "DEFAULT_CELL_CLIP"]
@@ -567,6 +568,7 @@ class _DiscreteRNNBase(nn.RNNBase):
         finals = [[] for _ in states]
         final_codes, c_states = [], []
         layer_input, source = x_data, None
+        all_cfgs = []
         for layer in range(self.num_layers):
             outputs, cfgs = [], []
             for direction in range(D):
@@ -596,7 +598,9 @@ class _DiscreteRNNBase(nn.RNNBase):
                 mask = PackedDropoutMask(layer_input.shape, self.dropout, layer_input.device)
                 layer_input = PackedDropoutFunction.apply(layer_input, mask.packed, mask)
             # The next layer rebuilds its input from these codes instead of keeping the floats.
+            all_cfgs += cfgs
             source = CodedInput(cfgs, mask)
+        release_output_tensors(all_cfgs)
         finals = [torch.stack(f) for f in finals]
         y, finals = self._restore(layer_input, finals, info)
         if want_packed:

@@ -245,6 +245,9 @@ class CodedInput:
     def __init__(self, prev_cfgs, mask=None):
         self.prev_cfgs = prev_cfgs  # one LayerConfig per direction of the previous layer
         self.mask = mask  # PackedDropoutMask or None
+        # How many of the saved tensors belong to each direction: the cfgs drop their references
+        # once the whole stack has run (see ``release_output_tensors``).
+        self.counts = [len(cfg.output_tensors) for cfg in prev_cfgs]
 
     def tensors(self):
         """What this layer saves: each previous direction's ``output_tensors``, then the mask."""
@@ -256,9 +259,9 @@ class CodedInput:
         T = len(self.prev_cfgs[0].layout.batch_sizes)
         parts = []
         start = 0
-        for cfg in self.prev_cfgs:
-            tensors = kept[start : start + len(cfg.output_tensors)]
-            start += len(cfg.output_tensors)
+        for cfg, count in zip(self.prev_cfgs, self.counts):
+            tensors = kept[start : start + count]
+            start += count
             # processing indices of these times in that direction form one contiguous run
             a, b = (T - 1 - t_last, T - 1 - t_first) if cfg.layout.reverse else (t_first, t_last)
             parts.append(cfg.layout.to_time_order(cfg.output_rows(tensors, a, b), a, b))
@@ -399,3 +402,12 @@ def create_graph_backward(ctx, cell: str, inputs: list, grad_outputs: list) -> t
         for i, g in zip(wanted, got):
             grads[i] = torch.zeros_like(inputs[i]) if g is None else g
     return tuple(grads)
+
+
+def release_output_tensors(cfgs) -> None:
+    """Drop the layers' Python references to their output tensors (codes, c_0, checkpoints) once a
+    stack has run: every layer that needs them has saved them with ``save_for_backward`` by then.
+    A reference held in a LayerConfig (which autograd keeps alive through ``ctx.cfg``) would keep
+    them in memory where ``torch.utils.checkpoint`` discards saved tensors to recompute them."""
+    for cfg in cfgs:
+        cfg.output_tensors = None
