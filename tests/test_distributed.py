@@ -58,6 +58,9 @@ def _worker(rank, world, init_file, out_file, cls_name):
         grads, weights = _train(ddp, xs, ys, slice(rank * per, (rank + 1) * per))
         if rank == 0:
             torch.save({"grads": grads, "weights": weights}, out_file)
+        # Both ranks leave together: a rank that tears gloo down while the other still talks to
+        # it can abort the process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
