@@ -434,6 +434,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: T=32 B=4 H=input_size=32 unless given")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--memory-jobs", type=int, default=None,
+                   help="peak-memory processes at a time (default 1 on CPU, where RSS is shared "
+                        "with whatever else runs; 4 on CUDA, where each process's allocator "
+                        "counts only its own tensors)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--out", type=Path, default=None,
                    help="CSV path (default results/bench_rnn_<device>[_quick].csv)")
@@ -529,9 +533,10 @@ def main(argv=None) -> int:
     # -- memory: one fresh process per configuration -----------------------------------------
     if not args.no_memory:
         start = time.perf_counter()
-        # One process per configuration that ran; one at a time, like the timing.
+        # One process per configuration that ran.
         todo = [i for i, row in enumerate(rows) if not row.error]
-        for i, result in zip(todo, measure_memory([cases[i] for i in todo], jobs=1)):
+        memory_jobs = args.memory_jobs or (4 if cuda else 1)
+        for i, result in zip(todo, measure_memory([cases[i] for i in todo], jobs=memory_jobs)):
             row = rows[i]
             if "error" in result:
                 row.error = result["error"]

@@ -1,40 +1,81 @@
 #!/usr/bin/env bash
 # One command for a lent GPU (sized for one H100/H200, under 8 minutes): the GPU-marked tests, the
 # codec and layer kernel tests compiled natively, bench_codec.py at 2^28 values, bench_rnn.py against
-# cuDNN (H=1024, B=64, T=1024, fp32 and bf16) and discrnn-profile's GPU defaults. Every log and figure
-# goes to one folder: $1, else $OUT (the device tool's output folder), else results/gpu_check.
+# cuDNN (H=1024, B=64, T=1024, fp32 and bf16, 64 levels) and discrnn-profile at its GPU sizes
+# (H=1024, B=16, 4 GiB budget) at T=1024 on the LSTM variants (its full GPU defaults take longer). Every log and figure goes to one folder:
+# $1, else results/gpu_check.
 #
 #   bash scripts/gpu_check.sh                 # on the GPU machine, from the repository root
 #   bash scripts/gpu_check.sh --dry-run       # prints the steps, runs nothing (any machine)
 #
-# Each step runs under its own time limit (STEP_LIMITS below, 450 s in all) and a failing or
+# Each step runs under its own time limit (the STEPS table below, 475 s in all with the install) and a failing or
 # timed-out step does not stop the others; summary.txt lists every step's exit code and seconds.
+# When $OUT is set (the device tool's output folder, which brings back only a few files), the
+# folder is also packed into $OUT/gpu_check.tar.gz after every step, so a run cut short still
+# returns what it finished.
 # discrnn is installed into the machine's own Python without dependencies (nothing can be fetched
-# there; torch, triton, pytest, hypothesis, tqdm, matplotlib and einops are already in its image).
+# there; torch, triton, pytest, pytest-xdist, hypothesis, tqdm, matplotlib and einops are already in
+# its image); if pip cannot, a folder of links on PYTHONPATH stands in for the install.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-DEST=${1:-${OUT:-results/gpu_check}}
+DEST=${1:-results/gpu_check}
 PY=${PYTHON:-python3}
 mkdir -p "$DEST"
+DEST=$(cd "$DEST" && pwd)
 SUMMARY="$DEST/summary.txt"
 : > "$SUMMARY"
 
+XDIST=""
+if [ "$DRY" = 0 ] && $PY -c "import xdist" 2>/dev/null; then XDIST="-n 8"; fi
+TESTS="$PY -m pytest -q -rfE -p no:cacheprovider $XDIST"
+
 # name, seconds, command
 STEPS=(
-  "env|20|nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))'"
-  "install|40|$PY -m pip install --quiet --no-deps --no-build-isolation -e ."
-  "tests_gpu|60|$PY -m pytest -q -m gpu -p no:cacheprovider"
-  "tests_kernels|80|$PY -m pytest -q -x -p no:cacheprovider tests/test_codec.py tests/test_rnn_kernels.py"
-  "bench_codec|50|$PY scripts/bench_codec.py --device cuda --numel $((1 << 28)) --out $DEST/bench_codec"
-  "bench_rnn|90|$PY scripts/bench_rnn.py --device cuda --hidden 1024 --batch 64 --steps 1024 --dtype float32 bfloat16 --out $DEST/bench_rnn"
-  "profile|110|$PY -m discrnn.profile --device cuda --no-progress --budget-variants lstm lstm-ckpt-sqrt dlstm-64 --max-length 65536 --out $DEST/profile"
+  "env|15|nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))'"
+  "tests_gpu|30|$TESTS -m gpu"
+  "tests_kernels|60|$TESTS --maxfail=20 tests/test_codec.py tests/test_rnn_kernels.py tests/test_triton_layers_reference.py"
+  "bench_codec|40|$PY scripts/bench_codec.py --device cuda --numel $((1 << 28)) --skip-compile --out $DEST/bench_codec/bench_codec_cuda.csv"
+  "tune_codec|45|$PY scripts/tune_codec.py --out $DEST/tune_codec.csv"
+  "bench_rnn|110|$PY scripts/bench_rnn.py --device cuda --hidden 1024 --batch 64 --steps 1024 --dtype float32 bfloat16 --levels 64 --repeats 5 --out $DEST/bench_rnn/bench_rnn_cuda.csv"
+  "profile|145|$PY -m discrnn.profile --device cuda --lengths 1024 --variants lstm lstm-ckpt-sqrt lstm-bf16 dlstm-64 dlstm-64-ckpt-sqrt --budget-variants lstm dlstm-64 --steps 5 --warmup 1 --resolution 0.25 --max-length 65536 --out $DEST/profile"
 )
+# GPU_CHECK_STEPS="tests_gpu bench_rnn" runs only those steps (install always runs).
+ONLY=" ${GPU_CHECK_STEPS:-} "
+
+pack() {
+  if [ -n "${OUT:-}" ] && [ "$DEST" != "$OUT" ]; then
+    tar czf "$OUT/gpu_check.tar.gz" -C "$DEST" . 2>/dev/null
+    cp "$SUMMARY" "$OUT/summary.txt"
+  fi
+}
+
+install() {
+  if timeout 30 $PY -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"; then return 0; fi
+  echo "pip could not install discrnn; putting a folder of links on PYTHONPATH instead"
+  local site=/tmp/discrnn_site
+  rm -rf "$site" && mkdir -p "$site/discrnn"
+  ln -s "$ROOT"/discrnn/* "$site/discrnn/" && ln -s "$ROOT/kernels" "$site/discrnn/kernels"
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  $PY -c "import discrnn.kernels.codec, discrnn; print('discrnn from', discrnn.__file__)"
+}
+
+if [ "$DRY" = 1 ]; then
+  echo "[install, at most 30 s] $PY -m pip install --no-deps --no-build-isolation -e . (else links on PYTHONPATH)"
+else
+  start=$(date +%s)
+  install > "$DEST/install.log" 2>&1
+  rc=$?
+  printf '%-14s rc=%-3s %4ss\n' install "$rc" "$(( $(date +%s) - start ))" | tee -a "$SUMMARY"
+  tail -n 5 "$DEST/install.log"
+fi
 
 for step in "${STEPS[@]}"; do
   IFS='|' read -r name limit command <<< "$step"
+  if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then continue; fi
   if [ "$DRY" = 1 ]; then
     echo "[$name, at most ${limit} s] $command"
     continue
@@ -46,6 +87,7 @@ for step in "${STEPS[@]}"; do
   took=$(( $(date +%s) - start ))
   [ "$rc" = 124 ] && note="timed out" || note=""
   printf '%-14s rc=%-3s %4ss %s\n' "$name" "$rc" "$took" "$note" | tee -a "$SUMMARY"
-  tail -n 15 "$DEST/$name.log"
+  tail -n 25 "$DEST/$name.log"
+  pack
 done
 [ "$DRY" = 1 ] || { echo "== summary ($DEST)"; cat "$SUMMARY"; }

@@ -27,6 +27,10 @@ def poison_fresh_buffers(monkeypatch):
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def empty(*args, **kwargs):
+        # torch.set_default_device reaches factories through a function mode that recognises the
+        # real torch.empty only, so this stand-in passes the default device on itself.
+        if kwargs.get("device") is None:
+            kwargs["device"] = torch.get_default_device()
         return _poison(real_empty(*args, **kwargs))
 
     def empty_like(*args, **kwargs):

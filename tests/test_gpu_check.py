@@ -12,7 +12,7 @@ def test_gpu_check_plan(tmp_path):
                           str(tmp_path / "gc")], capture_output=True, text=True, check=True).stdout
     steps = [line for line in out.splitlines() if line.startswith("[")]
     names = [line[1:].split(",")[0] for line in steps]
-    assert names == ["env", "install", "tests_gpu", "tests_kernels", "bench_codec", "bench_rnn",
+    assert names == ["install", "env", "tests_gpu", "tests_kernels", "bench_codec", "tune_codec", "bench_rnn",
                      "profile"]
     limits = [int(line.split("at most ")[1].split(" s]")[0]) for line in steps]
     assert sum(limits) < 8 * 60  # the script's promise: under 8 minutes on the GPU machine

@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Launch-shape and layout experiments for the 6- and 7-bit codec kernels on a GPU.
+
+bench_codec.py measured, on one H200 (2^28 float32 values): quantize+pack at 75% of a float32
+copy's bandwidth for 6 and 7 bits against 103% for 8 bits, unpack+dequantize at 62-66% against
+93%. 8 bits differs in its bytes: one per code, stored and loaded whole. For 6 and 7 bits the
+production kernels store 3 (7) bytes of every 4 (8) lanes one byte at a time, and the unpack
+gathers two single bytes per code. This script times, beside the production kernels under other
+block sizes and warp counts, two layouts that move the bytes in larger pieces:
+
+* ``pack_bytes``: output-stationary pack. A program owns a run of output bytes; byte j loads the
+  (at most ``ceil(8 / b) + 1``) values whose bits fall in it and stores contiguous bytes.
+* ``unpack_groups``: the pack's group layout read backwards. A program loads [groups, bytes] tiles
+  (3 of 4 lanes for 6 bits), assembles each group's word and stores [groups, G] values.
+
+Every variant is checked bit for bit against the production kernel on the same input before it is
+timed (``triton.testing.do_bench`` median). Prints a table and writes a CSV (``--out``).
+
+    python scripts/tune_codec.py --out results/tune_codec.csv      # on a CUDA machine
+    TRITON_INTERPRET=1 python scripts/tune_codec.py --check-only    # correctness on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from discrnn.kernels import codec as K
+from discrnn.kernels.codec_torch import group_bytes, group_codes
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _pack_bytes_kernel(X, PACKED, n, n_bytes, LEVELS: tl.constexpr, BITS: tl.constexpr,
+                       KIND: tl.constexpr, SPAN: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    j = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    bit0 = j * 8
+    first = bit0 // BITS  # the code that holds the byte's lowest bit
+    offset = (bit0 - first * BITS).to(tl.int32)  # where in that code the byte starts
+    acc = tl.zeros([BLOCK_BYTES], dtype=tl.int32)
+    for k in tl.static_range(SPAN):
+        idx = first + k
+        ok = (idx < n) & (j < n_bytes)
+        x = tl.load(X + idx, mask=ok, other=0.0)
+        code = K._encode(x.to(tl.float32), LEVELS, KIND)
+        acc = acc | (tl.where(ok, code, 0) << (k * BITS))
+    tl.store(PACKED + j, ((acc >> offset) & 0xFF).to(tl.uint8), mask=j < n_bytes)
+
+
+@triton.jit
+def _unpack_groups_kernel(PACKED, OUT, n, n_bytes, LEVELS: tl.constexpr, BITS: tl.constexpr,
+                          KIND: tl.constexpr, GROUP_CODES: tl.constexpr, GROUP_BYTES: tl.constexpr,
+                          GROUP_BYTES_POW2: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    groups = pid * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
+    byte_lanes = tl.arange(0, GROUP_BYTES_POW2)
+    byte_idx = groups[:, None] * GROUP_BYTES + byte_lanes[None, :]
+    byte_ok = (byte_lanes[None, :] < GROUP_BYTES) & (byte_idx < n_bytes)
+    b = tl.load(PACKED + byte_idx, mask=byte_ok, other=0).to(tl.int64)
+    word = tl.sum(b << (byte_lanes * 8).to(tl.int64)[None, :], axis=1)  # disjoint fields
+    lanes = tl.arange(0, GROUP_CODES)
+    code = ((word[:, None] >> (lanes * BITS).to(tl.int64)[None, :]) & ((1 << BITS) - 1))
+    idx = groups[:, None] * GROUP_CODES + lanes[None, :]
+    value = K._decode(code.to(tl.int32), LEVELS, KIND, tl.float32)
+    tl.store(OUT + idx, value, mask=idx < n)
+
+
+def pack_bytes(x, levels, bits, block_bytes, num_warps):
+    n = x.numel()
+    n_bytes = (n * bits + 7) // 8
+    packed = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
+    span = -(-8 // bits) + 1
+    grid = (triton.cdiv(n_bytes, block_bytes),)
+    _pack_bytes_kernel[grid](x, packed, n, n_bytes, LEVELS=levels, BITS=bits, KIND="tanh",
+                             SPAN=span, BLOCK_BYTES=block_bytes, num_warps=num_warps,
+                             enable_fp_fusion=False)
+    return packed
+
+
+def unpack_groups(packed, n, levels, bits, block_codes, num_warps):
+    out = torch.empty(n, dtype=torch.float32, device=packed.device)
+    g = group_codes(bits)
+    block_groups = triton.next_power_of_2(max(1, block_codes // g))
+    grid = (triton.cdiv(triton.cdiv(n, g), block_groups),)
+    gb = group_bytes(bits)
+    _unpack_groups_kernel[grid](packed, out, n, packed.numel(), LEVELS=levels, BITS=bits,
+                                KIND="tanh", GROUP_CODES=g, GROUP_BYTES=gb,
+                                GROUP_BYTES_POW2=triton.next_power_of_2(gb),
+                                BLOCK_GROUPS=block_groups, num_warps=num_warps,
+                                enable_fp_fusion=False)
+    return out
+
+
+def production_pack(x, levels, bits, block_codes, num_warps):
+    n = x.numel()
+    n_bytes = (n * bits + 7) // 8
+    packed = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
+    g = group_codes(bits)
+    block_groups = triton.next_power_of_2(max(1, block_codes // g))
+    gb = group_bytes(bits)
+    K._quantize_pack_kernel[(triton.cdiv(triton.cdiv(n, g), block_groups),)](
+        x, packed, x, n, n_bytes, LEVELS=levels, BITS=bits, KIND="tanh", INPUT="values",
+        WRITE_PACKED=True, WRITE_VALUES=False, GROUP_CODES=g, GROUP_BYTES=gb,
+        GROUP_BYTES_POW2=triton.next_power_of_2(gb), BLOCK_GROUPS=block_groups,
+        num_warps=num_warps, enable_fp_fusion=False)
+    return packed
+
+
+def production_unpack(packed, n, levels, bits, block_codes, num_warps):
+    out = torch.empty(n, dtype=torch.float32, device=packed.device)
+    K._unpack_kernel[(triton.cdiv(n, block_codes),)](
+        packed, out, out, n, packed.numel(), LEVELS=levels, BITS=bits, KIND="tanh",
+        OUTPUT="values", BLOCK=block_codes, num_warps=num_warps, enable_fp_fusion=False)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--numel", type=int, default=None, help="default 2^28 on CUDA, 10007 otherwise")
+    p.add_argument("--bits", type=int, nargs="+", default=[6, 7])
+    p.add_argument("--check-only", action="store_true", help="bit-exactness only, no timing")
+    p.add_argument("--out", type=Path, default=Path("results/tune_codec.csv"))
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and not INTERPRETING
+    device = torch.device("cuda" if cuda else "cpu")
+    n = args.numel or ((1 << 28) if cuda else 10007)
+    big = 65536 if INTERPRETING else None
+    torch.manual_seed(0)
+    x = torch.rand(n, device=device) * 2.2 - 1.1  # past both ends: the clamps run too
+    copy_ms = None
+    if not args.check_only:
+        copy_ms = triton.testing.do_bench(lambda: x.clone(), warmup=25, rep=100, quantiles=[0.5])[0]
+    rows = []
+    for bits in args.bits:
+        levels = 1 << bits
+        want = production_pack(x, levels, bits, big or 4096, 4)
+        want_values = production_unpack(want, n, levels, bits, big or 4096, 4)
+        variants = []
+        for block in ([big] if big else [4096, 16384]):
+            for warps in ([4] if big else [4, 8]):
+                variants += [
+                    ("pack", "production", block, warps,
+                     lambda b=block, w=warps: production_pack(x, levels, bits, b, w)),
+                    ("pack", "pack_bytes", block // 4 if not big else big, warps,
+                     lambda b=block, w=warps: pack_bytes(x, levels, bits, b // 4 if not big else big, w)),
+                    ("unpack", "production", block, warps,
+                     lambda b=block, w=warps: production_unpack(want, n, levels, bits, b, w)),
+                    ("unpack", "unpack_groups", block, warps,
+                     lambda b=block, w=warps: unpack_groups(want, n, levels, bits, b, w)),
+                ]
+        for op, name, block, warps, fn in variants:
+            got = fn()
+            exact = torch.equal(got, want if op == "pack" else want_values)
+            row = {"bits": bits, "op": op, "kernel": name, "block": block, "num_warps": warps,
+                   "exact": exact, "ms": None, "pct_copy": None}
+            if exact and not args.check_only:
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5])[0]
+                moved = n * 4 + n * bits / 8
+                row["ms"] = round(ms, 4)
+                row["pct_copy"] = round(100 * (moved / ms) / (2 * n * 4 / copy_ms), 1)
+            rows.append(row)
+            print(f"{bits} bits {op:6} {name:14} block {block:6} warps {warps}: "
+                  f"{'exact' if exact else 'MISMATCH'}"
+                  + (f", {row['ms']:.4f} ms, {row['pct_copy']:.1f}% of copy" if row["ms"] else ""),
+                  flush=True)
+    if copy_ms is not None:
+        print(f"float32 copy of {n} values: {copy_ms:.4f} ms on {torch.cuda.get_device_name()}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.out}")
+    return 0 if all(r["exact"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
