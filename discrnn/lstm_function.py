@@ -37,33 +37,37 @@ from .rnn_function import (
 )
 
 
-def _rebuild_start(cfg, tensors, first, acc):
+def _rebuild_start(layout, chunk, tensors, first, acc):
     """(code buffer, c_0 in ``acc``, the first processing step s0 of the chunk that holds step
     ``first``, c_{s0-1} [bs, H] in ``acc``) from a layer's ``output_tensors`` (code buffer, c_0,
     checkpoints): rebuilding c starts at the chunk's checkpoint (a reverse direction's next layer
     may start mid-chunk)."""
     data, c0, *checkpoints = tensors
     c_init = c0.to(acc)
-    k = first // cfg.chunk
-    s0 = k * cfg.chunk
-    bs = cfg.layout.batch_sizes[cfg.layout.order[s0]]
+    k = first // chunk
+    s0 = k * chunk
+    bs = layout.batch_sizes[layout.order[s0]]
     return data, c_init, s0, (checkpoints[k - 1] if k else c_init)[:bs].to(acc)
 
 
 def _lstm_output_rows_fn(cfg, store, ops, levels, dtype, w_hr):
     """``LayerConfig.output_rows`` of the Triton path: c rebuilt step by step from the checkpoint
     before ``first``, one cell kernel per step, which also writes m = o u from the rebuilt c."""
-    layout = cfg.layout
+    # The closure must not hold ``cfg``: cfg holds the closure, and a reference cycle keeps the
+    # code buffers in cfg.output_tensors alive until the garbage collector runs (under
+    # torch.utils.checkpoint, whose early-stopped recomputation never releases them, that was one
+    # segment's codes per segment).
+    layout, chunk, cell_clip = cfg.layout, cfg.chunk, cfg.cell_clip
 
     def output_rows(tensors, first, last):
-        data, c_init, s0, c = _rebuild_start(cfg, tensors, first, compute_dtype(dtype))
+        data, c_init, s0, c = _rebuild_start(layout, chunk, tensors, first, compute_dtype(dtype))
         sizes = layout.proc_sizes(s0, last)
         skip = sum(sizes[: first - s0])
         m = torch.empty(sum(sizes) - skip, store.hidden, dtype=dtype, device=data.device)
         m_s = split_proc(m, sizes[first - s0 :])
         for j, bs in enumerate(sizes):
             s = s0 + j
-            c = ops.lstm_recompute_cell(store.rows_at(data, s, s), c, levels, cfg.cell_clip,
+            c = ops.lstm_recompute_cell(store.rows_at(data, s, s), c, levels, cell_clip,
                                         m_out=m_s[s - first] if s >= first else None)
             if j + 1 < len(sizes):
                 c = step_input(c, bs, sizes[j + 1], c_init)
@@ -75,10 +79,11 @@ def _lstm_output_rows_fn(cfg, store, ops, levels, dtype, w_hr):
 def _lstm_output_rows_fn_tables(cfg, store, tables, w_hr):
     """As :func:`_lstm_output_rows_fn` for the torch path, decoding by the layer's lookup tables
     and rebuilding c with the forward step's arithmetic (bit-identical)."""
-    layout, H, acc = cfg.layout, store.hidden, tables.acc
+    layout, chunk, cell_clip = cfg.layout, cfg.chunk, cfg.cell_clip  # not cfg: see above
+    H, acc = store.hidden, tables.acc
 
     def output_rows(tensors, first, last):
-        data, c_init, s0, c = _rebuild_start(cfg, tensors, first, acc)
+        data, c_init, s0, c = _rebuild_start(layout, chunk, tensors, first, acc)
         sizes = layout.proc_sizes(s0, last)
         R = sum(sizes)
         idx = tables.indices(store.read_rows(data, s0, last)[:, :, :H])  # [4, R * H]
@@ -89,7 +94,7 @@ def _lstm_output_rows_fn_tables(cfg, store, tables, w_hr):
         t = torch.empty(R - skip, H, dtype=acc, device=data.device)  # tanh(c_t), steps first..
         t_s = split_proc(t, sizes[first - s0 :])
         for j, bs in enumerate(sizes):
-            c = torch.mul(f_s[j], c).add_(ig_s[j]).clamp_(-cfg.cell_clip, cfg.cell_clip)
+            c = torch.mul(f_s[j], c).add_(ig_s[j]).clamp_(-cell_clip, cell_clip)
             if s0 + j >= first:
                 torch.tanh(c, out=t_s[s0 + j - first])  # the forward's call on c_t [bs, H]
             if j + 1 < len(sizes):

@@ -1,6 +1,7 @@
 """DiscreteLSTM / DiscreteGRU: output, final state and every gradient against a plain-autograd
 reference of the same discrete cell; torch.nn parity with levels=None; memory actually kept."""
 
+import gc
 import math
 
 import pytest
@@ -862,3 +863,46 @@ def test_bidirectional_lstm_stack_rebuilds_u_for_every_layer(backend):
             for sfx in ("", "_reverse"):
                 getattr(module, f"bias_ih_l{layer}{sfx}")[11:22] += 2.0  # c runs into the clamp
     check_against_reference(module, T=9, B=3, dtype=torch.float64, levels=64)
+
+
+def _garbage_tensors(run):
+    """Tensors that ``run()`` leaves in reference cycles: alive until the garbage collector runs,
+    which in a long backward pass means memory held far past its last use."""
+    gc.collect()
+    gc.disable()
+    try:
+        run()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        garbage = [o for o in gc.garbage if torch.is_tensor(o)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    return garbage
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_no_reference_cycle_keeps_codes_alive(cls, checkpointed):
+    # The LSTM's output_rows closure once held its LayerConfig, which holds the closure: every
+    # layer call left its code buffers to the garbage collector, and under torch.utils.checkpoint
+    # (whose early-stopped recomputation never releases them) one segment's codes per segment.
+    torch.manual_seed(0)
+    m = cls(3, 8, num_layers=2, levels=64)
+    x = torch.randn(12, 2, 3, requires_grad=True)
+
+    def run():
+        if checkpointed:
+            ys = [torch.utils.checkpoint.checkpoint(lambda s: m(s)[0], x[i:i + 4],
+                                                    use_reentrant=False) for i in (0, 4, 8)]
+            y = torch.cat(ys)
+        else:
+            y = m(x)[0]
+        y.sum().backward()
+
+    run()  # first calls leave import-time and lazy-initialisation garbage of their own
+    # torch.utils.checkpoint's frames hold the segment inputs and outputs in a cycle of their own
+    # (so does nn.LSTM's under it): what the layers must not leave there are their code buffers.
+    codes = [t for t in _garbage_tensors(run) if t.dtype == torch.uint8]
+    assert not codes, f"{len(codes)} code buffers in reference cycles: {[tuple(t.shape) for t in codes]}"
