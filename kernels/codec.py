@@ -8,8 +8,13 @@ Layout of a launch (``n`` codes, ``b`` bits):
 * pack: a program owns ``BLOCK_GROUPS`` groups of ``G = 8 / gcd(b, 8)`` codes, loads them as a
   [BLOCK_GROUPS, G] tile, ORs each group's codes into one int64 word (G * b <= 56 bits) and stores
   the word's ``b * G / 8`` bytes. Groups never share a byte, so programs never share a byte.
-* unpack: a program owns ``BLOCK`` codes; code i reads the (at most two) bytes that hold stream bits
-  [i * b, i * b + b) and shifts them into place. Two gathers per code, no shuffles.
+* unpack: a program owns ``BLOCK`` codes. For 6 and 7 bits it reads them as the pack wrote them:
+  [groups, bytes] tiles, one int64 word per group, [groups, G] codes out (wide stores). For other
+  widths code i reads the (at most two) bytes that hold stream bits [i * b, i * b + b).
+
+Launch shapes per width (:data:`CUDA_LAUNCH`) were measured on an H200 by scripts/tune_codec.py
+(2^28 float32 values, share of a float32 copy's bandwidth): 6-bit pack 74% -> 88% with 8 warps,
+6-bit unpack 66% -> 94% and 7-bit unpack 62% -> 86% with the grouped read.
 
 Quantizers are launched with ``enable_fp_fusion=False``: a fused multiply-add in
 ``(v + 1) * (L - 1) / 2 + 0.5`` rounds differently from the separate torch ops exactly at ties.
@@ -41,6 +46,11 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Codes per program. The interpreter pays ~1-10 ms per program, so it gets few, large programs.
 DEFAULT_BLOCK_CODES = 65536 if INTERPRETING else 4096
+
+# bits -> (pack warps, unpack codes per program, unpack warps, grouped unpack) on a GPU, from
+# scripts/tune_codec.py on an H200 (results/gpu_check/tune_codec_*.csv); other widths keep
+# Triton's default of 4 warps and DEFAULT_BLOCK_CODES, which reach 93-103% of a copy at 8 bits.
+CUDA_LAUNCH = {6: (8, 4096, 8, True), 7: (8, 8192, 16, True)}
 
 
 @triton.jit
@@ -185,19 +195,36 @@ def _unpack_kernel(
     BITS: tl.constexpr,
     KIND: tl.constexpr,
     OUTPUT: tl.constexpr,  # "codes" | "values" | "grad" (DY * derivative estimated from the code)
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,  # codes per program
+    GROUPED: tl.constexpr,  # read whole byte groups (see the module docstring) or two bytes a code
+    GROUP_CODES: tl.constexpr,
+    GROUP_BYTES: tl.constexpr,
+    GROUP_BYTES_POW2: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    idx = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    if GROUPED:
+        groups = pid * (BLOCK // GROUP_CODES) + tl.arange(0, BLOCK // GROUP_CODES)  # [BG]
+        byte_lanes = tl.arange(0, GROUP_BYTES_POW2)  # [BP]
+        byte_idx = groups[:, None] * GROUP_BYTES + byte_lanes[None, :]
+        byte_ok = (byte_lanes[None, :] < GROUP_BYTES) & (byte_idx < n_bytes)
+        b = tl.load(PACKED + byte_idx, mask=byte_ok, other=0).to(tl.int64)
+        word = tl.sum(b << (byte_lanes * 8).to(tl.int64)[None, :], axis=1)  # [BG], disjoint bytes
+        lanes = tl.arange(0, GROUP_CODES)  # [G]
+        idx = groups[:, None] * GROUP_CODES + lanes[None, :]  # [BG, G]
+        code = ((word[:, None] >> (lanes * BITS).to(tl.int64)[None, :]) & ((1 << BITS) - 1)).to(
+            tl.int32
+        )
+    else:
+        idx = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+        bit = idx * BITS
+        byte = bit >> 3
+        shift = (bit & 7).to(tl.int32)
+        word = tl.load(PACKED + byte, mask=idx < n, other=0).to(tl.int32)
+        if 8 % BITS != 0:  # only then can a code straddle two bytes
+            nxt = tl.load(PACKED + byte + 1, mask=(idx < n) & (byte + 1 < n_bytes), other=0)
+            word = word | (nxt.to(tl.int32) << 8)
+        code = (word >> shift) & ((1 << BITS) - 1)  # [BLOCK] int32, non-negative
     in_bounds = idx < n
-    bit = idx * BITS
-    byte = bit >> 3
-    shift = (bit & 7).to(tl.int32)
-    word = tl.load(PACKED + byte, mask=in_bounds, other=0).to(tl.int32)
-    if 8 % BITS != 0:  # only then can a code straddle two bytes
-        nxt = tl.load(PACKED + byte + 1, mask=in_bounds & (byte + 1 < n_bytes), other=0)
-        word = word | (nxt.to(tl.int32) << 8)
-    code = (word >> shift) & ((1 << BITS) - 1)  # [BLOCK] int32, non-negative
     if OUTPUT == "codes":
         tl.store(OUT + idx, code.to(tl.uint8), mask=in_bounds)
     else:
@@ -248,6 +275,7 @@ def _quantize_pack_launch(x, levels, kind, bits, input_kind, want_packed, values
         GROUP_BYTES=g_bytes,
         GROUP_BYTES_POW2=triton.next_power_of_2(g_bytes),
         BLOCK_GROUPS=block_groups,
+        num_warps=CUDA_LAUNCH.get(bits, (4,))[0],
         enable_fp_fusion=False,
     )
     return packed, values
@@ -281,7 +309,11 @@ def _unpack_launch(packed, n, bits, levels, kind, output, out_dtype, dy, block_c
     out = torch.empty(n, dtype=out_dtype, device=packed.device)
     if n == 0:
         return out
-    block = triton.next_power_of_2(block_codes or DEFAULT_BLOCK_CODES)
+    _, tuned_block, warps, grouped = CUDA_LAUNCH.get(bits, (4, DEFAULT_BLOCK_CODES, 4, False))
+    if INTERPRETING:
+        tuned_block = DEFAULT_BLOCK_CODES
+    g_codes, g_bytes = group_codes(bits), group_bytes(bits)
+    block = triton.next_power_of_2(max(block_codes or tuned_block, g_codes))
     grid = (triton.cdiv(n, block),)
     _unpack_kernel[grid](
         packed,
@@ -294,6 +326,11 @@ def _unpack_launch(packed, n, bits, levels, kind, output, out_dtype, dy, block_c
         KIND=kind,
         OUTPUT=output,
         BLOCK=block,
+        GROUPED=grouped,
+        GROUP_CODES=g_codes,
+        GROUP_BYTES=g_bytes,
+        GROUP_BYTES_POW2=triton.next_power_of_2(g_bytes),
+        num_warps=warps,
         enable_fp_fusion=False,
     )
     return out

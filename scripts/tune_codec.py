@@ -116,17 +116,28 @@ def production_pack(x, levels, bits, block_codes, num_warps):
 
 
 def production_unpack(packed, n, levels, bits, block_codes, num_warps):
+    """The two-bytes-a-code layout (GROUPED=False), which 6 and 7 bits used before this script."""
     out = torch.empty(n, dtype=torch.float32, device=packed.device)
+    gb = group_bytes(bits)
     K._unpack_kernel[(triton.cdiv(n, block_codes),)](
         packed, out, out, n, packed.numel(), LEVELS=levels, BITS=bits, KIND="tanh",
-        OUTPUT="values", BLOCK=block_codes, num_warps=num_warps, enable_fp_fusion=False)
+        OUTPUT="values", BLOCK=block_codes, GROUPED=False, GROUP_CODES=group_codes(bits),
+        GROUP_BYTES=gb, GROUP_BYTES_POW2=triton.next_power_of_2(gb), num_warps=num_warps,
+        enable_fp_fusion=False)
     return out
+
+
+def median_ms(fn) -> float:
+    # do_bench returns a bare float for a single quantile on some triton versions, a list on others
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--numel", type=int, default=None, help="default 2^28 on CUDA, 10007 otherwise")
     p.add_argument("--bits", type=int, nargs="+", default=[6, 7])
+    p.add_argument("--blocks", type=int, nargs="+", default=[4096, 16384], help="codes per program")
+    p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--check-only", action="store_true", help="bit-exactness only, no timing")
     p.add_argument("--out", type=Path, default=Path("results/tune_codec.csv"))
     args = p.parse_args(argv)
@@ -138,15 +149,15 @@ def main(argv=None) -> int:
     x = torch.rand(n, device=device) * 2.2 - 1.1  # past both ends: the clamps run too
     copy_ms = None
     if not args.check_only:
-        copy_ms = triton.testing.do_bench(lambda: x.clone(), warmup=25, rep=100, quantiles=[0.5])[0]
+        copy_ms = median_ms(lambda: x.clone())
     rows = []
     for bits in args.bits:
         levels = 1 << bits
         want = production_pack(x, levels, bits, big or 4096, 4)
         want_values = production_unpack(want, n, levels, bits, big or 4096, 4)
         variants = []
-        for block in ([big] if big else [4096, 16384]):
-            for warps in ([4] if big else [4, 8]):
+        for block in ([big] if big else args.blocks):
+            for warps in ([4] if big else args.warps):
                 variants += [
                     ("pack", "production", block, warps,
                      lambda b=block, w=warps: production_pack(x, levels, bits, b, w)),
@@ -163,7 +174,7 @@ def main(argv=None) -> int:
             row = {"bits": bits, "op": op, "kernel": name, "block": block, "num_warps": warps,
                    "exact": exact, "ms": None, "pct_copy": None}
             if exact and not args.check_only:
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5])[0]
+                ms = median_ms(fn)
                 moved = n * 4 + n * bits / 8
                 row["ms"] = round(ms, 4)
                 row["pct_copy"] = round(100 * (moved / ms) / (2 * n * 4 / copy_ms), 1)

@@ -32,8 +32,13 @@ def _quantize_pack(x_ty, y_ty, bits, levels, kind, input_kind, write_packed, wri
 
 
 def _unpack(out_ty, dy_ty, bits, levels, kind, output, block):
+    # As the launcher picks them on a GPU: the tuned block and grouped read where CUDA_LAUNCH has one
+    _, tuned_block, _, grouped = codec.CUDA_LAUNCH.get(bits, (4, block, 4, False))
+    g_bytes = group_bytes(bits)
     signature = {"PACKED": "*u8", "DY": f"*{dy_ty}", "OUT": f"*{out_ty}", "n": "i64", "n_bytes": "i64"}
-    constexprs = dict(LEVELS=levels, BITS=bits, KIND=kind, OUTPUT=output, BLOCK=block)
+    constexprs = dict(LEVELS=levels, BITS=bits, KIND=kind, OUTPUT=output, BLOCK=tuned_block,
+                      GROUPED=grouped, GROUP_CODES=group_codes(bits), GROUP_BYTES=g_bytes,
+                      GROUP_BYTES_POW2=triton.next_power_of_2(g_bytes))
     return codec._unpack_kernel, signature, constexprs
 
 

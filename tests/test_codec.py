@@ -82,6 +82,16 @@ def test_triton_kernels_with_many_small_programs(bits):
     torch.testing.assert_close(packed, ref.torch_pack(codes, bits), atol=0, rtol=0)
     unpacked = triton_codec.triton_unpack(packed, bits, n, block_codes=32)
     torch.testing.assert_close(unpacked, codes, atol=0, rtol=0)
+    # The other two outputs of the unpack kernel (6 and 7 bits read grouped): values and gradient.
+    levels = 1 << bits
+    values = triton_codec.triton_unpack_dequantize(packed, bits, n, levels, "tanh", torch.float32,
+                                                   block_codes=32)
+    torch.testing.assert_close(values, ref.torch_decode(codes, levels, "tanh", torch.float32),
+                               atol=0, rtol=0)
+    dy = torch.randn(n, dtype=torch.float32)
+    grad = triton_codec.triton_code_grad(packed, bits, n, levels, "tanh", dy, block_codes=32)
+    want = dy * ref.torch_code_derivative(codes, levels, "tanh", torch.float32)
+    torch.testing.assert_close(grad, want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("bits", [1, 3, 6, 7, 8])

@@ -18,13 +18,20 @@ def test_triton_layers_match_the_reference(cls, kwargs, grad):
     torch.manual_seed(0)
     module = cls(I, H, num_layers=2, bidirectional=True, levels=64, chunk_size=3, grad=grad,
                  backend="triton", **kwargs).double()
+    # Drawn on the CPU (generators are per device), then moved where the module runs: the default
+    # device, CUDA when tests/conftest.py finds one.
+    device = torch.get_default_device()
     g = torch.Generator().manual_seed(1)
+
+    def draw(fn, *shape, gen=g):
+        return fn(*shape, generator=gen, dtype=torch.float64, device="cpu").to(device)
+
     P = kwargs.get("proj_size") or H
-    x = torch.randn(T, B, I, generator=g, dtype=torch.float64, requires_grad=True)
-    h0 = (0.9 * torch.rand(4, B, P, generator=g, dtype=torch.float64) - 0.45).requires_grad_()
+    x = draw(torch.randn, T, B, I).requires_grad_()
+    h0 = (0.9 * draw(torch.rand, 4, B, P) - 0.45).requires_grad_()
     leaves, hx = [x, h0], h0
     if cls is DiscreteLSTM:
-        c0 = torch.randn(4, B, H, generator=g, dtype=torch.float64, requires_grad=True)
+        c0 = draw(torch.randn, 4, B, H).requires_grad_()
         leaves, hx = [x, h0, c0], (h0, c0)
     params = list(module.parameters())
 
@@ -32,7 +39,7 @@ def test_triton_layers_match_the_reference(cls, kwargs, grad):
         y, hx_out = forward()
         outs = [y, *(hx_out if isinstance(hx_out, tuple) else (hx_out,))]
         gl = torch.Generator().manual_seed(2)
-        loss = sum((o * torch.randn(o.shape, generator=gl, dtype=o.dtype)).sum() for o in outs)
+        loss = sum((o * draw(torch.randn, *o.shape, gen=gl).to(o.dtype)).sum() for o in outs)
         return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves + params))
 
     got = outputs_and_grads(lambda: module(x, hx))
