@@ -60,7 +60,7 @@ def _check_finite(name: str, x: torch.Tensor) -> None:
     if V.values_unreadable(x):
         torch._assert_async(torch.isfinite(x).all(), f"{name} must be finite when check_finite=True")
         return
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    if x.numel() and not bool(V.all_finite(x)):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(

@@ -615,3 +615,18 @@ def test_dropout_scales_kept_values_by_one_over_one_minus_p(cls, p):
     for name, g, g_ref in zip(names, grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-10, msg=name)
     assert any(float(g.abs().sum()) > 0 for g in grads[: len(grads) // 2]), "no gradient reached layer 1"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_all_finite_matches_isfinite(dtype):
+    # the single-pass check the layers and codecs use in eager mode (aminmax propagates NaN)
+    from discrnn._validation import all_finite
+
+    x = torch.randn(1000).to(dtype)
+    assert bool(all_finite(x)) and bool(all_finite(torch.empty(0, dtype=dtype)))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 500, 999):
+            y = x.clone()
+            y[where] = bad
+            assert not bool(all_finite(y)), (bad, where)
+    assert bool(all_finite(torch.arange(5)))  # integers are always finite
