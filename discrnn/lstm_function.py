@@ -191,17 +191,28 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
 
 
 def _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m, w_ih_a, lo, hi, d_w_ih, d_w_hh, d_b,
-                        d_w_hr, dx):
+                        d_w_hr, dx, gemm=None):
     """Accumulate one chunk's weight and bias gradients and write its dx rows lo..hi, from its gate
-    gradients [rows, 4H], h_{t-1} rows, and (with proj_size) dL/dh and m = o u rows."""
-    d_w_hh.addmm_(dgates.t(), h_prev)
-    d_w_ih.addmm_(dgates.t(), input_rows(ctx, ctx.cfg, kept, lo, hi).to(dgates.dtype))
+    gradients [rows, 4H], h_{t-1} rows, and (with proj_size) dL/dh and m = o u rows. ``gemm``: the
+    dtype of the matrix products when it is not the accumulators' (a bf16/fp16 layer: its products
+    run in that dtype, as torch's own backward does under autocast; the sums stay in acc)."""
+    x_rows = input_rows(ctx, ctx.cfg, kept, lo, hi)
+    if gemm is None:
+        d_w_hh.addmm_(dgates.t(), h_prev)
+        d_w_ih.addmm_(dgates.t(), x_rows.to(dgates.dtype))
+    else:
+        dg_t = dgates.t().to(gemm)
+        d_w_hh += dg_t @ h_prev.to(gemm)
+        d_w_ih += dg_t @ x_rows.to(gemm)
     if d_b is not None:
         d_b += dgates.sum(0)
     if d_w_hr is not None:
-        d_w_hr.addmm_(dhs.t(), m)
+        if gemm is None:
+            d_w_hr.addmm_(dhs.t(), m)
+        else:
+            d_w_hr += dhs.t().to(gemm) @ m.to(gemm)
     if dx is not None:
-        mm_into(dgates, w_ih_a, dx[lo:hi])
+        mm_into(dgates if gemm is None else dgates.to(gemm), w_ih_a, dx[lo:hi])
 
 
 def _lstm_backward_chunked(
@@ -212,7 +223,10 @@ def _lstm_backward_chunked(
     dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
     tables = cfg.tables(dtype, device)
     H, P = c0.shape[1], h0.shape[1]
-    w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
+    # A bf16/fp16 layer (under autocast, or with such parameters) runs backward's matrix products
+    # in its dtype, as torch's backward does; the recursion and the sums stay in acc.
+    gemm = dtype if dtype in (torch.bfloat16, torch.float16) else None
+    w_ih_a, w_hh_a = w_ih.to(gemm or acc), w_hh.to(gemm or acc)
     w_hr_a = w_hr.to(acc) if w_hr is not None else None
     c_init, h_init = c0.to(acc), h0.to(acc)
     clip = cfg.cell_clip
@@ -227,7 +241,10 @@ def _lstm_backward_chunked(
     pend_bs = 0
 
     def flush():
-        torch.mm(pend_dg, w_hh_a, out=dh_state[:pend_bs])
+        if gemm is None:
+            torch.mm(pend_dg, w_hh_a, out=dh_state[:pend_bs])
+        else:
+            dh_state[:pend_bs] = pend_dg.to(gemm) @ w_hh_a
         dc_state[:pend_bs] = pend_dcf
 
     chunks = list(cfg.chunks())
@@ -338,7 +355,10 @@ def _lstm_backward_chunked(
         for j in range(len(steps) - 1, -1, -1):
             bs = psizes[j]
             if pend_dg is not None and pend_bs == bs:
-                dh = torch.addmm(dy_s[j], pend_dg, w_hh_a, out=dh_s[j])
+                if gemm is None:
+                    dh = torch.addmm(dy_s[j], pend_dg, w_hh_a, out=dh_s[j])
+                else:
+                    dh = torch.add(dy_s[j], pend_dg.to(gemm) @ w_hh_a, out=dh_s[j])
                 dc = pend_dcf
             else:
                 if pend_dg is not None:
@@ -356,7 +376,7 @@ def _lstm_backward_chunked(
         # Chunk-wide: h_{t-1} rows, weight gradients, dx.
         h_prev = previous_rows(as_output(m_all), m_before, h_init, cfg, steps, lo, acc)
         _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m_all, w_ih_a, lo, hi,
-                            d_w_ih, d_w_hh, d_b, d_w_hr, dx)
+                            d_w_ih, d_w_hh, d_b, d_w_hr, dx, gemm)
         del h_prev
         del dgates, dg4, dg_s, dgifg_s, dgo_s, dh_s, dhs, m_all, m_before  # before the next chunk's
     if pend_dg is not None:
