@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _validation as V
+from . import compile_ops
 from .backend import resolve_backend
 from ._validation import DeviceError, DTypeError, ShapeError, StateDTypeError, StateRangeWarning
 from .codec import PackedTensor
@@ -382,7 +383,7 @@ class _DiscreteRNNBase(nn.RNNBase):
             for n, t in named:
                 torch._assert_async(torch.isfinite(t).all(), finite_msg.format(name=name, bad=n))
             return
-        flags = [torch.isfinite(t).all() for _, t in named]
+        flags = [V.all_finite(t) for _, t in named]
         if h0 is not None:
             flags.append(torch.logical_not((h0.abs() > 1).any()))
         ok = torch.stack(flags).tolist()  # one device sync for all of them
@@ -564,6 +565,23 @@ class _DiscreteRNNBase(nn.RNNBase):
         ops = _step_ops(backend)
         grad = V.check_grad_mode(self.grad)  # attributes may have been changed since __init__
         cell_clip = V.check_cell_clip(self.cell_clip) if self._n_states == 2 else None
+        args = (x_data, states, weights, batch_sizes, backend, grad, cell_clip)
+        if compile_ops.tracing(x_data):  # torch.compile / torch.export: one custom op, see there
+            layer_input, finals, final_codes, c_states = compile_ops.run_stack(self, *args)
+            ops = compile_ops.TracedCodec
+        else:
+            layer_input, finals, final_codes, c_states = self._layers(*args)
+        y, finals = self._restore(layer_input, finals, info)
+        if want_packed:
+            return y, self._pack_state(final_codes, c_states, info, ops, dtype)
+        return (y, tuple(finals)) if self._n_states == 2 else (y, finals[0])
+
+    def _layers(self, x_data, states, weights, batch_sizes, backend, grad, cell_clip):
+        """Every layer and direction, one autograd Function each (eager mode; while torch.compile
+        or torch.export trace, ``compile_ops.run_stack`` runs them as one custom op instead) ->
+        the last layer's output, the final states stacked over layers and directions, and each
+        layer-direction's final-state codes and (LSTM) cell state in the compute dtype."""
+        ops = _step_ops(backend)
         D = 2 if self.bidirectional else 1
         finals = [[] for _ in states]
         final_codes, c_states = [], []
@@ -601,11 +619,7 @@ class _DiscreteRNNBase(nn.RNNBase):
             all_cfgs += cfgs
             source = CodedInput(cfgs, mask)
         release_output_tensors(all_cfgs)
-        finals = [torch.stack(f) for f in finals]
-        y, finals = self._restore(layer_input, finals, info)
-        if want_packed:
-            return y, self._pack_state(final_codes, c_states, info, ops, dtype)
-        return (y, tuple(finals)) if self._n_states == 2 else (y, finals[0])
+        return layer_input, [torch.stack(f) for f in finals], final_codes, c_states
 
 
 class DiscreteLSTM(_DiscreteRNNBase):
