@@ -589,12 +589,21 @@ class _DiscreteRNNBase(nn.RNNBase):
         all_cfgs = []
         for layer in range(self.num_layers):
             outputs, cfgs = [], []
+            # The next layer rebuilds its input from this layer's codes in its backward (for its
+            # d w_ih): keep them whenever that backward will run, even where this layer needs no
+            # gradient itself (frozen lower layers, an input without requires_grad).
+            following = [t for d in range(D) for t in weights[(layer + 1) * D + d]
+                         ] if layer + 1 < self.num_layers else []
+            following += [s[(layer + 1) * D + d] for s in states for d in range(D)] if following else []
+            read_by_next = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in following)
             for direction in range(D):
                 idx = layer * D + direction
                 w_ih, w_hh, b_ih, b_hh, w_hr = weights[idx]
                 cfg = LayerConfig(batch_sizes, self.levels, self.bits, self.chunk_size,
                                   bool(direction), ops, input_source=source, grad=grad,
                                   cell_clip=cell_clip)
+                cfg.read_by_next_layer = read_by_next
                 if self._n_states == 2:
                     b = b_ih + b_hh if self.bias else None
                     y, h_n, c_n, layer_codes, last_codes, c_state = LSTMLayerFunction.apply(

@@ -166,6 +166,9 @@ class LayerConfig:
         self.input_source = input_source
         self.store = None
         self.output_tensors = None
+        # Set by the stack: the next layer's backward rebuilds its input from this layer's codes,
+        # so they are kept even where this layer's own inputs need no gradient.
+        self.read_by_next_layer = False
         self.output_rows = None
         self.chunked = _is_torch_ops(ops)  # the chunked torch path (see the module docstring)
         self._tables = {}

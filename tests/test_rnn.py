@@ -1,6 +1,7 @@
 """DiscreteLSTM / DiscreteGRU: output, final state and every gradient against a plain-autograd
 reference of the same discrete cell; torch.nn parity with levels=None; memory actually kept."""
 
+import copy
 import gc
 import math
 
@@ -906,3 +907,26 @@ def test_no_reference_cycle_keeps_codes_alive(cls, checkpointed):
     # (so does nn.LSTM's under it): what the layers must not leave there are their code buffers.
     codes = [t for t in _garbage_tensors(run) if t.dtype == torch.uint8]
     assert not codes, f"{len(codes)} code buffers in reference cycles: {[tuple(t.shape) for t in codes]}"
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+@pytest.mark.parametrize("frozen, bidirectional", [(("l0",), False), (("l0", "l1"), False),
+                                                   (("l0",), True)])
+def test_frozen_lower_layers_leave_the_trainable_gradients_unchanged(cls, frozen, bidirectional):
+    # Inner layers rebuild their input from the layer below's codes. A frozen layer (and an input
+    # without requires_grad) once kept no codes, and the next layer's d w_ih came out wrong
+    # (all zeros for the LSTM) without an error.
+    torch.manual_seed(0)
+    m = cls(3, 8, num_layers=3, levels=64, bidirectional=bidirectional)
+    x = torch.randn(7, 2, 3)
+    ref = copy.deepcopy(m)
+    for name, p in m.named_parameters():
+        if name.split("_")[-1] in frozen:
+            p.requires_grad_(False)
+    m(x)[0].square().sum().backward()
+    ref(x)[0].square().sum().backward()
+    want = dict(ref.named_parameters())
+    trained = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    assert trained
+    for name, p in trained:
+        torch.testing.assert_close(p.grad, want[name].grad, rtol=0, atol=0, msg=name)
