@@ -5,13 +5,12 @@ bench_codec.py measured, on one H200 (2^28 float32 values): quantize+pack at 75%
 copy's bandwidth for 6 and 7 bits against 103% for 8 bits, unpack+dequantize at 62-66% against
 93%. 8 bits differs in its bytes: one per code, stored and loaded whole. For 6 and 7 bits the
 production kernels store 3 (7) bytes of every 4 (8) lanes one byte at a time, and the unpack
-gathers two single bytes per code. This script times, beside the production kernels under other
-block sizes and warp counts, two layouts that move the bytes in larger pieces:
-
-* ``pack_bytes``: output-stationary pack. A program owns a run of output bytes; byte j loads the
-  (at most ``ceil(8 / b) + 1``) values whose bits fall in it and stores contiguous bytes.
-* ``unpack_groups``: the pack's group layout read backwards. A program loads [groups, bytes] tiles
-  (3 of 4 lanes for 6 bits), assembles each group's word and stores [groups, G] values.
+gathered two single bytes per code. This script times the kernels under block sizes and warp
+counts, and the unpack with both of its reads: ``two_bytes`` (per code) and ``grouped`` (the pack's
+group layout read backwards: [groups, bytes] tiles, one word per group, [groups, G] values out),
+which it measured at 94% / 86% of the copy for 6 / 7 bits and which the launchers now use
+(``CUDA_LAUNCH``). An output-stationary pack (a program owns a run of output bytes and loads the
+values whose bits fall in each) was also tried and reached only 36-44%; it was dropped.
 
 Every variant is checked bit for bit against the production kernel on the same input before it is
 timed (``triton.testing.do_bench`` median). Prints a table and writes a CSV (``--out``).
@@ -30,74 +29,11 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 
 from discrnn.kernels import codec as K
 from discrnn.kernels.codec_torch import group_bytes, group_codes
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@triton.jit
-def _pack_bytes_kernel(X, PACKED, n, n_bytes, LEVELS: tl.constexpr, BITS: tl.constexpr,
-                       KIND: tl.constexpr, SPAN: tl.constexpr, BLOCK_BYTES: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    j = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    bit0 = j * 8
-    first = bit0 // BITS  # the code that holds the byte's lowest bit
-    offset = (bit0 - first * BITS).to(tl.int32)  # where in that code the byte starts
-    acc = tl.zeros([BLOCK_BYTES], dtype=tl.int32)
-    for k in tl.static_range(SPAN):
-        idx = first + k
-        ok = (idx < n) & (j < n_bytes)
-        x = tl.load(X + idx, mask=ok, other=0.0)
-        code = K._encode(x.to(tl.float32), LEVELS, KIND)
-        acc = acc | (tl.where(ok, code, 0) << (k * BITS))
-    tl.store(PACKED + j, ((acc >> offset) & 0xFF).to(tl.uint8), mask=j < n_bytes)
-
-
-@triton.jit
-def _unpack_groups_kernel(PACKED, OUT, n, n_bytes, LEVELS: tl.constexpr, BITS: tl.constexpr,
-                          KIND: tl.constexpr, GROUP_CODES: tl.constexpr, GROUP_BYTES: tl.constexpr,
-                          GROUP_BYTES_POW2: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    groups = pid * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
-    byte_lanes = tl.arange(0, GROUP_BYTES_POW2)
-    byte_idx = groups[:, None] * GROUP_BYTES + byte_lanes[None, :]
-    byte_ok = (byte_lanes[None, :] < GROUP_BYTES) & (byte_idx < n_bytes)
-    b = tl.load(PACKED + byte_idx, mask=byte_ok, other=0).to(tl.int64)
-    word = tl.sum(b << (byte_lanes * 8).to(tl.int64)[None, :], axis=1)  # disjoint fields
-    lanes = tl.arange(0, GROUP_CODES)
-    code = ((word[:, None] >> (lanes * BITS).to(tl.int64)[None, :]) & ((1 << BITS) - 1))
-    idx = groups[:, None] * GROUP_CODES + lanes[None, :]
-    value = K._decode(code.to(tl.int32), LEVELS, KIND, tl.float32)
-    tl.store(OUT + idx, value, mask=idx < n)
-
-
-def pack_bytes(x, levels, bits, block_bytes, num_warps):
-    n = x.numel()
-    n_bytes = (n * bits + 7) // 8
-    packed = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
-    span = -(-8 // bits) + 1
-    grid = (triton.cdiv(n_bytes, block_bytes),)
-    _pack_bytes_kernel[grid](x, packed, n, n_bytes, LEVELS=levels, BITS=bits, KIND="tanh",
-                             SPAN=span, BLOCK_BYTES=block_bytes, num_warps=num_warps,
-                             enable_fp_fusion=False)
-    return packed
-
-
-def unpack_groups(packed, n, levels, bits, block_codes, num_warps):
-    out = torch.empty(n, dtype=torch.float32, device=packed.device)
-    g = group_codes(bits)
-    block_groups = triton.next_power_of_2(max(1, block_codes // g))
-    grid = (triton.cdiv(triton.cdiv(n, g), block_groups),)
-    gb = group_bytes(bits)
-    _unpack_groups_kernel[grid](packed, out, n, packed.numel(), LEVELS=levels, BITS=bits,
-                                KIND="tanh", GROUP_CODES=g, GROUP_BYTES=gb,
-                                GROUP_BYTES_POW2=triton.next_power_of_2(gb),
-                                BLOCK_GROUPS=block_groups, num_warps=num_warps,
-                                enable_fp_fusion=False)
-    return out
 
 
 def production_pack(x, levels, bits, block_codes, num_warps):
@@ -115,13 +51,14 @@ def production_pack(x, levels, bits, block_codes, num_warps):
     return packed
 
 
-def production_unpack(packed, n, levels, bits, block_codes, num_warps):
-    """The two-bytes-a-code layout (GROUPED=False), which 6 and 7 bits used before this script."""
+def production_unpack(packed, n, levels, bits, block_codes, num_warps, grouped):
+    """The unpack kernel with the grouped read, or two bytes a code (what 6 and 7 bits used
+    before this script)."""
     out = torch.empty(n, dtype=torch.float32, device=packed.device)
     gb = group_bytes(bits)
     K._unpack_kernel[(triton.cdiv(n, block_codes),)](
         packed, out, out, n, packed.numel(), LEVELS=levels, BITS=bits, KIND="tanh",
-        OUTPUT="values", BLOCK=block_codes, GROUPED=False, GROUP_CODES=group_codes(bits),
+        OUTPUT="values", BLOCK=block_codes, GROUPED=grouped, GROUP_CODES=group_codes(bits),
         GROUP_BYTES=gb, GROUP_BYTES_POW2=triton.next_power_of_2(gb), num_warps=num_warps,
         enable_fp_fusion=False)
     return out
@@ -154,19 +91,17 @@ def main(argv=None) -> int:
     for bits in args.bits:
         levels = 1 << bits
         want = production_pack(x, levels, bits, big or 4096, 4)
-        want_values = production_unpack(want, n, levels, bits, big or 4096, 4)
+        want_values = production_unpack(want, n, levels, bits, big or 4096, 4, False)
         variants = []
         for block in ([big] if big else args.blocks):
             for warps in ([4] if big else args.warps):
                 variants += [
                     ("pack", "production", block, warps,
                      lambda b=block, w=warps: production_pack(x, levels, bits, b, w)),
-                    ("pack", "pack_bytes", block // 4 if not big else big, warps,
-                     lambda b=block, w=warps: pack_bytes(x, levels, bits, b // 4 if not big else big, w)),
-                    ("unpack", "production", block, warps,
-                     lambda b=block, w=warps: production_unpack(want, n, levels, bits, b, w)),
-                    ("unpack", "unpack_groups", block, warps,
-                     lambda b=block, w=warps: unpack_groups(want, n, levels, bits, b, w)),
+                    ("unpack", "two_bytes", block, warps,
+                     lambda b=block, w=warps: production_unpack(want, n, levels, bits, b, w, False)),
+                    ("unpack", "grouped", block, warps,
+                     lambda b=block, w=warps: production_unpack(want, n, levels, bits, b, w, True)),
                 ]
         for op, name, block, warps, fn in variants:
             got = fn()
