@@ -19,3 +19,19 @@ def test_gpu_check_plan(tmp_path):
     assert f"--numel {1 << 28}" in out and "-m gpu" in out
     assert "--hidden 1024 --batch 64 --steps 1024 --dtype float32 bfloat16" in out
     assert all(str(tmp_path / "gc") in line for line in steps if "--out" in line)
+
+
+def test_tune_codec_variants_are_bit_exact(tmp_path):
+    # scripts/tune_codec.py drives the codec kernels directly (launch shapes, both unpack reads):
+    # its --check-only mode keeps it in step with their signatures, here under the interpreter.
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("tune_codec", ROOT / "scripts" / "tune_codec.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    if torch.cuda.is_available():  # the GPU run times 2^28 values; here only the check matters
+        return
+    assert tune.main(["--check-only", "--bits", "6", "7", "3", "--numel", "3001",
+                      "--out", str(tmp_path / "t.csv")]) == 0
