@@ -14,7 +14,10 @@ from .rnn_function import (
     TANH,
     LayerConfig,
     CodeStore,
+    addmm_,
+    addmm_into,
     backward_buffers,
+    backward_gemm_dtype,
     chunk_rows,
     create_graph_backward,
     finish_rows,
@@ -111,8 +114,9 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
     dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
     tables = cfg.tables(dtype, device)
     H = w_hh.shape[1]
-    w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
-    w_hn_a = w_hh_a[2 * H :]
+    gemm = backward_gemm_dtype(dtype)  # bf16/fp16 layers: products in their dtype, as torch's
+    w_ih_a, w_hh_a = w_ih.to(gemm or acc), w_hh.to(gemm or acc)
+    w_hn_a = w_hh[2 * H :].to(acc)  # recomputes gh_n for the derivatives, in acc
     b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
     h_init = h0.to(acc)
 
@@ -126,7 +130,7 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
     pend_bs = 0
 
     def flush():
-        torch.addmm(pend_dh * pend_z, pend_dgh, w_hh_a, out=dh_state[:pend_bs])
+        addmm_into(pend_dh * pend_z, pend_dgh, w_hh_a, dh_state[:pend_bs], gemm)
 
     chunks = list(cfg.chunks())
     for k in range(len(chunks) - 1, -1, -1):
@@ -183,7 +187,7 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
             bs = psizes[j]
             if pend_dh is not None and pend_bs == bs:
                 base = torch.addcmul(dy_s[j], pend_dh, pend_z)
-                torch.addmm(base, pend_dgh, w_hh_a, out=dh_s[j])
+                addmm_into(base, pend_dgh, w_hh_a, dh_s[j], gemm)
             else:
                 if pend_dh is not None:
                     flush()
@@ -193,16 +197,16 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
         pend_dh, pend_z, pend_dgh = pend_dh.clone(), pend_z.clone(), pend_dgh.clone()
         del kk, z_v, dy_s, z_s, kk_s, dys
 
-        d_w_hh.addmm_(dg.t(), h_prev)
+        addmm_(d_w_hh, dg.t(), h_prev, gemm)
         del h_prev
         if d_b_hh is not None:
             d_b_hh += dg.sum(0)
         torch.mul(dhs, a_n, out=dg.view(R, 3, H)[:, 2])  # dg is now d_gx
-        d_w_ih.addmm_(dg.t(), input_rows(ctx, cfg, kept, lo, hi).to(acc))
+        addmm_(d_w_ih, dg.t(), input_rows(ctx, cfg, kept, lo, hi).to(acc), gemm)
         if d_b_ih is not None:
             d_b_ih += dg.sum(0)
         if dx is not None:
-            mm_into(dg, w_ih_a, dx[lo:hi])
+            mm_into(dg if gemm is None else dg.to(gemm), w_ih_a, dx[lo:hi])
         del dg, dhs, dh_s, dg_s, dg3_s, a_n  # before the next chunk's
     if pend_dh is not None:
         flush()

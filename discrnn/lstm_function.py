@@ -23,7 +23,10 @@ from .rnn_function import (
     TANH,
     LayerConfig,
     CodeStore,
+    addmm_,
+    addmm_into,
     backward_buffers,
+    backward_gemm_dtype,
     chunk_rows,
     create_graph_backward,
     finish_rows,
@@ -196,21 +199,12 @@ def _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m, w_ih_a, lo, hi, d_w_i
     gradients [rows, 4H], h_{t-1} rows, and (with proj_size) dL/dh and m = o u rows. ``gemm``: the
     dtype of the matrix products when it is not the accumulators' (a bf16/fp16 layer: its products
     run in that dtype, as torch's own backward does under autocast; the sums stay in acc)."""
-    x_rows = input_rows(ctx, ctx.cfg, kept, lo, hi)
-    if gemm is None:
-        d_w_hh.addmm_(dgates.t(), h_prev)
-        d_w_ih.addmm_(dgates.t(), x_rows.to(dgates.dtype))
-    else:
-        dg_t = dgates.t().to(gemm)
-        d_w_hh += dg_t @ h_prev.to(gemm)
-        d_w_ih += dg_t @ x_rows.to(gemm)
+    addmm_(d_w_hh, dgates.t(), h_prev, gemm)
+    addmm_(d_w_ih, dgates.t(), input_rows(ctx, ctx.cfg, kept, lo, hi).to(dgates.dtype), gemm)
     if d_b is not None:
         d_b += dgates.sum(0)
     if d_w_hr is not None:
-        if gemm is None:
-            d_w_hr.addmm_(dhs.t(), m)
-        else:
-            d_w_hr += dhs.t().to(gemm) @ m.to(gemm)
+        addmm_(d_w_hr, dhs.t(), m, gemm)
     if dx is not None:
         mm_into(dgates if gemm is None else dgates.to(gemm), w_ih_a, dx[lo:hi])
 
@@ -225,7 +219,7 @@ def _lstm_backward_chunked(
     H, P = c0.shape[1], h0.shape[1]
     # A bf16/fp16 layer (under autocast, or with such parameters) runs backward's matrix products
     # in its dtype, as torch's backward does; the recursion and the sums stay in acc.
-    gemm = dtype if dtype in (torch.bfloat16, torch.float16) else None
+    gemm = backward_gemm_dtype(dtype)
     w_ih_a, w_hh_a = w_ih.to(gemm or acc), w_hh.to(gemm or acc)
     w_hr_a = w_hr.to(acc) if w_hr is not None else None
     c_init, h_init = c0.to(acc), h0.to(acc)
@@ -241,10 +235,7 @@ def _lstm_backward_chunked(
     pend_bs = 0
 
     def flush():
-        if gemm is None:
-            torch.mm(pend_dg, w_hh_a, out=dh_state[:pend_bs])
-        else:
-            dh_state[:pend_bs] = pend_dg.to(gemm) @ w_hh_a
+        dh_state[:pend_bs] = pend_dg.to(gemm or acc) @ w_hh_a
         dc_state[:pend_bs] = pend_dcf
 
     chunks = list(cfg.chunks())
@@ -355,10 +346,7 @@ def _lstm_backward_chunked(
         for j in range(len(steps) - 1, -1, -1):
             bs = psizes[j]
             if pend_dg is not None and pend_bs == bs:
-                if gemm is None:
-                    dh = torch.addmm(dy_s[j], pend_dg, w_hh_a, out=dh_s[j])
-                else:
-                    dh = torch.add(dy_s[j], pend_dg.to(gemm) @ w_hh_a, out=dh_s[j])
+                dh = addmm_into(dy_s[j], pend_dg, w_hh_a, dh_s[j], gemm)
                 dc = pend_dcf
             else:
                 if pend_dg is not None:

@@ -341,6 +341,27 @@ def split_steps(rows: torch.Tensor, cfg, steps: list[int], lo: int, dim: int = 0
     return [rows.narrow(dim, offsets[t] - lo, sizes[t]) for t in steps]
 
 
+def backward_gemm_dtype(dtype: torch.dtype):
+    """The dtype backward's matrix products run in: a bf16/fp16 layer's own (under autocast, or
+    with such parameters), as torch's own backward does; None for the compute dtype. The
+    recursion and the gradient sums stay in the compute dtype either way."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gemm=None) -> torch.Tensor:
+    """acc += a @ b, the product in ``gemm`` when given (the sum stays in acc's dtype)."""
+    if gemm is None:
+        return acc.addmm_(a, b)
+    return acc.add_(a.to(gemm) @ b.to(gemm))
+
+
+def addmm_into(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out, gemm=None) -> torch.Tensor:
+    """out = c + a @ b (``out`` may be None), the product in ``gemm`` when given."""
+    if gemm is None:
+        return torch.addmm(c, a, b, out=out)
+    return torch.add(c, a.to(gemm) @ b.to(gemm), out=out)
+
+
 def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """out = a @ b, without a temporary where the dtypes agree."""
     if out.dtype == a.dtype:
