@@ -313,8 +313,9 @@ class GRULayerFunction(torch.autograd.Function):
         sizes = layout.batch_sizes
         dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
         H = w_hh.shape[1]
-        w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
-        w_hn_a = w_hh_a[2 * H :]
+        gemm = backward_gemm_dtype(dtype)  # as _gru_backward_chunked
+        w_ih_a, w_hh_a = w_ih.to(gemm or acc), w_hh.to(gemm or acc)
+        w_hn_a = w_hh[2 * H :].to(acc)
         b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
         h_init = h0.to(acc)
 
@@ -357,13 +358,13 @@ class GRULayerFunction(torch.autograd.Function):
                     levels, dgx_out=d_gx_s[j], dgh_out=d_gh_s[j], dh_direct_out=dh_state[:bs],
                     preact=None if preact is None else preact[layout.rows(steps[j])],
                 )
-                dh_state[:bs].addmm_(d_gh_s[j], w_hh_a)
+                addmm_(dh_state[:bs], d_gh_s[j], w_hh_a, gemm)
             del gh_n, gh_n_s
-            d_w_ih.addmm_(d_gx.t(), input_rows(ctx, cfg, kept, lo, hi).to(acc))
-            d_w_hh.addmm_(d_gh.t(), h_prev)
+            addmm_(d_w_ih, d_gx.t(), input_rows(ctx, cfg, kept, lo, hi).to(acc), gemm)
+            addmm_(d_w_hh, d_gh.t(), h_prev, gemm)
             if d_b_ih is not None:
                 d_b_ih += d_gx.sum(0)
                 d_b_hh += d_gh.sum(0)
             if dx is not None:
-                mm_into(d_gx, w_ih_a, dx[lo:hi])
+                mm_into(d_gx if gemm is None else d_gx.to(gemm), w_ih_a, dx[lo:hi])
         return dx, dh_state, d_w_ih, d_w_hh, d_b_ih, d_b_hh

@@ -498,7 +498,8 @@ class LSTMLayerFunction(torch.autograd.Function):
         sizes = layout.batch_sizes
         dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
         P, H = h0.shape[1], c0.shape[1]
-        w_ih_a, w_hh_a = w_ih.to(acc), w_hh.to(acc)
+        gemm = backward_gemm_dtype(dtype)  # as _lstm_backward_chunked
+        w_ih_a, w_hh_a = w_ih.to(gemm or acc), w_hh.to(gemm or acc)
         w_hr_a = w_hr.to(acc) if w_hr is not None else None
         c_init, h_init = c0.to(acc), h0.to(acc)
 
@@ -563,11 +564,14 @@ class LSTMLayerFunction(torch.autograd.Function):
                     preact=None if preact is None else preact[layout.rows(steps[j])],
                     cell_clip=cfg.cell_clip,
                 )
-                torch.mm(dg_s[j], w_hh_a, out=dh_state[:bs])
+                if gemm is None:
+                    torch.mm(dg_s[j], w_hh_a, out=dh_state[:bs])
+                else:
+                    dh_state[:bs] = dg_s[j].to(gemm) @ w_hh_a
             del c_prevs
 
             h_prev = previous_rows(as_output(m_chunk), before, h_init, cfg, steps, lo, acc)
             _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m_chunk, w_ih_a, lo, hi,
-                                d_w_ih, d_w_hh, d_b, d_w_hr, dx)
+                                d_w_ih, d_w_hh, d_b, d_w_hr, dx, gemm)
             del h_prev
         return dx, dh_state, dc_state, d_w_ih, d_w_hh, d_b, d_w_hr
