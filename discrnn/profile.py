@@ -136,7 +136,8 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (also used by scripts/reproduce_levels.py)."""
     try:
         value = int(text)
     except ValueError:
@@ -147,7 +148,7 @@ def _positive_int(text: str) -> int:
 
 
 def _levels(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if not 2 <= value <= 256:
         raise argparse.ArgumentTypeError(f"expected levels in [2, 256], got {value}")
     return value
@@ -202,23 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available, else CPU")
-    p.add_argument("--layers", type=_positive_int, help="recurrent layers N")
-    p.add_argument("--hidden", type=_positive_int, help="hidden units per layer")
-    p.add_argument("--batch", type=_positive_int, help="sequences per step")
-    p.add_argument("--vocab", type=_positive_int, help="vocabulary size")
-    p.add_argument("--embed", type=_positive_int, help="embedding size (input of layer 1)")
+    p.add_argument("--layers", type=positive_int, help="recurrent layers N")
+    p.add_argument("--hidden", type=positive_int, help="hidden units per layer")
+    p.add_argument("--batch", type=positive_int, help="sequences per step")
+    p.add_argument("--vocab", type=positive_int, help="vocabulary size")
+    p.add_argument("--embed", type=positive_int, help="embedding size (input of layer 1)")
     p.add_argument("--levels", type=_levels, nargs="+", default=[64, 256],
                    help="discrnn level counts of the default variants (default 64 256)")
-    p.add_argument("--lengths", type=_positive_int, nargs="+", help="sequence lengths T")
+    p.add_argument("--lengths", type=positive_int, nargs="+", help="sequence lengths T")
     p.add_argument("--variants", type=_variant, nargs="+",
                    help="default: lstm gru lstm-ckpt-sqrt lstm-ckpt-quarter lstm-bf16, dlstm-L and "
                    "dgru-L for each --levels, dlstm-L-ckpt-sqrt for the first")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter dtype")
-    p.add_argument("--threads", type=_positive_int,
+    p.add_argument("--threads", type=positive_int,
                    help="torch threads per process (default 1 on CPU)")
-    p.add_argument("--jobs", type=_positive_int,
+    p.add_argument("--jobs", type=positive_int,
                    help="processes at a time (default: 2 on CPU, or 1 with one core; 1 on CUDA)")
-    p.add_argument("--steps", type=_positive_int,
+    p.add_argument("--steps", type=positive_int,
                    help=f"timed training steps per point (marked below {MIN_TIMED})")
     p.add_argument("--warmup", type=int,
                    help="untimed full-length rounds before the timed ones (default 0 on CPU, 2 on "
@@ -233,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "DiscreteLSTM and two for lstm-ckpt-sqrt; all on CUDA)")
     p.add_argument("--resolution", type=_resolution,
                    help="budget search stops when the bracket is narrower than this fraction of T")
-    p.add_argument("--max-length", type=_positive_int, help="longest T the budget search tries")
-    p.add_argument("--chunk-size", type=_positive_int, default=32, help="discrnn chunk_size")
+    p.add_argument("--max-length", type=positive_int, help="longest T the budget search tries")
+    p.add_argument("--chunk-size", type=positive_int, default=32, help="discrnn chunk_size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results") / "profile", help="output folder")
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI: seconds")

@@ -88,6 +88,7 @@ except ImportError:  # the bar is a convenience; the study does not need it
     tqdm = None
 
 import discrnn
+from discrnn.profile import positive_int
 from discrnn.profiling.report import (device_name, git_commit, import_pyplot, load_average,
                                       write_json)
 
@@ -978,16 +979,6 @@ def level_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"levels must be integers, got {text!r}") from None
     if not 2 <= value <= 256:
         raise argparse.ArgumentTypeError(f"levels must be in [2, 256], got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
 
 
