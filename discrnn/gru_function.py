@@ -15,7 +15,7 @@ from .rnn_function import (
     LayerConfig,
     CodeStore,
     addmm_,
-    addmm_into,
+    StepProduct,
     backward_buffers,
     backward_gemm_dtype,
     chunk_rows,
@@ -59,7 +59,7 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
     y = torch.empty(layout.total_rows, H, dtype=dtype, device=device)
     h_n = torch.empty(B, H, dtype=dtype, device=device)
     final_codes = torch.empty(1, B, H, dtype=torch.uint8, device=device)
-    w_hh_t = w_hh.t()
+    recurrent = StepProduct(w_hh, B, len(sizes))
     direct = dtype == acc
     max_rows = min(cfg.chunk, len(sizes)) * B
     rows_buf = store.rows_buffer(max_rows)  # the chunk's codes, uint8, as the store packs them
@@ -84,10 +84,7 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
         for j, bs in enumerate(psizes):
             h_in = step_input(h_prev, prev_bs, bs, h0)
             v = step.rows(bs)
-            if dtype == acc:
-                gh = torch.mm(h_in, w_hh_t, out=v.gh)
-            else:
-                gh = h_in @ w_hh_t
+            gh = recurrent.mm(h_in, out=v.gh if dtype == acc else None)
             if b_hh is not None:
                 gh += b_hh
             if dtype != acc:
@@ -115,7 +112,8 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
     tables = cfg.tables(dtype, device)
     H = w_hh.shape[1]
     gemm = backward_gemm_dtype(dtype)  # bf16/fp16 layers: products in their dtype, as torch's
-    w_ih_a, w_hh_a = w_ih.to(gemm or acc), w_hh.to(gemm or acc)
+    w_ih_a = w_ih.to(gemm or acc)
+    recurrent_t = StepProduct(w_hh.to(gemm or acc).t(), h0.shape[0], len(sizes))  # dgh @ W_hh
     w_hn_a = w_hh[2 * H :].to(acc)  # recomputes gh_n for the derivatives, in acc
     b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
     h_init = h0.to(acc)
@@ -130,7 +128,7 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
     pend_bs = 0
 
     def flush():
-        addmm_into(pend_dh * pend_z, pend_dgh, w_hh_a, dh_state[:pend_bs], gemm)
+        recurrent_t.addmm(pend_dh * pend_z, pend_dgh, out=dh_state[:pend_bs])
 
     chunks = list(cfg.chunks())
     for k in range(len(chunks) - 1, -1, -1):
@@ -187,7 +185,7 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
             bs = psizes[j]
             if pend_dh is not None and pend_bs == bs:
                 base = torch.addcmul(dy_s[j], pend_dh, pend_z)
-                addmm_into(base, pend_dgh, w_hh_a, dh_s[j], gemm)
+                recurrent_t.addmm(base, pend_dgh, out=dh_s[j])
             else:
                 if pend_dh is not None:
                     flush()
@@ -258,7 +256,7 @@ class GRULayerFunction(torch.autograd.Function):
         h_n = torch.empty_like(h0)
         final_codes = torch.empty(1, *h0.shape, dtype=torch.uint8, device=x.device)
         finish = finish_rows(layout)
-        w_hh_t = w_hh.t()
+        recurrent = StepProduct(w_hh, h0.shape[0], len(layout.batch_sizes))
         h_prev, prev_bs = None, 0
         for first, steps in cfg.chunks():
             lo, hi = layout.row_span(steps)
@@ -268,7 +266,7 @@ class GRULayerFunction(torch.autograd.Function):
             for s, t in enumerate(steps, start=first):
                 bs, rows = layout.batch_sizes[t], layout.rows(t)
                 h_in = step_input(h_prev, prev_bs, bs, h0)
-                gh = torch.mm(h_in, w_hh_t)
+                gh = recurrent.mm(h_in)
                 if b_hh is not None:
                     gh += b_hh  # as the torch path (addmm rounds differently in bfloat16)
                 out = store.rows_at(codes_data, s, s) if keep_codes else None
@@ -314,7 +312,8 @@ class GRULayerFunction(torch.autograd.Function):
         dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
         H = w_hh.shape[1]
         gemm = backward_gemm_dtype(dtype)  # as _gru_backward_chunked
-        w_ih_a, w_hh_a = w_ih.to(gemm or acc), w_hh.to(gemm or acc)
+        w_ih_a = w_ih.to(gemm or acc)
+        recurrent_t = StepProduct(w_hh.to(gemm or acc).t(), h0.shape[0], len(sizes))
         w_hn_a = w_hh[2 * H :].to(acc)
         b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
         h_init = h0.to(acc)
@@ -358,7 +357,7 @@ class GRULayerFunction(torch.autograd.Function):
                     levels, dgx_out=d_gx_s[j], dgh_out=d_gh_s[j], dh_direct_out=dh_state[:bs],
                     preact=None if preact is None else preact[layout.rows(steps[j])],
                 )
-                addmm_(dh_state[:bs], d_gh_s[j], w_hh_a, gemm)
+                recurrent_t.addmm_(dh_state[:bs], d_gh_s[j])
             del gh_n, gh_n_s
             addmm_(d_w_ih, d_gx.t(), input_rows(ctx, cfg, kept, lo, hi).to(acc), gemm)
             addmm_(d_w_hh, d_gh.t(), h_prev, gemm)

@@ -23,8 +23,8 @@ from .rnn_function import (
     TANH,
     LayerConfig,
     CodeStore,
+    StepProduct,
     addmm_,
-    addmm_into,
     backward_buffers,
     backward_gemm_dtype,
     chunk_rows,
@@ -138,7 +138,7 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     c_n = torch.empty(B, H, dtype=acc, device=device)
     final_codes = torch.empty(2, B, H, dtype=torch.uint8, device=device)
     c_init = c0.to(acc)
-    w_hh_t = w_hh.t()
+    recurrent = StepProduct(w_hh, B, len(sizes))
     w_hr_t = None if w_hr is None else w_hr.t()
     direct = w_hr is None and dtype == acc  # m goes straight into y
     max_rows = min(cfg.chunk, len(sizes)) * B
@@ -166,14 +166,13 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
             if j == 0 and first:
                 checkpoints.append(c_in if c_in is c_prev else c_in.clone())
             v = step.rows(bs)
-            gates = v.gates if pres is None else pres[j]  # the same [bs, 4H] layout
+            pre = None if pres is None else pres[j]
             if dtype == acc:
-                torch.addmm(xps[j], h_in, w_hh_t, out=gates)
+                gates = recurrent.addmm(xps[j], h_in, out=pre)
             else:
-                gates.copy_(torch.addmm(xps[j], h_in, w_hh_t))
+                gates = (v.gates if pre is None else pre).copy_(recurrent.addmm(xps[j], h_in))
             out = outs[j]
-            c_new, m = step(v, c_in, k_gates[j], k_u[j], out if direct else None,
-                            gates=None if pres is None else gates)
+            c_new, m = step(v, c_in, k_gates[j], k_u[j], out if direct else None, gates=gates)
             if not direct:
                 m = m.to(dtype)
                 if w_hr_t is None:
@@ -220,7 +219,8 @@ def _lstm_backward_chunked(
     # A bf16/fp16 layer (under autocast, or with such parameters) runs backward's matrix products
     # in its dtype, as torch's backward does; the recursion and the sums stay in acc.
     gemm = backward_gemm_dtype(dtype)
-    w_ih_a, w_hh_a = w_ih.to(gemm or acc), w_hh.to(gemm or acc)
+    w_ih_a = w_ih.to(gemm or acc)
+    recurrent_t = StepProduct(w_hh.to(gemm or acc).t(), h0.shape[0], len(sizes))  # dgates @ W_hh
     w_hr_a = w_hr.to(acc) if w_hr is not None else None
     c_init, h_init = c0.to(acc), h0.to(acc)
     clip = cfg.cell_clip
@@ -235,7 +235,7 @@ def _lstm_backward_chunked(
     pend_bs = 0
 
     def flush():
-        dh_state[:pend_bs] = pend_dg.to(gemm or acc) @ w_hh_a
+        recurrent_t.mm(pend_dg, out=dh_state[:pend_bs])
         dc_state[:pend_bs] = pend_dcf
 
     chunks = list(cfg.chunks())
@@ -346,7 +346,7 @@ def _lstm_backward_chunked(
         for j in range(len(steps) - 1, -1, -1):
             bs = psizes[j]
             if pend_dg is not None and pend_bs == bs:
-                dh = addmm_into(dy_s[j], pend_dg, w_hh_a, dh_s[j], gemm)
+                dh = recurrent_t.addmm(dy_s[j], pend_dg, out=dh_s[j])
                 dc = pend_dcf
             else:
                 if pend_dg is not None:
@@ -426,7 +426,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         # o and u codes of each row's last step: the packed final state (h = o * u)
         final_codes = torch.empty(2, *c0.shape, dtype=torch.uint8, device=x.device)
         finish = finish_rows(layout)
-        w_hh_t = w_hh.t()
+        recurrent = StepProduct(w_hh, B, len(layout.batch_sizes))
         checkpoints = []
         h_prev, prev_bs = None, 0
         for first, steps in cfg.chunks():
@@ -441,12 +441,12 @@ class LSTMLayerFunction(torch.autograd.Function):
                 h_in = step_input(h_prev, prev_bs, bs, h0)
                 xp = xproj[rows.start - lo : rows.stop - lo]
                 if preact is None:
-                    gates = torch.addmm(xp, h_in, w_hh_t)
+                    gates = recurrent.addmm(xp, h_in)
                 elif preact.dtype == dtype:
-                    gates = torch.addmm(xp, h_in, w_hh_t, out=preact[rows])
+                    gates = recurrent.addmm(xp, h_in, out=preact[rows])
                 else:
                     gates = preact[rows]
-                    gates.copy_(torch.addmm(xp, h_in, w_hh_t))
+                    gates.copy_(recurrent.addmm(xp, h_in))
                 out = store.rows_at(codes_data, s, s) if keep_codes else None
                 _, _, m = ops.lstm_step_forward(
                     gates, c[:bs], levels, out=out, final=final_codes, done=finish[s],
@@ -499,7 +499,8 @@ class LSTMLayerFunction(torch.autograd.Function):
         dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
         P, H = h0.shape[1], c0.shape[1]
         gemm = backward_gemm_dtype(dtype)  # as _lstm_backward_chunked
-        w_ih_a, w_hh_a = w_ih.to(gemm or acc), w_hh.to(gemm or acc)
+        w_ih_a = w_ih.to(gemm or acc)
+        recurrent_t = StepProduct(w_hh.to(gemm or acc).t(), h0.shape[0], len(sizes))
         w_hr_a = w_hr.to(acc) if w_hr is not None else None
         c_init, h_init = c0.to(acc), h0.to(acc)
 
@@ -564,10 +565,7 @@ class LSTMLayerFunction(torch.autograd.Function):
                     preact=None if preact is None else preact[layout.rows(steps[j])],
                     cell_clip=cfg.cell_clip,
                 )
-                if gemm is None:
-                    torch.mm(dg_s[j], w_hh_a, out=dh_state[:bs])
-                else:
-                    dh_state[:bs] = dg_s[j].to(gemm) @ w_hh_a
+                recurrent_t.mm(dg_s[j], out=dh_state[:bs])
             del c_prevs
 
             h_prev = previous_rows(as_output(m_chunk), before, h_init, cfg, steps, lo, acc)

@@ -673,6 +673,131 @@ def test_chunked_torch_path_matches_per_step_path(monkeypatch, cls, kwargs, chun
 
 
 # ---------------------------------------------------------------------------------------------
+# The recurrent per-step products through oneDNN's prepacked linear (rnn_function.StepProduct)
+
+_onednn = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")),
+    reason="needs torch built with oneDNN",
+)
+
+
+@pytest.fixture
+def always_packed(monkeypatch):
+    """Prepack every CPU float32 / bfloat16 recurrent weight, however small or few the products."""
+    from discrnn import rnn_function
+
+    monkeypatch.setattr(rnn_function, "_MIN_PACKED_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(rnn_function, "_MIN_PACKED_PRODUCTS", 1)
+
+
+@_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_product_matches_torch_products(always_packed, dtype):
+    """Every product of StepProduct against torch's: bit for bit in bfloat16 (the same oneDNN
+    kernels), to float32 rounding in float32 (MKL sums in another order); the product dtype rules
+    (a cast to W's dtype, a rounded product added in the accumulator's dtype) as torch's."""
+    from discrnn.rnn_function import StepProduct
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 20, generator=g).to(dtype)
+    prod = StepProduct(w, 16, 100)
+    assert prod.packed is not None
+
+    def check(got, expected):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    for rows in (16, 5, 1):
+        a = torch.randn(rows, 20, generator=g)
+        c = torch.randn(rows, 48, generator=g)
+        a_w, c_w = a.to(dtype), c.to(dtype)
+        check(prod.mm(a_w), a_w @ w.t())
+        check(prod.mm(a), a.to(dtype) @ w.t())  # a is cast to W's dtype
+        out = torch.empty(rows, 48, dtype=dtype)
+        assert prod.mm(a_w, out=out) is out
+        check(out, a_w @ w.t())
+        check(prod.addmm(c_w, a_w), torch.addmm(c_w, a_w, w.t()))
+        out = torch.empty(rows, 48, dtype=dtype)
+        assert prod.addmm(c_w, a_w, out=out) is out
+        check(out, torch.addmm(c_w, a_w, w.t()))
+        # a float32 accumulator with a bf16 weight: the product rounded to bf16, then added
+        check(prod.addmm(c, a), c + (a.to(dtype) @ w.t()).float())
+        acc = c.clone()
+        prod.addmm_(acc, a)
+        check(acc, c + (a.to(dtype) @ w.t()).float())
+
+
+def test_step_product_falls_back_to_addmm(monkeypatch):
+    """No oneDNN where it cannot or should not run: float64, small weights, few products, oneDNN
+    disabled by torch.backends.mkldnn.flags, or switched off for a benchmark."""
+    from discrnn import rnn_function
+    from discrnn.rnn_function import StepProduct
+
+    big = torch.randn(1024, 512)  # 2 MiB
+    assert StepProduct(big.double(), 16, 512).packed is None
+    assert StepProduct(big[:256], 16, 512).packed is None  # 0.5 MiB
+    assert StepProduct(big, 16, 8).packed is None
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert StepProduct(big, 16, 512).packed is None
+    monkeypatch.setattr(rnn_function, "ONEDNN_STEP_PRODUCTS", False)
+    assert StepProduct(big, 16, 512).packed is None
+    monkeypatch.undo()
+    if torch.backends.mkldnn.is_available():
+        assert StepProduct(big, 16, 512).packed is not None
+        assert StepProduct(torch.randn(2048, 512).bfloat16(), 16, 512).packed is not None
+
+
+@_onednn
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_packed_products_bit_identical_in_bfloat16(monkeypatch, cls):
+    """A bfloat16 layer computes the same outputs, states and gradients bit for bit whether its
+    recurrent products run through the prepacked weight or torch.addmm; packed sequences change
+    the rows per product."""
+    from discrnn import rnn_function
+
+    torch.manual_seed(0)
+    module = cls(6, 10, levels=64, num_layers=2, bidirectional=True).bfloat16()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 4, 6, generator=g).bfloat16().requires_grad_()
+    hx = torch.randn(4, 4, 10, generator=g).bfloat16().requires_grad_()
+    if cls is DiscreteLSTM:
+        hx = (hx, torch.randn(4, 4, 10, generator=g).bfloat16().requires_grad_())
+    lengths = torch.tensor([20, 13, 20, 3])
+    results = {}
+    for packed in (True, False):
+        monkeypatch.setattr(rnn_function, "_MIN_PACKED_WEIGHT_BYTES", 0 if packed else 1 << 60)
+        results[packed] = _run_for_paths(module, x, hx, lengths)
+    for a, b in zip(*(sum(results[p], []) for p in (True, False))):
+        assert torch.equal(a, b)
+
+
+@_onednn
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_float32_with_packed_products_matches_reference(always_packed, cls):
+    test_float32_matches_reference(cls)
+
+
+@_onednn
+@pytest.mark.parametrize(
+    "cls, kwargs, chunk, packed, dtype",
+    [
+        (DiscreteLSTM, dict(num_layers=2, bidirectional=True), 3, True, torch.float32),
+        (DiscreteLSTM, dict(proj_size=4, grad="exact"), 5, False, torch.bfloat16),
+        (DiscreteGRU, dict(bidirectional=True), 4, True, torch.float32),
+    ],
+)
+def test_chunked_path_matches_per_step_path_with_packed_products(
+    monkeypatch, always_packed, cls, kwargs, chunk, packed, dtype
+):
+    """The two torch-backend paths stay bit-identical in forward when both run the packed
+    products."""
+    test_chunked_torch_path_matches_per_step_path(monkeypatch, cls, kwargs, chunk, packed, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # The LSTM keeps i, f, g, o: u = discrete_tanh(c_t) is rebuilt from c_t (itself rebuilt from the
 # checkpoints) in backward and for the next layer's input. The rebuilt codes must be the forward's.
 
