@@ -23,7 +23,7 @@ from .rnn_function import (
     finish_rows,
     input_rows,
     keep_input,
-    mm_into,
+    chunk_product,
     previous_rows,
     split_proc,
     split_steps,
@@ -60,6 +60,7 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
     h_n = torch.empty(B, H, dtype=dtype, device=device)
     final_codes = torch.empty(1, B, H, dtype=torch.uint8, device=device)
     recurrent = StepProduct(w_hh, B, len(sizes))
+    input_proj = chunk_product(w_ih, cfg, B)
     direct = dtype == acc
     max_rows = min(cfg.chunk, len(sizes)) * B
     rows_buf = store.rows_buffer(max_rows)  # the chunk's codes, uint8, as the store packs them
@@ -69,7 +70,7 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
     prev_bs = 0
     for first, steps in cfg.chunks():
         lo, hi = layout.row_span(steps)
-        gx = x[lo:hi] @ w_ih.t()
+        gx = input_proj.mm(x[lo:hi])
         if b_ih is not None:
             gx += b_ih
         gx3 = gx.to(acc).view(hi - lo, 3, H)
@@ -112,8 +113,10 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
     tables = cfg.tables(dtype, device)
     H = w_hh.shape[1]
     gemm = backward_gemm_dtype(dtype)  # bf16/fp16 layers: products in their dtype, as torch's
-    w_ih_a = w_ih.to(gemm or acc)
     recurrent_t = StepProduct(w_hh.to(gemm or acc).t(), h0.shape[0], len(sizes))  # dgh @ W_hh
+    input_t = None  # dgx @ W_ih, where dx is wanted
+    if ctx.needs_input_grad[0]:
+        input_t = chunk_product(w_ih.to(gemm or acc).t(), cfg, h0.shape[0])
     w_hn_a = w_hh[2 * H :].to(acc)  # recomputes gh_n for the derivatives, in acc
     b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
     h_init = h0.to(acc)
@@ -204,7 +207,7 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
         if d_b_ih is not None:
             d_b_ih += dg.sum(0)
         if dx is not None:
-            mm_into(dg if gemm is None else dg.to(gemm), w_ih_a, dx[lo:hi])
+            input_t.mm(dg, out=dx[lo:hi])
         del dg, dhs, dh_s, dg_s, dg3_s, a_n  # before the next chunk's
     if pend_dh is not None:
         flush()
@@ -257,10 +260,11 @@ class GRULayerFunction(torch.autograd.Function):
         final_codes = torch.empty(1, *h0.shape, dtype=torch.uint8, device=x.device)
         finish = finish_rows(layout)
         recurrent = StepProduct(w_hh, h0.shape[0], len(layout.batch_sizes))
+        input_proj = chunk_product(w_ih, cfg, h0.shape[0])
         h_prev, prev_bs = None, 0
         for first, steps in cfg.chunks():
             lo, hi = layout.row_span(steps)
-            gx = x[lo:hi] @ w_ih.t()
+            gx = input_proj.mm(x[lo:hi])
             if b_ih is not None:
                 gx += b_ih
             for s, t in enumerate(steps, start=first):
@@ -312,8 +316,10 @@ class GRULayerFunction(torch.autograd.Function):
         dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
         H = w_hh.shape[1]
         gemm = backward_gemm_dtype(dtype)  # as _gru_backward_chunked
-        w_ih_a = w_ih.to(gemm or acc)
         recurrent_t = StepProduct(w_hh.to(gemm or acc).t(), h0.shape[0], len(sizes))
+        input_t = None
+        if ctx.needs_input_grad[0]:
+            input_t = chunk_product(w_ih.to(gemm or acc).t(), cfg, h0.shape[0])
         w_hn_a = w_hh[2 * H :].to(acc)
         b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
         h_init = h0.to(acc)
@@ -365,5 +371,5 @@ class GRULayerFunction(torch.autograd.Function):
                 d_b_ih += d_gx.sum(0)
                 d_b_hh += d_gh.sum(0)
             if dx is not None:
-                mm_into(d_gx if gemm is None else d_gx.to(gemm), w_ih_a, dx[lo:hi])
+                input_t.mm(d_gx, out=dx[lo:hi])
         return dx, dh_state, d_w_ih, d_w_hh, d_b_ih, d_b_hh

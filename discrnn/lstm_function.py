@@ -24,6 +24,7 @@ from .rnn_function import (
     LayerConfig,
     CodeStore,
     StepProduct,
+    chunk_product,
     addmm_,
     backward_buffers,
     backward_gemm_dtype,
@@ -32,7 +33,6 @@ from .rnn_function import (
     finish_rows,
     input_rows,
     keep_input,
-    mm_into,
     previous_rows,
     split_proc,
     split_steps,
@@ -139,6 +139,7 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     final_codes = torch.empty(2, B, H, dtype=torch.uint8, device=device)
     c_init = c0.to(acc)
     recurrent = StepProduct(w_hh, B, len(sizes))
+    input_proj = chunk_product(w_ih, cfg, B)
     w_hr_t = None if w_hr is None else w_hr.t()
     direct = w_hr is None and dtype == acc  # m goes straight into y
     max_rows = min(cfg.chunk, len(sizes)) * B
@@ -151,7 +152,7 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     prev_bs = 0
     for first, steps in cfg.chunks():
         lo, hi = layout.row_span(steps)
-        xproj = x[lo:hi] @ w_ih.t()
+        xproj = input_proj.mm(x[lo:hi])
         if b is not None:
             xproj += b
         psizes = [sizes[t] for t in steps]
@@ -192,10 +193,11 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     return y, h_n, c_n, final_codes, checkpoints
 
 
-def _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m, w_ih_a, lo, hi, d_w_ih, d_w_hh, d_b,
+def _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m, input_t, lo, hi, d_w_ih, d_w_hh, d_b,
                         d_w_hr, dx, gemm=None):
     """Accumulate one chunk's weight and bias gradients and write its dx rows lo..hi, from its gate
-    gradients [rows, 4H], h_{t-1} rows, and (with proj_size) dL/dh and m = o u rows. ``gemm``: the
+    gradients [rows, 4H], h_{t-1} rows, and (with proj_size) dL/dh and m = o u rows; ``input_t``:
+    the product with W_ih (:class:`StepProduct` of W_ih^T, in the products' dtype). ``gemm``: the
     dtype of the matrix products when it is not the accumulators' (a bf16/fp16 layer: its products
     run in that dtype, as torch's own backward does under autocast; the sums stay in acc)."""
     addmm_(d_w_hh, dgates.t(), h_prev, gemm)
@@ -205,7 +207,7 @@ def _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m, w_ih_a, lo, hi, d_w_i
     if d_w_hr is not None:
         addmm_(d_w_hr, dhs.t(), m, gemm)
     if dx is not None:
-        mm_into(dgates if gemm is None else dgates.to(gemm), w_ih_a, dx[lo:hi])
+        input_t.mm(dgates, out=dx[lo:hi])
 
 
 def _lstm_backward_chunked(
@@ -219,8 +221,12 @@ def _lstm_backward_chunked(
     # A bf16/fp16 layer (under autocast, or with such parameters) runs backward's matrix products
     # in its dtype, as torch's backward does; the recursion and the sums stay in acc.
     gemm = backward_gemm_dtype(dtype)
-    w_ih_a = w_ih.to(gemm or acc)
     recurrent_t = StepProduct(w_hh.to(gemm or acc).t(), h0.shape[0], len(sizes))  # dgates @ W_hh
+    input_t = None  # dgates @ W_ih, where dx is wanted
+    if ctx.needs_input_grad[0]:
+        input_t = None
+        if ctx.needs_input_grad[0]:
+            input_t = chunk_product(w_ih.to(gemm or acc).t(), cfg, h0.shape[0])
     w_hr_a = w_hr.to(acc) if w_hr is not None else None
     c_init, h_init = c0.to(acc), h0.to(acc)
     clip = cfg.cell_clip
@@ -363,7 +369,7 @@ def _lstm_backward_chunked(
 
         # Chunk-wide: h_{t-1} rows, weight gradients, dx.
         h_prev = previous_rows(as_output(m_all), m_before, h_init, cfg, steps, lo, acc)
-        _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m_all, w_ih_a, lo, hi,
+        _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m_all, input_t, lo, hi,
                             d_w_ih, d_w_hh, d_b, d_w_hr, dx, gemm)
         del h_prev
         del dgates, dg4, dg_s, dgifg_s, dgo_s, dh_s, dhs, m_all, m_before  # before the next chunk's
@@ -427,13 +433,14 @@ class LSTMLayerFunction(torch.autograd.Function):
         final_codes = torch.empty(2, *c0.shape, dtype=torch.uint8, device=x.device)
         finish = finish_rows(layout)
         recurrent = StepProduct(w_hh, B, len(layout.batch_sizes))
+        input_proj = chunk_product(w_ih, cfg, B)
         checkpoints = []
         h_prev, prev_bs = None, 0
         for first, steps in cfg.chunks():
             if first:
                 checkpoints.append(c.clone())
             lo, hi = layout.row_span(steps)
-            xproj = x[lo:hi] @ w_ih.t()
+            xproj = input_proj.mm(x[lo:hi])
             if b is not None:
                 xproj += b
             for s, t in enumerate(steps, start=first):
@@ -499,8 +506,10 @@ class LSTMLayerFunction(torch.autograd.Function):
         dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
         P, H = h0.shape[1], c0.shape[1]
         gemm = backward_gemm_dtype(dtype)  # as _lstm_backward_chunked
-        w_ih_a = w_ih.to(gemm or acc)
         recurrent_t = StepProduct(w_hh.to(gemm or acc).t(), h0.shape[0], len(sizes))
+        input_t = None
+        if ctx.needs_input_grad[0]:
+            input_t = chunk_product(w_ih.to(gemm or acc).t(), cfg, h0.shape[0])
         w_hr_a = w_hr.to(acc) if w_hr is not None else None
         c_init, h_init = c0.to(acc), h0.to(acc)
 
@@ -569,7 +578,7 @@ class LSTMLayerFunction(torch.autograd.Function):
             del c_prevs
 
             h_prev = previous_rows(as_output(m_chunk), before, h_init, cfg, steps, lo, acc)
-            _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m_chunk, w_ih_a, lo, hi,
+            _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m_chunk, input_t, lo, hi,
                                 d_w_ih, d_w_hh, d_b, d_w_hr, dx, gemm)
             del h_prev
         return dx, dh_state, dc_state, d_w_ih, d_w_hh, d_b, d_w_hr

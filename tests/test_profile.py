@@ -150,7 +150,7 @@ def test_missing_cuda_is_one_line(capsys):
 
 
 @pytest.mark.parametrize("argv", [["--hidden", "-3"], ["--budget", "2 furlongs"],
-                                  ["--variants", "lstm", "dlstm-64-bf16"]])
+                                  ["--variants", "lstm", "dlstm-300"]])
 def test_bad_flag_from_the_command_line_has_no_traceback(argv):
     proc = subprocess.run([sys.executable, "-m", "discrnn.profile", "--device", "cpu", *argv],
                           capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
@@ -227,7 +227,9 @@ def test_variant_names():
     assert v.segment_length(100) == 10 and v.segment_length(101) == 11
     assert parse_variant("lstm-ckpt-quarter").segment_length(10) == 3
     assert parse_variant("lstm-bf16").bf16
-    for bad in ["lstm-", "dlstm", "dlstm-1", "dgru-64-bf16", "LSTM"]:
+    v = parse_variant("dgru-64-bf16-ckpt-sqrt")
+    assert (v.cell, v.levels, v.bf16, v.ckpt) == ("gru", 64, True, "sqrt")
+    for bad in ["lstm-", "dlstm", "dlstm-1", "dlstm-bf16", "dgru-64-ckpt-sqrt-bf16", "LSTM"]:
         with pytest.raises(ValueError):
             parse_variant(bad)
 

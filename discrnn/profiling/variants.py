@@ -6,7 +6,8 @@ A variant name reads ``BASE[-bf16][-ckpt-sqrt|-ckpt-quarter]``:
 * ``BASE``: ``lstm`` / ``gru`` (torch.nn.LSTM / GRU; cuDNN on CUDA), ``dlstm-L`` / ``dgru-L``
   (discrnn.DiscreteLSTM / DiscreteGRU with ``levels=L``, 2 <= L <= 256);
 * ``-bf16``: the forward (embedding, recurrent layers, head) under ``torch.autocast(device_type,
-  dtype=torch.bfloat16)``, the loss in float32 (torch.nn cells only);
+  dtype=torch.bfloat16)``, the loss in float32 (DiscreteLSTM / GRU compute as torch.nn.LSTM / GRU
+  do under autocast: see the README's "Mixed precision");
 * ``-ckpt-sqrt`` / ``-ckpt-quarter``: the recurrent layers run in consecutive segments of
   ceil(sqrt(T)) / ceil(T/4) steps, each under ``torch.utils.checkpoint.checkpoint(...,
   use_reentrant=False)``, the state carried from segment to segment: what users do today to save
@@ -81,15 +82,12 @@ def parse_variant(name: str) -> Variant:
     if m is None:
         raise ValueError(
             f"unknown variant {name!r}: expected lstm, gru, dlstm-L or dgru-L (L levels, 2..256), "
-            "optionally followed by -bf16 (torch.nn cells) and/or -ckpt-sqrt or -ckpt-quarter")
+            "optionally followed by -bf16 and/or -ckpt-sqrt or -ckpt-quarter")
     levels = None
     if m["levels"] is not None:
         levels = int(m["levels"])
         if not 2 <= levels <= 256:
             raise ValueError(f"variant {name!r}: levels must lie in [2, 256], got {levels}")
-    if m["bf16"] and levels is not None:
-        raise ValueError(f"variant {name!r}: -bf16 (autocast) applies to torch.nn cells only; "
-                         "expected lstm-bf16 or gru-bf16")
     cell = m["dcell"] or m["base"]
     return Variant(name, cell, levels, bool(m["bf16"]), m["ckpt"])
 
