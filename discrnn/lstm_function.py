@@ -167,13 +167,14 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
             if j == 0 and first:
                 checkpoints.append(c_in if c_in is c_prev else c_in.clone())
             v = step.rows(bs)
-            pre = None if pres is None else pres[j]
+            gates = v.gates if pres is None else pres[j]  # the same [bs, 4H] layout
             if dtype == acc:
-                gates = recurrent.addmm(xps[j], h_in, out=pre)
+                recurrent.addmm(xps[j], h_in, out=gates)
             else:
-                gates = (v.gates if pre is None else pre).copy_(recurrent.addmm(xps[j], h_in))
+                gates.copy_(recurrent.addmm(xps[j], h_in))
             out = outs[j]
-            c_new, m = step(v, c_in, k_gates[j], k_u[j], out if direct else None, gates=gates)
+            c_new, m = step(v, c_in, k_gates[j], k_u[j], out if direct else None,
+                            gates=None if pres is None else gates)
             if not direct:
                 m = m.to(dtype)
                 if w_hr_t is None:

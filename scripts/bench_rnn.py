@@ -38,17 +38,24 @@ Columns:
 
 Defaults: CPU H=256, B=16, T=512, input_size=256, float32; CUDA H=1024, B=64, T=1024, float32 and
 bfloat16. Levels 64 and 256. ``--quick`` shrinks everything to a smoke run (T=32, B=4,
-H=input_size=32), where peaks are heap noise.
+H=input_size=32), where peaks are heap noise. ``--dtype bf16-autocast`` runs float32 modules with
+their forward under ``torch.autocast(device, torch.bfloat16)`` (torch.nn.LSTM under CPU autocast
+runs oneDNN's LSTM in bf16; see the README's "Mixed precision" for discrnn's rules).
+``--products both`` adds a row per discrnn configuration whose recurrent products run torch.addmm
+instead of prepacked oneDNN weights (``discrnn.rnn_function.StepProduct``), in the same rounds.
 Writes ``results/bench_rnn_<device>.csv`` (``_quick`` appended for --quick runs) and a PNG beside it
 when matplotlib imports.
 
     python scripts/bench_rnn.py             # the default configuration of this device
     python scripts/bench_rnn.py --quick     # smoke run, a few seconds
+    python scripts/bench_rnn.py --threads 1 --input-size 64 --levels 64 --cells lstm \
+        --dtype float32 bf16-autocast --products both   # the CPU speed targets' setting
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import math
@@ -67,6 +74,7 @@ from torch import nn
 
 import discrnn
 from discrnn import DiscreteGRU, DiscreteLSTM
+from discrnn import rnn_function
 from discrnn.backend import resolve_backend
 # The RSS and saved-tensor measurement lives in the library (shared with discrnn-profile).
 from discrnn.profiling.memory import (  # noqa: F401 (MMAP_THRESHOLD: scripts/rnn_memory.py)
@@ -76,8 +84,9 @@ from bench_env import (  # scripts/ is on sys.path
     add_device_argument, device_name, git_commit, load_average, resolve_device, save_figure,
 )
 
+# "bf16-autocast": float32 parameters, the forward under torch.autocast(device, torch.bfloat16)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
+          "float64": torch.float64, "bf16-autocast": torch.float32}
 CELLS = {"lstm": (nn.LSTM, DiscreteLSTM), "gru": (nn.GRU, DiscreteGRU)}
 CODES_PER_UNIT = {"lstm": 4, "gru": 4}  # i, f, g, o (tanh(c) is rebuilt from c) / r, z, n, h
 # Steps of the untimed warm-up call in the memory process. Short on purpose: blocks below the mmap
@@ -108,6 +117,9 @@ class Case:
     seed: int = 0
     threads: int = 1
     backend: str | None = None  # discrnn backend: None picks by device (Triton on CUDA)
+    # discrnn's per-step products: "onednn" (the default: prepacked weights where they pay, see
+    # discrnn.rnn_function.StepProduct) or "addmm" (torch.addmm always, for comparison)
+    products: str = "onednn"
 
     @property
     def label(self) -> str:
@@ -120,7 +132,8 @@ class Case:
             backend = resolve_backend(self.backend, torch.device(self.device))
         except ValueError:
             backend = f"{self.backend}?"
-        return f"Discrete{self.cell.upper()} L={self.levels} [{backend}]"
+        products = ", addmm" if self.products == "addmm" else ""
+        return f"Discrete{self.cell.upper()} L={self.levels} [{backend}{products}]"
 
     def codes_bytes_per_unit(self) -> float:
         """Kept bytes per step x batch x unit that the DiscreteLSTM/GRU docstrings promise."""
@@ -171,9 +184,29 @@ def backward(module: nn.Module, x: torch.Tensor, y: torch.Tensor, states) -> lis
     return list(torch.autograd.grad(loss_of(y, states), [x, *module.parameters()]))
 
 
-def forward_backward(module: nn.Module, x: torch.Tensor):
-    y, states = module(x)
-    return y, backward(module, x, y, states)
+@contextlib.contextmanager
+def products_of(case: Case):
+    """discrnn's per-step products as ``case.products`` asks, restored afterwards."""
+    previous = rnn_function.ONEDNN_STEP_PRODUCTS
+    rnn_function.ONEDNN_STEP_PRODUCTS = case.products != "addmm"
+    try:
+        yield
+    finally:
+        rnn_function.ONEDNN_STEP_PRODUCTS = previous
+
+
+def run_forward(module: nn.Module, x: torch.Tensor, case: Case | None = None):
+    """module(x), under bf16 autocast for the "bf16-autocast" dtype (the forward only, as torch
+    recommends; backward runs each op in the dtype its forward used)."""
+    autocast = case is not None and case.dtype == "bf16-autocast"
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        return module(x)
+
+
+def forward_backward(module: nn.Module, x: torch.Tensor, case: Case | None = None):
+    with products_of(case) if case is not None else contextlib.nullcontext():
+        y, states = run_forward(module, x, case)
+        return y, backward(module, x, y, states)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,15 +222,16 @@ def memory_worker(case: Case) -> dict:
     module, x = build(case)
     # Warm-up on 2 steps: thread pools, BLAS handles and lazy state are made here, not counted.
     warm_x = x[: min(case.steps, WARMUP_STEPS)].detach().requires_grad_()
-    out = forward_backward(module, warm_x)
+    out = forward_backward(module, warm_x, case)
     del out, warm_x
     gc.collect()
 
     base, peak_reset = memory_baseline(device)
 
-    with KeptBytes() as kept:
-        y, states = module(x)
-    grads = backward(module, x, y, states)
+    with products_of(case):
+        with KeptBytes() as kept:
+            y, states = run_forward(module, x, case)
+        grads = backward(module, x, y, states)
     peak = memory_peak(device) - base
     end = (torch.cuda.memory_allocated(device) if cuda else (rss_now() or 0)) - base
     kept_bytes = kept.total([x, y, *module.parameters()])
@@ -423,7 +457,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--levels", type=int, nargs="+", default=[64, 256], help="discrnn levels")
     p.add_argument("--cells", choices=tuple(CELLS), nargs="+", default=list(CELLS))
     p.add_argument("--dtype", choices=tuple(DTYPES), nargs="+", default=None,
-                   help="default: float32 and bfloat16 on CUDA, float32 on CPU")
+                   help="default: float32 and bfloat16 on CUDA, float32 on CPU; bf16-autocast: "
+                        "float32 parameters, the forward under torch.autocast(bfloat16)")
+    p.add_argument("--products", choices=("onednn", "addmm", "both"), default="onednn",
+                   help="discrnn's recurrent products: prepacked oneDNN weights where they pay "
+                        "(the library's default), torch.addmm always, or a row of each")
     p.add_argument("--chunk-size", type=int, default=32, help="discrnn chunk_size")
     p.add_argument("--backends", choices=("auto", "torch", "triton"), nargs="+", default=["auto"],
                    help="discrnn backends to run; auto = by device (Triton on CUDA, torch on CPU)")
@@ -490,11 +528,13 @@ def main(argv=None) -> int:
               "absolute times are inflated, compare the ratios (rounds are interleaved)")
 
     backends = list(dict.fromkeys(resolved_backend(b, device) for b in args.backends))
+    products = ["onednn", "addmm"] if args.products == "both" else [args.products]
     cases = [
         Case(cell, levels, H, B, T, I, dtype, str(device), args.chunk_size, args.seed,
-             torch.get_num_threads(), backend)
+             torch.get_num_threads(), backend, prods)
         for dtype in dtypes for cell in args.cells
-        for levels, backend in [(None, None)] + [(L, b) for L in args.levels for b in backends]
+        for levels, backend, prods in [(None, None, "onednn")]
+        + [(L, b, p) for L in args.levels for b in backends for p in products]
     ]
     rows = [Row(c.label, c.cell, c.levels, c.dtype, H, B, T, I, args.chunk_size,
                 codes_per_unit=c.codes_bytes_per_unit()) for c in cases]
@@ -509,18 +549,18 @@ def main(argv=None) -> int:
             row.error = f"{type(exc).__name__}: {exc}"
             built.append(None)
 
-    def call(pair):
-        return lambda: forward_backward(*pair)
+    def call(i):
+        return lambda: forward_backward(*built[i], cases[i])
 
     live = [i for i, b in enumerate(built) if b is not None]
     if cuda:
         for i in live:
             try:
-                rows[i].ms, rows[i].min_ms = time_cuda(call(built[i]), repeats)
+                rows[i].ms, rows[i].min_ms = time_cuda(call(i), repeats)
             except Exception as exc:  # noqa: BLE001
                 rows[i].error = f"{type(exc).__name__}: {exc}"
     else:
-        all_times, errors = time_cpu([call(built[i]) for i in live], repeats, args.warmup)
+        all_times, errors = time_cpu([call(i) for i in live], repeats, args.warmup)
         for i, times, error in zip(live, all_times, errors):
             rows[i].error = error
             if times:

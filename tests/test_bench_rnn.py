@@ -1,0 +1,44 @@
+"""Smoke run of scripts/bench_rnn.py (``--quick``): every row it promises is timed and written,
+the bf16-autocast rows run their forward under autocast, and ``--products both`` adds a torch.addmm
+row beside each discrnn row."""
+
+import csv
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "bench_rnn.py")
+
+
+def test_quick_run_with_autocast_and_both_products(tmp_path):
+    out = tmp_path / "bench.csv"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, SCRIPT, "--quick", "--device", "cpu", "--threads", "1", "--no-memory",
+           "--no-plot", "--levels", "64", "--dtype", "float32", "bf16-autocast", "--products", "both",
+           "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    labels = {(r["dtype"], r["label"]) for r in rows}
+    for dtype in ("float32", "bf16-autocast"):
+        for cell in ("LSTM", "GRU"):
+            assert (dtype, f"torch.nn.{cell}") in labels
+            assert (dtype, f"Discrete{cell} L=64 [torch]") in labels
+            assert (dtype, f"Discrete{cell} L=64 [torch, addmm]") in labels
+    assert len(rows) == 12 and all(float(r["ms"]) > 0 and not r["error"] for r in rows)
+
+
+def test_autocast_case_runs_its_forward_in_bfloat16():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import bench_rnn
+    finally:
+        sys.path.remove(os.path.join(ROOT, "scripts"))
+    case = bench_rnn.Case("lstm", 64, 8, 2, 3, 4, "bf16-autocast", "cpu")
+    module, x = bench_rnn.build(case)
+    assert x.dtype == module.weight_hh_l0.dtype == bench_rnn.DTYPES["float32"]
+    y, _ = bench_rnn.run_forward(module, x, case)
+    assert y.dtype == bench_rnn.DTYPES["bfloat16"]  # as torch.nn.LSTM's under CPU autocast
+    y32, _ = bench_rnn.run_forward(module, x, bench_rnn.Case("lstm", 64, 8, 2, 3, 4, "float32", "cpu"))
+    assert y32.dtype == x.dtype
