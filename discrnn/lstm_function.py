@@ -225,9 +225,7 @@ def _lstm_backward_chunked(
     recurrent_t = StepProduct(w_hh.to(gemm or acc).t(), h0.shape[0], len(sizes))  # dgates @ W_hh
     input_t = None  # dgates @ W_ih, where dx is wanted
     if ctx.needs_input_grad[0]:
-        input_t = None
-        if ctx.needs_input_grad[0]:
-            input_t = chunk_product(w_ih.to(gemm or acc).t(), cfg, h0.shape[0])
+        input_t = chunk_product(w_ih.to(gemm or acc).t(), cfg, h0.shape[0])
     w_hr_a = w_hr.to(acc) if w_hr is not None else None
     c_init, h_init = c0.to(acc), h0.to(acc)
     clip = cfg.cell_clip
