@@ -117,7 +117,7 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
     input_t = None  # dgx @ W_ih, where dx is wanted
     if ctx.needs_input_grad[0]:
         input_t = chunk_product(w_ih.to(gemm or acc).t(), cfg, h0.shape[0])
-    w_hn_a = w_hh[2 * H :].to(acc)  # recomputes gh_n for the derivatives, in acc
+    hn_product = chunk_product(w_hh[2 * H :].to(acc), cfg, h0.shape[0])  # gh_n again, in acc
     b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
     h_init = h0.to(acc)
 
@@ -154,7 +154,7 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
 
         h_prev = previous_rows(gather("output", TANH, 3), h_before, h_init, cfg, steps, lo, acc)
         # h W_hn^T + b_hn, needed for dr, is recomputed for the whole chunk in one matmul.
-        gh_n = h_prev @ w_hn_a.t()
+        gh_n = hn_product.mm(h_prev)
         if b_hn_a is not None:
             gh_n += b_hn_a
         # dgh = dh * kk with kk = [(1 - z) d_n gh_n d_r, (h_prev - n) d_z, (1 - z) d_n r]; dgx is the
@@ -320,7 +320,7 @@ class GRULayerFunction(torch.autograd.Function):
         input_t = None
         if ctx.needs_input_grad[0]:
             input_t = chunk_product(w_ih.to(gemm or acc).t(), cfg, h0.shape[0])
-        w_hn_a = w_hh[2 * H :].to(acc)
+        hn_product = chunk_product(w_hh[2 * H :].to(acc), cfg, h0.shape[0])
         b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
         h_init = h0.to(acc)
 
@@ -344,7 +344,7 @@ class GRULayerFunction(torch.autograd.Function):
             h_prev = previous_rows(out_rows, before, h_init, cfg, steps, lo, acc)
             del h_rows, out_rows, before
             # h W_hn^T + b_hn, needed for dr, is recomputed for the whole chunk in one matmul.
-            gh_n = h_prev @ w_hn_a.t()
+            gh_n = hn_product.mm(h_prev)
             if b_hn_a is not None:
                 gh_n += b_hn_a
 
