@@ -368,14 +368,14 @@ _MIN_PACKED_PRODUCTS = 16
 _MIN_PACKED_WEIGHT_BYTES = 1 << 20
 
 
-def _onednn_packed(weight: torch.Tensor, rows: int, products: int, min_products: int):
+def _onednn_packed(weight: torch.Tensor, rows: int, products: int):
     """``weight`` ([out, in], torch's linear layout) reordered into oneDNN's blocked layout for
     ``torch.ops.mkldnn._linear_pointwise`` (what inductor's CPU weight prepacking does), or None
     where that is unavailable or not worth it: not a CPU tensor, not float32 / bfloat16 (float64
     has no oneDNN path, float16 needs CPU support few machines have), oneDNN absent or disabled
     (``torch.backends.mkldnn.flags(enabled=False)``), a weight of at most 1 MiB or fewer than
-    ``min_products`` products to run."""
-    if not (ONEDNN_STEP_PRODUCTS and products >= min_products
+    ``_MIN_PACKED_PRODUCTS`` products to run."""
+    if not (ONEDNN_STEP_PRODUCTS and products >= _MIN_PACKED_PRODUCTS
             and weight.numel() * weight.element_size() > _MIN_PACKED_WEIGHT_BYTES
             and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()):
@@ -397,15 +397,14 @@ class StepProduct:
     at H=512-1024 (see ``_MIN_PACKED_WEIGHT_BYTES``). bfloat16 results are bit-identical to
     torch.addmm (the same oneDNN kernels, without addmm's per-call reorder), float32 ones agree to
     rounding (MKL's sgemm sums in another order). Elsewhere torch.addmm / torch.mm on W^T.
-    ``rows``: the most rows of one product; ``products``: how many a layer call runs. The
-    chunk-wide products (x W_ih^T, dgates W_ih: ``chunk`` steps of rows each) use it too, with
-    ``per_step=False``: with hundreds of rows a product the reorder pays back at once.
+    ``rows``: the most rows of one product; ``products``: how many a layer call runs (the
+    chunk-wide products, see :func:`chunk_product`, pass the call's steps: the rows they cover).
     """
 
-    def __init__(self, weight: torch.Tensor, rows: int, products: int, per_step: bool = True):
+    def __init__(self, weight: torch.Tensor, rows: int, products: int):
         self.weight_t = weight.t()
         self.dtype = weight.dtype
-        self.packed = _onednn_packed(weight, rows, products, _MIN_PACKED_PRODUCTS if per_step else 1)
+        self.packed = _onednn_packed(weight, rows, products)
 
     def mm(self, a: torch.Tensor, out=None) -> torch.Tensor:
         """a @ W^T, in W's dtype (into ``out`` when given)."""
@@ -438,9 +437,11 @@ class StepProduct:
 
 def chunk_product(weight: torch.Tensor, cfg, batch: int) -> StepProduct:
     """The chunk-wide product a @ weight^T (forward's x W_ih^T with ``weight`` = W_ih, backward's
-    dgates W_ih with W_ih^T), ``cfg.chunk`` steps of up to ``batch`` rows at a time."""
+    dgates W_ih with W_ih^T), ``cfg.chunk`` steps of up to ``batch`` rows at a time. Prepacked on
+    the same terms as the per-step products (as many steps' rows): a short call, e.g. one step at
+    a time in a decoding loop, does not pay the reorder."""
     steps = len(cfg.layout.batch_sizes)
-    return StepProduct(weight, min(cfg.chunk, steps) * batch, -(-steps // cfg.chunk), per_step=False)
+    return StepProduct(weight, min(cfg.chunk, steps) * batch, steps)
 
 
 def split_proc(rows: torch.Tensor, sizes: list[int], dim: int = 0) -> list[torch.Tensor]:

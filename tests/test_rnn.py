@@ -750,6 +750,35 @@ def test_step_product_falls_back_to_addmm(monkeypatch):
         assert StepProduct(torch.randn(2048, 512).bfloat16(), 16, 512).packed is not None
 
 
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_short_calls_do_not_prepack(monkeypatch, cls):
+    """A call of a few steps (one step at a time in a decoding loop) runs torch.addmm: reordering
+    a weight costs a few products. A long call prepacks every large weight it multiplies by."""
+    from discrnn import rnn_function
+
+    made = []
+    real = rnn_function._onednn_packed
+
+    def spy(weight, rows, products):
+        packed = real(weight, rows, products)
+        made.append(packed is not None)
+        return packed
+
+    monkeypatch.setattr(rnn_function, "_onednn_packed", spy)
+    torch.manual_seed(0)
+    module = cls(512, 512, levels=64)  # W_ih, W_hh over 1 MiB in float32
+    for steps in (1, 15):
+        made.clear()
+        module(torch.randn(steps, 2, 512, requires_grad=True))[0].sum().backward()
+        assert made and not any(made), steps
+    made.clear()
+    module(torch.randn(16, 2, 512, requires_grad=True))[0].sum().backward()
+    # forward: W_hh, W_ih; backward: W_hh^T, W_ih^T (and the GRU's W_hn)
+    assert len(made) == (4 if cls is DiscreteLSTM else 5)
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        assert all(made[:2]) and all(made[2:4])  # W_hn (1 MiB) stays below the threshold
+
+
 @_onednn
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
 def test_packed_products_bit_identical_in_bfloat16(monkeypatch, cls):
