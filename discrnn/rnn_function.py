@@ -363,8 +363,8 @@ _MIN_PACKED_PRODUCTS = 16
 # oneDNN's linear costs ~11 us per call more than addmm before any arithmetic; it wins once the
 # weight outgrows the core's cache. Measured (scripts/bench_rnn.py --products both, B=16, T=512,
 # one thread, forward + backward of one layer): 0.67-0.93x addmm's time for the LSTM and GRU at
-# H=512 and 1024, float32 and bf16 autocast; at H=256 (1 MiB float32, 0.75 MiB for the GRU) up to
-# 15 % slower.
+# H=512 and 1024, float32 and bf16 autocast; at H=256 (1 MiB float32, 0.75 MiB for the GRU) no
+# faster, and 0-15 % slower.
 _MIN_PACKED_WEIGHT_BYTES = 1 << 20
 
 
