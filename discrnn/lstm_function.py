@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import rnn_torch
+from .kernels import rnn_cpu, rnn_torch
 from .kernels.codec_torch import compute_dtype
 from .rnn_function import (
     SIG,
@@ -144,8 +144,17 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     direct = w_hr is None and dtype == acc  # m goes straight into y
     max_rows = min(cfg.chunk, len(sizes)) * B
     rows_buf = store.rows_buffer(max_rows)  # the chunk's codes, uint8, as the store packs them
-    # the step's codes i, f, g, o (kept) and u (for the final-state codes only)
-    k_buf = torch.empty(max_rows, rnn_torch.LSTM_CODES + 1, H, dtype=torch.int32, device=device)
+    # The fused CPU step (kernels/rnn_cpu.cpp, bit-identical to ``step``) writes the gate codes
+    # straight into rows_buf as uint8; the aten step writes int32 codes into k_buf.
+    fused = rnn_cpu.fused_ops() if device.type == "cpu" and acc == torch.float32 else None
+    if fused is None:
+        # the step's codes i, f, g, o (kept) and u (for the final-state codes only)
+        k_buf = torch.empty(max_rows, rnn_torch.LSTM_CODES + 1, H, dtype=torch.int32, device=device)
+        k_gate_rows, k_u_rows = k_buf[:, :4], k_buf[:, 4]
+    else:
+        k_gate_rows = rows_buf[:, :, :H]
+        k_u_rows = torch.empty(max_rows, H, dtype=torch.uint8, device=device)
+        m_buf = None if direct else torch.empty(B, H, dtype=acc, device=device)
     finish = finish_rows(layout)
     checkpoints = []
     h_prev = c_prev = None
@@ -158,8 +167,8 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
         psizes = [sizes[t] for t in steps]
         xps = split_steps(xproj, cfg, steps, lo)
         outs = split_steps(y[lo:hi], cfg, steps, lo)
-        k_gates = split_proc(k_buf[: hi - lo, :4], psizes)
-        k_u = split_proc(k_buf[: hi - lo, 4], psizes)  # not kept: backward rebuilds it from c
+        k_gates = split_proc(k_gate_rows[: hi - lo], psizes)
+        k_u = split_proc(k_u_rows[: hi - lo], psizes)  # not kept: backward rebuilds it from c
         pres = split_steps(preact[lo:hi], cfg, steps, lo) if preact is not None else None
         for j, bs in enumerate(psizes):
             h_in = step_input(h_prev, prev_bs, bs, h0)
@@ -173,8 +182,14 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
             else:
                 gates.copy_(recurrent.addmm(xps[j], h_in))
             out = outs[j]
-            c_new, m = step(v, c_in, k_gates[j], k_u[j], out if direct else None,
-                            gates=None if pres is None else gates)
+            if fused is None:
+                c_new, m = step(v, c_in, k_gates[j], k_u[j], out if direct else None,
+                                gates=None if pres is None else gates)
+            else:
+                c_new = torch.empty(bs, H, dtype=acc, device=device)
+                m = out if direct else m_buf[:bs]
+                fused.lstm_forward_step(gates, c_in, c_new, m, k_gates[j], k_u[j], cfg.levels,
+                                        cfg.cell_clip)
             if not direct:
                 m = m.to(dtype)
                 if w_hr_t is None:
@@ -189,7 +204,8 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
                 final_codes[1, done:bs] = k_u[j][done:bs]
             h_prev, c_prev, prev_bs = out, c_new, bs
         if keep_codes:
-            rows_buf[: hi - lo, :, :H] = k_buf[: hi - lo, :4]
+            if fused is None:
+                rows_buf[: hi - lo, :, :H] = k_buf[: hi - lo, :4]
             store.write_rows(codes_data, first, first + len(steps) - 1, rows_buf[: hi - lo])
     return y, h_n, c_n, final_codes, checkpoints
 

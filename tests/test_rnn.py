@@ -900,7 +900,7 @@ def test_lstm_output_rows_rebuild_the_outputs_bit_for_bit(path, H, sizes, revers
 def _record_forward_u(monkeypatch, path):
     """Record the u code of every row of every forward step, keyed by the step's code offset (the
     per-step paths) or in processing order (the chunked torch path)."""
-    from discrnn.kernels import rnn_torch
+    from discrnn.kernels import rnn_cpu, rnn_torch
 
     fwd = {}
     if path == "torch":
@@ -912,6 +912,16 @@ def _record_forward_u(monkeypatch, path):
             return out
 
         monkeypatch.setattr(rnn_torch.LSTMForwardStep, "__call__", call)
+        fused = rnn_cpu.fused_ops()
+        if fused is not None:  # the fused CPU step replaces LSTMForwardStep: record it instead
+
+            class RecordingFused:
+                @staticmethod
+                def lstm_forward_step(gates, c_prev, c_new, m, k_gates, k_u, *args):
+                    fused.lstm_forward_step(gates, c_prev, c_new, m, k_gates, k_u, *args)
+                    fwd[len(fwd)] = k_u.to(torch.int32)
+
+            monkeypatch.setattr(rnn_cpu, "fused_ops", lambda: RecordingFused)
         return None, fwd
     base = _ops_of(path)
 

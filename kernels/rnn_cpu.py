@@ -1,0 +1,142 @@
+"""Fused CPU step kernels (``rnn_cpu.cpp``, a C++ extension built on first use) for the torch path
+of the discrete layers on the CPU.
+
+On the CPU the step's element-wise work costs more in aten calls than in arithmetic: the LSTM
+forward step (:class:`rnn_torch.LSTMForwardStep`) makes about twenty of them per step. The kernel
+here does the same work in one call and reproduces those calls bit for bit (how: the top of
+``rnn_cpu.cpp``). That equality depends on how this torch build evaluates tanh and sigmoid, so it is
+checked once per process on load against ``LSTMForwardStep`` on odd and even shapes; where it does
+not hold, or the extension cannot be built (no C++ compiler), :func:`fused_ops` returns None, warns
+once saying why, and the layers keep the aten step: same results, slower.
+
+``ENABLED`` (or the environment variable ``DISCRNN_FUSED_CPU=0``) turns the kernel off. The build
+lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``)
+and takes about a minute the first time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+ENABLED = os.environ.get("DISCRNN_FUSED_CPU", "1") != "0"
+
+_SOURCE = Path(__file__).with_name("rnn_cpu.cpp")
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+               "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+}
+
+_state: dict = {}
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
+    flags += _CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
+    # One build per torch version and capability: a cached build for another torch would load
+    # against the wrong ABI.
+    tag = re.sub(r"\W", "_", f"{torch.__version__}_{capability}")
+    return cpp_extension.load(name=f"discrnn_rnn_cpu_{tag}", sources=[str(_SOURCE)],
+                              extra_cflags=flags, verbose=False)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.contiguous(), b.contiguous()
+    if a.is_floating_point():  # NaN == NaN and -0.0 != +0.0 here
+        a, b = a.view(torch.int32), b.view(torch.int32)
+    return torch.equal(a, b)
+
+
+def _near(x: torch.Tensor, ulps: int = 3) -> torch.Tensor:
+    """float64 points -> float32, each with its neighbours up to ``ulps`` ulps either side."""
+    x = x.float()
+    out = [x]
+    up, down = x, x
+    for _ in range(ulps):
+        up, down = torch.nextafter(up, up + 1), torch.nextafter(down, down - 1)
+        out += [up, down]
+    return torch.cat(out)
+
+
+def boundary_step_inputs(levels: int, bs: int, H: int, generator: torch.Generator):
+    """(gates [bs, 4H], c_prev [bs, H]) float32 that put activations within a few ulps of the
+    code boundaries, where one ulp of tanh or sigmoid moves a code: random inputs almost never
+    get there. The first half of the rows hold the gates' pre-images of their boundaries; in the
+    other half f saturates to 1 and i to 0 (so c_t = c_prev exactly) and c_prev holds tanh's
+    pre-images of u's boundaries. The rest is random, with a NaN and infinities."""
+    span = levels - 1
+    k = torch.arange(span, dtype=torch.float64)
+    sig_b = _near(torch.logit((k + 0.5) / span))
+    tanh_b = _near(torch.atanh((2 * k + 1) / span - 1))
+
+    def fill(values, n):
+        perm = torch.randperm(values.numel(), generator=generator)
+        return values[perm].repeat(-(-n // values.numel()))[:n]
+
+    gates = 3 * torch.randn(bs, 4, H, generator=generator)
+    c_prev = 2 * torch.randn(bs, H, generator=generator)
+    top = (bs + 1) // 2
+    for q, values in enumerate((sig_b, sig_b, tanh_b, sig_b)):
+        gates[:top, q] = fill(values, top * H).view(top, H)
+    gates[top:, 0], gates[top:, 1] = -30.0, 30.0  # i -> code 0, f -> code L - 1
+    gates[top:, 3] = fill(sig_b, (bs - top) * H).view(-1, H)
+    c_prev[top:] = fill(tanh_b, (bs - top) * H).view(-1, H)
+    gates[0, 0, 0], gates[-1, 2, -1], gates[-1, 3, 0] = float("nan"), float("inf"), float("-inf")
+    return gates.view(bs, 4 * H), c_prev
+
+
+def _self_check(module) -> str | None:
+    """None if the kernel reproduces ``LSTMForwardStep`` bit for bit here, else what differs."""
+    from .rnn_torch import LSTMForwardStep, StepTables
+
+    g = torch.Generator().manual_seed(0)
+    for bs, H, levels, clip in ((8, 451, 256, math.inf), (6, 37, 64, 0.7), (4, 64, 2, math.inf)):
+        gates, c_prev = boundary_step_inputs(levels, bs, H, g)
+        step = LSTMForwardStep(StepTables(levels, torch.float32, "cpu"), bs, H, "cpu", clip)
+        v = step.rows(bs)
+        v.gates.copy_(gates)
+        k_gates = torch.empty(bs, 4, H, dtype=torch.int32)
+        k_u = torch.empty(bs, H, dtype=torch.int32)
+        want_c, want_m = step(v, c_prev, k_gates, k_u)
+        got_c, got_m = torch.empty(bs, H), torch.empty(bs, H)
+        got_kg = torch.empty(bs, 4, H, dtype=torch.uint8)
+        got_ku = torch.empty(bs, H, dtype=torch.uint8)
+        module.lstm_forward_step(gates, c_prev, got_c, got_m, got_kg, got_ku, levels, clip)
+        pairs = {"c": (got_c, want_c), "m": (got_m, want_m),
+                 "gate codes": (got_kg, k_gates.to(torch.uint8)),
+                 "u codes": (got_ku, k_u.to(torch.uint8))}
+        for name, (got, want) in pairs.items():
+            if not _same_bits(got, want):
+                return f"{name} differ from the aten step at bs={bs}, H={H}, levels={levels}"
+    return None
+
+
+def fused_ops():
+    """The loaded extension module, or None where the fused kernel is off, cannot be built, or does
+    not reproduce the aten step on this machine (then with one warning saying why)."""
+    if not ENABLED:
+        return None
+    if "module" not in _state:
+        module, reason = None, None
+        try:
+            module = _build()
+        except Exception as exc:  # no compiler, a failed build: the aten step still works
+            reason = f"could not be built ({type(exc).__name__}: {str(exc).strip()[:300]})"
+        if module is not None:
+            reason = _self_check(module)
+            if reason is not None:
+                module = None
+        _state["module"] = module
+        if reason is not None:
+            warnings.warn(f"discrnn: the fused CPU step kernel {reason}; the layers use the aten "
+                          "step instead (same results, slower)", RuntimeWarning, stacklevel=2)
+    return _state["module"]

@@ -1,0 +1,162 @@
+"""The fused CPU step kernel (kernels/rnn_cpu.cpp) against the aten step it replaces
+(rnn_torch.LSTMForwardStep): bit for bit, step by step and through whole layers."""
+
+import math
+import shutil
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from discrnn import DiscreteLSTM
+from discrnn.kernels import rnn_cpu, rnn_torch
+
+if torch.get_default_device().type != "cpu":
+    pytest.skip("CPU kernels", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def fused():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler to build the fused CPU step")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed build or self-check fails here, not skips
+        module = rnn_cpu.fused_ops()
+    assert module is not None
+    return module
+
+
+def _same_bits(a, b):
+    return rnn_cpu._same_bits(a, b)
+
+
+@pytest.mark.parametrize("levels", [2, 3, 64, 255, 256])
+def test_fused_lstm_step_bit_identical_to_aten_step(fused, levels):
+    """Codes, c_t and m = o u equal the aten step's bit for bit on odd and even H (the vector
+    loop's scalar tail), with activations within ulps of the code boundaries (where one ulp of
+    tanh or sigmoid moves a code), NaN / Inf in the pre-activations and the cell state, an active
+    clamp, codes written into strided rows (the code store's padded [rows, 4, Hp] layout)."""
+    g = torch.Generator().manual_seed(levels)
+    for bs, H, clip in [(1, 1, math.inf), (3, 7, 0.5), (16, 33, math.inf), (5, 256, 1.5),
+                        (2, 100, math.inf), (4, 65, 0.0), (8, 451, math.inf)]:
+        tables = rnn_torch.StepTables(levels, torch.float32, "cpu")
+        step = rnn_torch.LSTMForwardStep(tables, bs, H, "cpu", clip)
+        gates, c_prev = rnn_cpu.boundary_step_inputs(levels, bs, H, g)
+        c_prev[-1, 0] = float("-inf")
+        c_prev[0, -1] = float("nan")
+        v = step.rows(bs)
+        v.gates.copy_(gates)
+        k_gates = torch.empty(bs, 4, H, dtype=torch.int32)
+        k_u = torch.empty(bs, H, dtype=torch.int32)
+        want_c, want_m = step(v, c_prev, k_gates, k_u)
+
+        rows = torch.full((bs, 4, H + 5), 0xA5, dtype=torch.uint8)  # padded rows, strided planes
+        got_kg = rows[:, :, :H]
+        got_ku = torch.empty(bs, H, dtype=torch.uint8)
+        got_c = torch.empty(bs, H)
+        got_m = torch.empty(bs, 2 * H)[:, :H]  # m into strided rows (a layer's output y)
+        fused.lstm_forward_step(gates, c_prev, got_c, got_m, got_kg, got_ku, levels, clip)
+        assert torch.equal(got_kg, k_gates.to(torch.uint8)), (bs, H)
+        assert torch.equal(got_ku, k_u.to(torch.uint8)), (bs, H)
+        assert _same_bits(got_c, want_c), (bs, H)
+        assert _same_bits(got_m, want_m), (bs, H)
+        assert (rows[:, :, H:] == 0xA5).all()  # padding untouched
+
+
+def test_fused_lstm_step_checks_its_arguments(fused):
+    c = torch.zeros(2, 8)
+    codes = torch.empty(2, 4, 8, dtype=torch.uint8)
+    k_u = torch.empty(2, 8, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="gates must be"):
+        fused.lstm_forward_step(torch.zeros(2, 30), c, c.clone(), c.clone(), codes, k_u, 64, 1.0)
+    with pytest.raises(RuntimeError, match="gates must be Float"):
+        fused.lstm_forward_step(torch.zeros(2, 32).double(), c, c.clone(), c.clone(), codes, k_u,
+                                64, 1.0)
+    with pytest.raises(RuntimeError, match="levels must be in"):
+        fused.lstm_forward_step(torch.zeros(2, 32), c, c.clone(), c.clone(), codes, k_u, 300, 1.0)
+
+
+def _run(module, x, hx, lengths, autocast=False):
+    params = list(module.parameters())
+    leaves = [x, *hx]
+    inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if lengths is not None else x
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, (h_n, c_n) = module(inp, hx)
+    y = pad_packed_sequence(out)[0] if lengths is not None else out
+    g = torch.Generator().manual_seed(5)
+    loss = sum((t.float() * torch.randn(t.shape, generator=g)).sum() for t in (y, h_n, c_n))
+    grads = torch.autograd.grad(loss, leaves + params)
+    return [y.detach(), h_n.detach(), c_n.detach(), *grads]
+
+
+@pytest.mark.parametrize(
+    "kwargs, dtype, autocast, lengths",
+    [
+        (dict(num_layers=2, bidirectional=True, chunk_size=3), torch.float32, False, [20, 13, 20, 3]),
+        (dict(cell_clip=0.5, levels=256), torch.float32, False, None),
+        (dict(proj_size=4, grad="exact", chunk_size=5), torch.float32, False, [20, 7, 11, 20]),
+        (dict(num_layers=2), torch.bfloat16, False, None),
+        (dict(num_layers=2, bidirectional=True), torch.float32, True, [20, 13, 20, 3]),
+    ],
+    ids=["stack-packed", "clip-256", "proj-exact", "bf16", "autocast"],
+)
+def test_layers_bit_identical_with_and_without_fused_step(monkeypatch, fused, kwargs, dtype,
+                                                          autocast, lengths):
+    """Outputs, final states and every gradient of DiscreteLSTM are the same bits with the fused
+    step as with the aten step, and the fused step really ran."""
+    kwargs = {"levels": 64, **kwargs}
+    torch.manual_seed(0)
+    module = DiscreteLSTM(6, 10, **kwargs).to(dtype)
+    layers = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
+    P = kwargs.get("proj_size") or 10
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 4, 6, generator=g).to(dtype).requires_grad_()
+    hx = ((0.5 * torch.randn(layers, 4, P, generator=g)).clamp(-1, 1).to(dtype).requires_grad_(),
+          torch.randn(layers, 4, 10, generator=g).to(dtype).requires_grad_())
+    lengths = torch.tensor(lengths) if lengths is not None else None
+
+    calls = []
+
+    class Counting:
+        @staticmethod
+        def lstm_forward_step(*args):
+            calls.append(1)
+            return fused.lstm_forward_step(*args)
+
+    monkeypatch.setattr(rnn_cpu, "fused_ops", lambda: Counting)
+    with_fused = _run(module, x, hx, lengths, autocast)
+    assert calls, "the fused step did not run"
+    monkeypatch.setattr(rnn_cpu, "fused_ops", lambda: None)
+    without = _run(module, x, hx, lengths, autocast)
+    for a, b in zip(with_fused, without):
+        assert _same_bits(a, b)
+
+
+def test_fused_step_off_by_switch(monkeypatch):
+    monkeypatch.setattr(rnn_cpu, "ENABLED", False)
+    assert rnn_cpu.fused_ops() is None
+
+
+@pytest.mark.parametrize("failure", ["build", "self-check"])
+def test_refused_fused_step_warns_once_and_layers_still_run(monkeypatch, failure):
+    """No compiler, or a torch build whose tanh / sigmoid the kernel does not reproduce: one
+    RuntimeWarning saying so, and the layers run the aten step."""
+    monkeypatch.setattr(rnn_cpu, "_state", {})
+    if failure == "build":
+        def no_compiler():
+            raise RuntimeError("Error building extension: c++ not found")
+        monkeypatch.setattr(rnn_cpu, "_build", no_compiler)
+        expected = "could not be built"
+    else:
+        monkeypatch.setattr(rnn_cpu, "_build", lambda: object())
+        monkeypatch.setattr(rnn_cpu, "_self_check", lambda module: "c differ from the aten step")
+        expected = "c differ"
+    module = DiscreteLSTM(3, 5, levels=64)
+    x = torch.randn(4, 2, 3)
+    with pytest.warns(RuntimeWarning, match=expected):
+        module(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, _ = module(x)  # no second warning
+    assert y.shape == (4, 2, 5)
