@@ -364,7 +364,10 @@ _MIN_PACKED_PRODUCTS = 16
 # weight outgrows the core's cache. Measured (scripts/bench_rnn.py --products both, B=16, T=512,
 # one thread, forward + backward of one layer): 0.67-0.93x addmm's time for the LSTM and GRU at
 # H=512 and 1024, float32 and bf16 autocast; at H=256 (1 MiB float32, 0.75 MiB for the GRU) no
-# faster, and 0-15 % slower.
+# faster, and 0-15 % slower. float32 only: a bfloat16 addmm runs oneDNN too and reorders the
+# weight on every call, so the packed weight is never slower there (per product, B=16: H=32 17.7
+# against 20.4 us, H=256 61.5 against 77.8 us; a DiscreteLSTM at H=256 under bf16 autocast 0.91x
+# the time with addmm).
 _MIN_PACKED_WEIGHT_BYTES = 1 << 20
 
 
@@ -373,10 +376,11 @@ def _onednn_packed(weight: torch.Tensor, rows: int, products: int):
     ``torch.ops.mkldnn._linear_pointwise`` (what inductor's CPU weight prepacking does), or None
     where that is unavailable or not worth it: not a CPU tensor, not float32 / bfloat16 (float64
     has no oneDNN path, float16 needs CPU support few machines have), oneDNN absent or disabled
-    (``torch.backends.mkldnn.flags(enabled=False)``), a weight of at most 1 MiB or fewer than
-    ``_MIN_PACKED_PRODUCTS`` products to run."""
-    if not (ONEDNN_STEP_PRODUCTS and products >= _MIN_PACKED_PRODUCTS
-            and weight.numel() * weight.element_size() > _MIN_PACKED_WEIGHT_BYTES
+    (``torch.backends.mkldnn.flags(enabled=False)``), a float32 weight of at most 1 MiB or fewer
+    than ``_MIN_PACKED_PRODUCTS`` products to run."""
+    small = (weight.dtype == torch.float32
+             and weight.numel() * weight.element_size() <= _MIN_PACKED_WEIGHT_BYTES)
+    if not (ONEDNN_STEP_PRODUCTS and products >= _MIN_PACKED_PRODUCTS and not small
             and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()):
         return None
@@ -391,7 +395,7 @@ class StepProduct:
     rows a per call, in ``W``'s dtype (``a`` is cast to it; the layers pass bf16/fp16 weights for
     backward's products under autocast, as torch's backward computes them).
 
-    On a CPU with oneDNN (float32, bfloat16) and a weight over 1 MiB, W is reordered once per
+    On a CPU with oneDNN (bfloat16, or float32 and a weight over 1 MiB), W is reordered once per
     layer call into oneDNN's blocked layout and every product runs oneDNN's linear on it: a layer's
     forward + backward (B=16, T=512, one thread) then takes 0.76-0.94x its time with torch.addmm
     at H=512-1024 (see ``_MIN_PACKED_WEIGHT_BYTES``). bfloat16 results are bit-identical to

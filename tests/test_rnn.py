@@ -797,7 +797,7 @@ def test_packed_products_bit_identical_in_bfloat16(monkeypatch, cls):
     lengths = torch.tensor([20, 13, 20, 3])
     results = {}
     for packed in (True, False):
-        monkeypatch.setattr(rnn_function, "_MIN_PACKED_WEIGHT_BYTES", 0 if packed else 1 << 60)
+        monkeypatch.setattr(rnn_function, "ONEDNN_STEP_PRODUCTS", packed)
         results[packed] = _run_for_paths(module, x, hx, lengths)
     for a, b in zip(*(sum(results[p], []) for p in (True, False))):
         assert torch.equal(a, b)
