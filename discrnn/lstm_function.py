@@ -245,6 +245,11 @@ def _lstm_backward_chunked(
     w_hr_a = w_hr.to(acc) if w_hr is not None else None
     c_init, h_init = c0.to(acc), h0.to(acc)
     clip = cfg.cell_clip
+    # The fused CPU kernels (kernels/rnn_cpu.cpp) do the element-wise work below in fewer passes,
+    # with the same arithmetic as its aten calls (bit-identical, checked on load).
+    fused = None
+    if device.type == "cpu" and acc == torch.float32 and preact is None:
+        fused = rnn_cpu.fused_ops()
 
     (dh_state, dc_state), (d_w_ih, d_w_hh, d_w_hr), (d_b,), dx = backward_buffers(
         ctx, acc, (h0, c0), (dh_n, dc_n), (w_ih, w_hh, w_hr), (w_ih.shape[0],)
@@ -291,26 +296,34 @@ def _lstm_backward_chunked(
         # values, derivatives and products of two codes' (i and g; o and u):
         # p = [g d_i, c_prev d_f, i d_g] plane by plane, o d_u, u d_o, m = o u, i g. With
         # grad="exact" the gate derivatives are f' at the kept pre-activations instead.
-        idx = tables.indices(codes)  # [4, R * H]: i, f, g, o
-        del codes, before
-        i_g = tables.pair_index(idx[0], idx[2])
-        f_v = tables.gather(tables.table("value", SIG), idx[1], (R, H))
-        o_v = tables.gather(tables.table("value", SIG), idx[3], (R, H))
         p = torch.empty(3, R, H, dtype=acc, device=device)
         d_o = None
-        if preact is None:
-            d_f = tables.gather(tables.table("deriv", SIG), idx[1], (R, H))
-            torch.index_select(tables.pair_table("b_da"), 0, i_g, out=p[0].view(-1))
-            torch.index_select(tables.pair_table("a_db"), 0, i_g, out=p[2].view(-1))
+        if fused is not None:
+            f_v, d_f, ig, o_v = torch.empty(4, R, H, dtype=acc, device=device)
+            fused.lstm_backward_gather(
+                codes, tables.table("value", SIG), tables.table("deriv", SIG),
+                tables.pair_table("b_da"), tables.pair_table("a_db"), tables.pair_table("ab"),
+                f_v, d_f, p[0], p[2], ig, o_v, cfg.levels)
+            del before  # codes: o's, read again after the rebuild
         else:
-            d_i, d_f, d_g, d_o = rnn_torch.exact_derivatives(
-                preact[lo:hi], rnn_torch.LSTM_GATE_KINDS, acc
-            ).unbind(1)
-            torch.mul(tables.gather(tables.table("value", TANH), idx[2], (R, H)), d_i, out=p[0])
-            torch.mul(tables.gather(tables.table("value", SIG), idx[0], (R, H)), d_g, out=p[2])
-            del d_i, d_g
-        ig = tables.gather(tables.pair_table("ab"), i_g, (R, H))
-        del i_g
+            idx = tables.indices(codes)  # [4, R * H]: i, f, g, o
+            del codes, before
+            i_g = tables.pair_index(idx[0], idx[2])
+            f_v = tables.gather(tables.table("value", SIG), idx[1], (R, H))
+            o_v = tables.gather(tables.table("value", SIG), idx[3], (R, H))
+            if preact is None:
+                d_f = tables.gather(tables.table("deriv", SIG), idx[1], (R, H))
+                torch.index_select(tables.pair_table("b_da"), 0, i_g, out=p[0].view(-1))
+                torch.index_select(tables.pair_table("a_db"), 0, i_g, out=p[2].view(-1))
+            else:
+                d_i, d_f, d_g, d_o = rnn_torch.exact_derivatives(
+                    preact[lo:hi], rnn_torch.LSTM_GATE_KINDS, acc
+                ).unbind(1)
+                torch.mul(tables.gather(tables.table("value", TANH), idx[2], (R, H)), d_i, out=p[0])
+                torch.mul(tables.gather(tables.table("value", SIG), idx[0], (R, H)), d_g, out=p[2])
+                del d_i, d_g
+            ig = tables.gather(tables.pair_table("ab"), i_g, (R, H))
+            del i_g
 
         # c_{t-1} of every step, rebuilt from the checkpoint with the forward's arithmetic (a mul,
         # an add, the clamp: bit-identical), into p[1]; c_t of every step before its clamp into
@@ -325,35 +338,48 @@ def _lstm_backward_chunked(
         for j in range(len(steps)):
             bs = psizes[j]
             bs_next = psizes[j + 1] if j + 1 < len(steps) else 0
-            raw = torch.mul(f_s[j], cp_s[j], out=raw_s[j]).add_(ig_s[j])
             if bs_next == bs:  # c_t is the next step's c_{t-1}: clamp straight into it
-                c_t = torch.clamp(raw, -clip, clip, out=cp_s[j + 1])
+                c_t = cp_s[j + 1]
             else:
-                c_t = raw.clamp(-clip, clip)
-                if bs_next:
-                    n = min(bs, bs_next)
-                    cp_s[j + 1][:n] = c_t[:n]
-                    if bs_next > bs:
-                        cp_s[j + 1][bs:] = c_init[bs:bs_next]
-            torch.tanh(c_t, out=t_s[j])  # contiguous [bs, H], as the forward step's call
-        del raw, c_t, t_s
-        passed = c_raw.abs() <= clip  # where the clamp passes the gradient
-        o_du = c_raw  # reused: o (1 - tanh(c_t)^2)
-        u_idx = _lstm_u_codes(tables, t_c, dtanh_out=o_du)
-        o_du.mul_(o_v)
-        del t_c
-        o_u = tables.pair_index(idx[3], u_idx.view(-1))
-        if d_o is None:
-            u_do = tables.gather(tables.pair_table("b_da"), o_u, (R, H))
+                c_t = torch.empty(bs, H, dtype=acc, device=device)
+            if fused is not None:
+                fused.lstm_rebuild_step(f_s[j], ig_s[j], cp_s[j], raw_s[j], c_t, t_s[j], clip)
+            else:
+                raw = torch.mul(f_s[j], cp_s[j], out=raw_s[j]).add_(ig_s[j])
+                torch.clamp(raw, -clip, clip, out=c_t)
+                torch.tanh(c_t, out=t_s[j])  # contiguous [bs, H], as the forward step's call
+            if bs_next and bs_next != bs:
+                n = min(bs, bs_next)
+                cp_s[j + 1][:n] = c_t[:n]
+                if bs_next > bs:
+                    cp_s[j + 1][bs:] = c_init[bs:bs_next]
+        del c_t, t_s
+        if fused is not None:
+            u_do = torch.empty(R, H, dtype=acc, device=device)
+            m_all = torch.empty(R, H, dtype=acc, device=device)
+            o_du = c_raw  # reused: o (1 - tanh(c_t)^2)
+            fused.lstm_backward_finish(codes, c_raw, t_c, o_v, d_f, p, f_v,
+                                       tables.pair_table("b_da"), tables.pair_table("ab"),
+                                       o_du, u_do, m_all, cfg.levels, clip)
+            del codes, t_c, ig, ig_s, cp_s, raw_s, o_v, c_raw, d_f
         else:
-            u_do = tables.gather(tables.table("value", TANH), u_idx.view(-1), (R, H)).mul_(d_o)
-        m_all = tables.gather(tables.pair_table("ab"), o_u, (R, H))
-        del idx, o_u, u_idx, d_o, ig, ig_s, cp_s, raw_s, o_v, c_raw
-        p[1].mul_(d_f)
-        del d_f
-        p.mul_(passed)
-        f_v.mul_(passed)
-        del passed
+            passed = c_raw.abs() <= clip  # where the clamp passes the gradient
+            o_du = c_raw  # reused: o (1 - tanh(c_t)^2)
+            u_idx = _lstm_u_codes(tables, t_c, dtanh_out=o_du)
+            o_du.mul_(o_v)
+            del t_c
+            o_u = tables.pair_index(idx[3], u_idx.view(-1))
+            if d_o is None:
+                u_do = tables.gather(tables.pair_table("b_da"), o_u, (R, H))
+            else:
+                u_do = tables.gather(tables.table("value", TANH), u_idx.view(-1), (R, H)).mul_(d_o)
+            m_all = tables.gather(tables.pair_table("ab"), o_u, (R, H))
+            del idx, o_u, u_idx, d_o, ig, ig_s, cp_s, raw_s, o_v, c_raw
+            p[1].mul_(d_f)
+            del d_f
+            p.mul_(passed)
+            f_v.mul_(passed)
+            del passed
 
         # The sequential recursion: per step dh (one matmul), dc, dgates, dc * f.
         dgates = torch.empty(R, 4 * H, dtype=acc, device=device)
@@ -375,10 +401,15 @@ def _lstm_backward_chunked(
                 dh = torch.add(dy_s[j], dh_state[:bs], out=dh_s[j])
                 dc = dc_state[:bs]
             dm = dh if w_hr_a is None else dh @ w_hr_a
-            dc = torch.addcmul(dc, dm, odu_s[j])
-            torch.mul(dc, p_s[j], out=dgifg_s[j])
-            torch.mul(dm, udo_s[j], out=dgo_s[j])
-            pend_dg, pend_dcf, pend_bs = dg_s[j], dc.mul_(f_s[j]), bs
+            if fused is not None:
+                dcf = torch.empty(bs, H, dtype=acc, device=device)
+                fused.lstm_backward_step(dm, dc, odu_s[j], udo_s[j], p_s[j], f_s[j], dg_s[j], dcf)
+            else:
+                dc = torch.addcmul(dc, dm, odu_s[j])
+                torch.mul(dc, p_s[j], out=dgifg_s[j])
+                torch.mul(dm, udo_s[j], out=dgo_s[j])
+                dcf = dc.mul_(f_s[j])
+            pend_dg, pend_dcf, pend_bs = dg_s[j], dcf, bs
         pend_dg = pend_dg.clone()  # not a view into this chunk's buffer
         del p, o_du, u_do, f_v, f_s, p_s, odu_s, udo_s, dy_s, dys
 

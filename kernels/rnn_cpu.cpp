@@ -166,6 +166,209 @@ void lstm_forward_step(const torch::Tensor& gates, const torch::Tensor& c_prev,
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward of one chunk (discrnn/lstm_function.py, _lstm_backward_chunked, grad="code"): the same
+// arithmetic as its aten calls, element for element. Row r of an [R, H] operand starts at
+// ptr + r * stride(0); units are contiguous.
+
+namespace {
+
+struct Rows {
+  float* ptr;
+  int64_t stride;
+  float* row(int64_t r) const { return ptr + r * stride; }
+};
+
+Rows rows_of(const torch::Tensor& t, const char* name, int64_t R, int64_t H) {
+  check_rows(t, name, R, H, at::kFloat);
+  return {t.data_ptr<float>(), t.stride(0)};
+}
+
+const float* table_of(const torch::Tensor& t, const char* name, int64_t n) {
+  TORCH_CHECK(t.dim() == 1 && t.numel() == n && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              name, " must be a contiguous float32 table of ", n, " entries, got ", t.sizes(), " ",
+              t.scalar_type());
+  return t.data_ptr<float>();
+}
+
+void check_codes(const torch::Tensor& codes, int64_t R, int64_t H) {
+  TORCH_CHECK(codes.dim() == 3 && codes.size(0) == R && codes.size(1) >= 4 && codes.size(2) == H &&
+                  codes.scalar_type() == at::kByte && (codes.stride(2) == 1 || H <= 1),
+              "codes must be uint8 [", R, ", >= 4, ", H, "] with unit stride along units, got ",
+              codes.sizes(), " ", codes.scalar_type());
+}
+
+int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1)); }
+
+}  // namespace
+
+// From the chunk's codes [R, 4, H] (i, f, g, o) by the layer's tables (StepTables): f's value and
+// straight-through derivative, g d_i and i d_g (pair tables "b_da", "a_db" at i L + g), i g ("ab"),
+// o's value. Outputs [R, H] float32.
+void lstm_backward_gather(const torch::Tensor& codes, const torch::Tensor& value_sig,
+                          const torch::Tensor& deriv_sig, const torch::Tensor& pair_b_da,
+                          const torch::Tensor& pair_a_db, const torch::Tensor& pair_ab,
+                          const torch::Tensor& f_v, const torch::Tensor& d_f,
+                          const torch::Tensor& g_di, const torch::Tensor& i_dg,
+                          const torch::Tensor& i_g, const torch::Tensor& o_v, int64_t levels) {
+  const int64_t R = codes.size(0), H = codes.size(2);
+  check_codes(codes, R, H);
+  const float* val = table_of(value_sig, "value_sig", levels);
+  const float* der = table_of(deriv_sig, "deriv_sig", levels);
+  const float* b_da = table_of(pair_b_da, "pair_b_da", levels * levels);
+  const float* a_db = table_of(pair_a_db, "pair_a_db", levels * levels);
+  const float* ab = table_of(pair_ab, "pair_ab", levels * levels);
+  const Rows fv = rows_of(f_v, "f_v", R, H), df = rows_of(d_f, "d_f", R, H);
+  const Rows gdi = rows_of(g_di, "g_di", R, H), idg = rows_of(i_dg, "i_dg", R, H);
+  const Rows ig = rows_of(i_g, "i_g", R, H), ov = rows_of(o_v, "o_v", R, H);
+  const uint8_t* k_ptr = codes.data_ptr<uint8_t>();
+  const int64_t k_rs = codes.stride(0), k_qs = codes.stride(1);
+  at::parallel_for(0, R, row_grain(4 * H), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* k = k_ptr + r * k_rs;
+      float* __restrict fv_r = fv.row(r);
+      float* __restrict df_r = df.row(r);
+      float* __restrict gdi_r = gdi.row(r);
+      float* __restrict idg_r = idg.row(r);
+      float* __restrict ig_r = ig.row(r);
+      float* __restrict ov_r = ov.row(r);
+      for (int64_t j = 0; j < H; ++j) {
+        const int64_t ki = k[j], kf = k[k_qs + j], kg = k[2 * k_qs + j], ko = k[3 * k_qs + j];
+        const int64_t pair = ki * levels + kg;
+        fv_r[j] = val[kf];
+        df_r[j] = der[kf];
+        gdi_r[j] = b_da[pair];
+        idg_r[j] = a_db[pair];
+        ig_r[j] = ab[pair];
+        ov_r[j] = val[ko];
+      }
+    }
+  });
+}
+
+// One step of the cell rebuild: raw = f c_prev + i g (two roundings), c_t = clamp(raw) into c_out,
+// tanh(c_t) into t_out. [bs, H] each; c_out and t_out contiguous rows.
+void lstm_rebuild_step(const torch::Tensor& f_v, const torch::Tensor& i_g,
+                       const torch::Tensor& c_prev, const torch::Tensor& raw_out,
+                       const torch::Tensor& c_out, const torch::Tensor& t_out, double cell_clip) {
+  const int64_t bs = c_prev.size(0), H = c_prev.size(1);
+  const Rows fv = rows_of(f_v, "f_v", bs, H), ig = rows_of(i_g, "i_g", bs, H);
+  const Rows cp = rows_of(c_prev, "c_prev", bs, H), raw = rows_of(raw_out, "raw_out", bs, H);
+  const Rows c = rows_of(c_out, "c_out", bs, H), t = rows_of(t_out, "t_out", bs, H);
+  TORCH_CHECK(c.stride == H && t.stride == H, "c_out and t_out must be contiguous");
+  const float clip = static_cast<float>(cell_clip);
+  for (int64_t r = 0; r < bs; ++r) {
+    const float* __restrict fv_r = fv.row(r);
+    const float* __restrict ig_r = ig.row(r);
+    const float* cp_r = cp.row(r);  // may be c_out's previous contents: read before written
+    float* __restrict raw_r = raw.row(r);
+    float* c_r = c.row(r);
+    for (int64_t j = 0; j < H; ++j) {
+      const float x = fv_r[j] * cp_r[j] + ig_r[j];
+      raw_r[j] = x;
+      c_r[j] = std::isnan(x) ? x : std::min(std::max(x, -clip), clip);
+    }
+  }
+  if (bs && H) tanh_array(c.ptr, t.ptr, bs * H);  // tanh does not depend on the loop shape
+}
+
+// After the rebuild, for the whole chunk: where the clamp passed (|raw| <= clip), u's code from
+// tanh(c_t) (the forward's), o (1 - tanh(c_t)^2) into o_du (may alias raw), u d_o and m = o u by
+// the pair tables at o L + u, c_prev d_f into p[1], and p, f zeroed where the clamp was active
+// (multiplied by 0 or 1, as the aten path does).
+void lstm_backward_finish(const torch::Tensor& codes, const torch::Tensor& raw,
+                          const torch::Tensor& tanh_c, const torch::Tensor& o_v,
+                          const torch::Tensor& d_f, const torch::Tensor& p,
+                          const torch::Tensor& f_v, const torch::Tensor& pair_b_da,
+                          const torch::Tensor& pair_ab, const torch::Tensor& o_du,
+                          const torch::Tensor& u_do, const torch::Tensor& m, int64_t levels,
+                          double cell_clip) {
+  const int64_t R = codes.size(0), H = codes.size(2);
+  check_codes(codes, R, H);
+  TORCH_CHECK(p.dim() == 3 && p.size(0) == 3, "p must be [3, R, H], got ", p.sizes());
+  const Rows rw = rows_of(raw, "raw", R, H), tc = rows_of(tanh_c, "tanh_c", R, H);
+  const Rows ov = rows_of(o_v, "o_v", R, H), df = rows_of(d_f, "d_f", R, H);
+  const Rows p0 = rows_of(p[0], "p[0]", R, H), p1 = rows_of(p[1], "p[1]", R, H);
+  const Rows p2 = rows_of(p[2], "p[2]", R, H), fv = rows_of(f_v, "f_v", R, H);
+  const Rows odu = rows_of(o_du, "o_du", R, H), udo = rows_of(u_do, "u_do", R, H);
+  const Rows mm = rows_of(m, "m", R, H);
+  const float* b_da = table_of(pair_b_da, "pair_b_da", levels * levels);
+  const float* ab = table_of(pair_ab, "pair_ab", levels * levels);
+  const float clip = static_cast<float>(cell_clip);
+  const float half_span = static_cast<float>(levels - 1) / 2.0f;
+  const uint8_t* k_ptr = codes.data_ptr<uint8_t>();
+  const int64_t k_rs = codes.stride(0), k_qs = codes.stride(1);
+  at::parallel_for(0, R, row_grain(4 * H), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* ko = k_ptr + r * k_rs + 3 * k_qs;
+      float* rw_r = rw.row(r);  // o_du may alias it
+      const float* tc_r = tc.row(r);
+      const float* ov_r = ov.row(r);
+      const float* df_r = df.row(r);
+      float* p0_r = p0.row(r);
+      float* p1_r = p1.row(r);
+      float* p2_r = p2.row(r);
+      float* fv_r = fv.row(r);
+      float* odu_r = odu.row(r);
+      float* udo_r = udo.row(r);
+      float* m_r = mm.row(r);
+      for (int64_t j = 0; j < H; ++j) {
+        const float passed = std::abs(rw_r[j]) <= clip ? 1.0f : 0.0f;
+        const float t = tc_r[j];
+        const int64_t ku = code_of((t + 1.0f) * half_span + 0.5f);
+        const int64_t pair = static_cast<int64_t>(ko[j]) * levels + ku;
+        odu_r[j] = (-(t * t) + 1.0f) * ov_r[j];
+        udo_r[j] = b_da[pair];
+        m_r[j] = ab[pair];
+        p0_r[j] = p0_r[j] * passed;
+        p1_r[j] = (p1_r[j] * df_r[j]) * passed;
+        p2_r[j] = p2_r[j] * passed;
+        fv_r[j] = fv_r[j] * passed;
+      }
+    }
+  });
+}
+
+// One step of the backward recursion: dc = dc_next_f + dm o_du (one rounding, as torch.addcmul),
+// the gate gradients dc [g d_i, c_prev d_f, i d_g] (p) and dm u d_o into dgates [bs, 4H], and
+// dc f into dcf_out (the next step's dc_next_f).
+void lstm_backward_step(const torch::Tensor& dm, const torch::Tensor& dc_in,
+                        const torch::Tensor& o_du, const torch::Tensor& u_do,
+                        const torch::Tensor& p, const torch::Tensor& f_v,
+                        const torch::Tensor& dgates, const torch::Tensor& dcf_out) {
+  const int64_t bs = dc_in.size(0), H = dc_in.size(1);
+  TORCH_CHECK(p.dim() == 3 && p.size(0) == 3, "p must be [3, bs, H], got ", p.sizes());
+  const Rows dmr = rows_of(dm, "dm", bs, H), dc = rows_of(dc_in, "dc_in", bs, H);
+  const Rows odu = rows_of(o_du, "o_du", bs, H), udo = rows_of(u_do, "u_do", bs, H);
+  const Rows p0 = rows_of(p[0], "p[0]", bs, H), p1 = rows_of(p[1], "p[1]", bs, H);
+  const Rows p2 = rows_of(p[2], "p[2]", bs, H), fv = rows_of(f_v, "f_v", bs, H);
+  const Rows dg = rows_of(dgates, "dgates", bs, 4 * H), dcf = rows_of(dcf_out, "dcf_out", bs, H);
+  for (int64_t r = 0; r < bs; ++r) {
+    const float* dm_r = dmr.row(r);
+    const float* dc_r = dc.row(r);
+    const float* odu_r = odu.row(r);
+    const float* udo_r = udo.row(r);
+    const float* p0_r = p0.row(r);
+    const float* p1_r = p1.row(r);
+    const float* p2_r = p2.row(r);
+    const float* fv_r = fv.row(r);
+    float* __restrict dg_r = dg.row(r);
+    float* __restrict dcf_r = dcf.row(r);
+    for (int64_t j = 0; j < H; ++j) {
+      const float d = std::fma(dm_r[j], odu_r[j], dc_r[j]);
+      dg_r[j] = d * p0_r[j];
+      dg_r[H + j] = d * p1_r[j];
+      dg_r[2 * H + j] = d * p2_r[j];
+      dg_r[3 * H + j] = dm_r[j] * udo_r[j];
+      dcf_r[j] = d * fv_r[j];
+    }
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward_step", &lstm_forward_step, "Fused discrete LSTM forward step (CPU)");
+  m.def("lstm_backward_gather", &lstm_backward_gather, "A backward chunk's table lookups (CPU)");
+  m.def("lstm_rebuild_step", &lstm_rebuild_step, "One step of backward's cell rebuild (CPU)");
+  m.def("lstm_backward_finish", &lstm_backward_finish, "A backward chunk's u terms and masks (CPU)");
+  m.def("lstm_backward_step", &lstm_backward_step, "One step of the backward recursion (CPU)");
 }

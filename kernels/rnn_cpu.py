@@ -117,6 +117,32 @@ def _self_check(module) -> str | None:
         for name, (got, want) in pairs.items():
             if not _same_bits(got, want):
                 return f"{name} differ from the aten step at bs={bs}, H={H}, levels={levels}"
+        reason = _check_backward_steps(module, bs, H, clip, g)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _check_backward_steps(module, bs, H, clip, g) -> str | None:
+    """The per-step backward kernels against the aten calls of ``_lstm_backward_chunked``: the
+    rebuild (mul, add, clamp, tanh) and the recursion (addcmul, whose rounding, one or two, is the
+    build's choice, and three products)."""
+    f, ig, c_prev = torch.rand(bs, H, generator=g), torch.randn(bs, H, generator=g), torch.randn(bs, H, generator=g)
+    raw = torch.mul(f, c_prev).add_(ig)
+    c = torch.clamp(raw, -clip, clip)
+    t = torch.tanh(c)
+    got = [torch.empty(bs, H) for _ in range(3)]
+    module.lstm_rebuild_step(f, ig, c_prev, *got, clip)
+    if not all(_same_bits(a, b) for a, b in zip(got, (raw, c, t))):
+        return f"the cell rebuild differs from the aten calls at bs={bs}, H={H}"
+    dm, dc, odu, udo = (torch.randn(bs, H, generator=g) for _ in range(4))
+    p = torch.randn(3, bs, H, generator=g)
+    d = torch.addcmul(dc, dm, odu)
+    want_dg = torch.cat([d * p[0], d * p[1], d * p[2], dm * udo], dim=1)
+    got_dg, got_dcf = torch.empty(bs, 4 * H), torch.empty(bs, H)
+    module.lstm_backward_step(dm, dc, odu, udo, p, f, got_dg, got_dcf)
+    if not (_same_bits(got_dg, want_dg) and _same_bits(got_dcf, d * f)):
+        return f"the backward recursion differs from the aten calls at bs={bs}, H={H}"
     return None
 
 
