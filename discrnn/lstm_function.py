@@ -159,9 +159,10 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     checkpoints = []
     h_prev = c_prev = None
     prev_bs = 0
+    xproj_buf = torch.empty(max_rows, w_ih.shape[0], dtype=input_proj.dtype, device=device)
     for first, steps in cfg.chunks():
         lo, hi = layout.row_span(steps)
-        xproj = input_proj.mm(x[lo:hi])
+        xproj = input_proj.mm(x[lo:hi], out=xproj_buf[: hi - lo])
         if b is not None:
             xproj += b
         psizes = [sizes[t] for t in steps]
