@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import rnn_torch
+from .kernels import rnn_cpu, rnn_torch
 from .kernels.codec_torch import compute_dtype
 from .rnn_function import (
     SIG,
@@ -64,7 +64,15 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
     direct = dtype == acc
     max_rows = min(cfg.chunk, len(sizes)) * B
     rows_buf = store.rows_buffer(max_rows)  # the chunk's codes, uint8, as the store packs them
-    k_buf = torch.empty(max_rows, rnn_torch.GRU_CODES, H, dtype=torch.int32, device=device)
+    # The fused CPU step (kernels/rnn_cpu.cpp, bit-identical to ``step``) writes uint8 codes
+    # straight into rows_buf; the aten step writes int32 codes into k_buf.
+    fused = rnn_cpu.fused_ops() if device.type == "cpu" and acc == torch.float32 else None
+    if fused is None:
+        k_buf = torch.empty(max_rows, rnn_torch.GRU_CODES, H, dtype=torch.int32, device=device)
+    else:
+        k_buf = rows_buf[:, :, :H]
+        h_buf = None if direct else torch.empty(B, H, dtype=acc, device=device)
+        no_pre = torch.empty(0, dtype=acc, device=device)
     finish = finish_rows(layout)
     h_prev = None
     prev_bs = 0
@@ -91,8 +99,14 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
             if dtype != acc:
                 v.gh.copy_(gh)
             out = outs[j]
-            h = step(v, gx_rz[j], gx_n[j], h_in, k_rz[j], k_n[j], k_h[j], out if direct else None,
-                     pre_out=pres[j])
+            if fused is None:
+                h = step(v, gx_rz[j], gx_n[j], h_in, k_rz[j], k_n[j], k_h[j],
+                         out if direct else None, pre_out=pres[j])
+            else:
+                h = out if direct else h_buf[:bs]
+                fused.gru_forward_step(gx_rz[j], gx_n[j], v.gh, h_in.to(acc), k_rz[j], k_n[j],
+                                       k_h[j], h, no_pre if pres[j] is None else pres[j],
+                                       cfg.levels)
             if not direct:
                 out.copy_(h)
             done = finish[first + j]
@@ -101,7 +115,8 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
                 final_codes[0, done:bs] = k_h[j][done:bs]
             h_prev, prev_bs = out, bs
         if keep_codes:
-            rows_buf[: hi - lo, :, :H] = k_chunk
+            if fused is None:
+                rows_buf[: hi - lo, :, :H] = k_chunk
             store.write_rows(codes_data, first, first + len(steps) - 1, rows_buf[: hi - lo])
     return y, h_n, final_codes
 

@@ -10,7 +10,13 @@ input) c_t is rebuilt from the checkpoint before it with the forward's arithmeti
 encoded from tanh(c_t) as the forward computed it: on the torch path one ``torch.tanh`` per step
 on a contiguous [bs, H] tensor (the forward's loop shape, see ``kernels.rnn_torch``), in the
 kernels the forward kernel's expression. The final-state codes (o, u of each row's last step) are
-kept apart, as before (``final_codes``)."""
+kept apart, as before (``final_codes``).
+
+On the CPU in float32 / bf16 (float32 arithmetic), the chunked torch path hands its element-wise
+work to the fused kernels of ``kernels/rnn_cpu.cpp``: one call per forward step instead of about
+twenty aten calls, and in backward one call per chunk for the table lookups, one per step for the
+cell rebuild and for the recursion, one per chunk for the u terms. They reproduce those aten calls
+bit for bit (checked when the extension loads); where they cannot be built, the aten calls run."""
 
 from __future__ import annotations
 
@@ -300,7 +306,8 @@ def _lstm_backward_chunked(
         p = torch.empty(3, R, H, dtype=acc, device=device)
         d_o = None
         if fused is not None:
-            f_v, d_f, ig, o_v = torch.empty(4, R, H, dtype=acc, device=device)
+            f_v = torch.empty(R, H, dtype=acc, device=device)  # lives through the recursion
+            d_f, ig, o_v = torch.empty(3, R, H, dtype=acc, device=device)  # freed after the rebuild
             fused.lstm_backward_gather(
                 codes, tables.table("value", SIG), tables.table("deriv", SIG),
                 tables.pair_table("b_da"), tables.pair_table("a_db"), tables.pair_table("ab"),

@@ -1,9 +1,10 @@
-// Fused CPU step of the discrete LSTM (see kernels/rnn_cpu.py, which builds and loads this file).
+// Fused CPU kernels of the discrete LSTM (kernels/rnn_cpu.py builds and loads this file).
 //
-// One call does the element-wise work of one forward step, which the torch path spreads over about
-// twenty aten calls (kernels/rnn_torch.py, LSTMForwardStep): gate activations, their codes and
-// level values, the clamped cell update, tanh(c_t), u's code and m = o u. It reproduces those calls
-// bit for bit (rnn_cpu.py checks that on load and refuses the kernel otherwise):
+// lstm_forward_step does the element-wise work of one forward step, which the torch path spreads
+// over about twenty aten calls (kernels/rnn_torch.py, LSTMForwardStep): gate activations, their
+// codes and level values, the clamped cell update, tanh(c_t), u's code and m = o u. The backward
+// kernels (below) do the same for the aten calls of one backward chunk. They reproduce those calls
+// bit for bit (rnn_cpu.py checks that on load and refuses the kernels otherwise):
 //
 // * sigmoid is aten's cpu_kernel_vec on one inner loop of length H per (row, gate plane): the
 //   vector body 1 / (1 + exp(-x)) with Vectorized<float>::exp (SLEEF) in steps of two vectors, the
@@ -23,6 +24,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #if AT_MKL_ENABLED()
@@ -37,7 +39,10 @@ using Vec = at::vec::Vectorized<float>;
 
 void tanh_array(const float* x, float* y, int64_t n) {
 #if AT_MKL_ENABLED()
-  vmsTanh(static_cast<int>(n), x, y, kVmlMode);
+  constexpr int64_t kMaxMkl = std::numeric_limits<int>::max();  // MKL_INT is int (LP64)
+  for (int64_t i = 0; i < n; i += kMaxMkl) {
+    vmsTanh(static_cast<int>(std::min(kMaxMkl, n - i)), x + i, y + i, kVmlMode);
+  }
 #else
   at::vec::map([](const Vec& v) { return v.tanh(); }, y, x, n);
 #endif
@@ -365,10 +370,107 @@ void lstm_backward_step(const torch::Tensor& dm, const torch::Tensor& dc_in,
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// GRU forward step (kernels/rnn_torch.py, GRUForwardStep): r and z as two [bs, H] planes whose
+// sigmoid runs one inner loop of bs * H each (the aten call's loop shape), then n, h and their codes.
+//   gx_rz   [bs, 2, H] float32: x W_ih^T + b_ih for r, z (any row and plane strides)
+//   gx_n    [bs, H] float32: the same for n
+//   gh      [bs, 3H] float32: h_prev W_hh^T + b_hh
+//   h_prev  [bs, H] float32
+//   k_rz    [2, bs, H] uint8: r's and z's codes (any plane and row strides); k_n, k_h [bs, H] uint8
+//   h_out   [bs, H] float32: h_t, snapped to the tanh grid
+//   pre_out [bs, 3H] float32 or an empty tensor: the pre-activations of r, z, n (grad="exact")
+void gru_forward_step(const torch::Tensor& gx_rz, const torch::Tensor& gx_n,
+                      const torch::Tensor& gh, const torch::Tensor& h_prev,
+                      const torch::Tensor& k_rz, const torch::Tensor& k_n,
+                      const torch::Tensor& k_h, const torch::Tensor& h_out,
+                      const torch::Tensor& pre_out, int64_t levels) {
+  const int64_t bs = h_prev.size(0), H = h_prev.size(1);
+  TORCH_CHECK(gx_rz.dim() == 3 && gx_rz.size(0) == bs && gx_rz.size(1) == 2 && gx_rz.size(2) == H &&
+                  gx_rz.scalar_type() == at::kFloat && (gx_rz.stride(2) == 1 || H <= 1),
+              "gx_rz must be float32 [", bs, ", 2, ", H, "] with unit stride along units, got ",
+              gx_rz.sizes(), " ", gx_rz.scalar_type());
+  TORCH_CHECK(k_rz.dim() == 3 && k_rz.size(0) == 2 && k_rz.size(1) == bs && k_rz.size(2) == H &&
+                  k_rz.scalar_type() == at::kByte && (k_rz.stride(2) == 1 || H <= 1),
+              "k_rz must be uint8 [2, ", bs, ", ", H, "] with unit stride along units, got ",
+              k_rz.sizes(), " ", k_rz.scalar_type());
+  TORCH_CHECK(levels >= 2 && levels <= 256, "levels must be in [2, 256], got ", levels);
+  const Rows gxn = rows_of(gx_n, "gx_n", bs, H), ghr = rows_of(gh, "gh", bs, 3 * H);
+  const Rows hp = rows_of(h_prev, "h_prev", bs, H), ho = rows_of(h_out, "h_out", bs, H);
+  check_rows(k_n, "k_n", bs, H, at::kByte);
+  check_rows(k_h, "k_h", bs, H, at::kByte);
+  const bool keep_pre = pre_out.numel() > 0;
+  const Rows pre = keep_pre ? rows_of(pre_out, "pre_out", bs, 3 * H) : Rows{nullptr, 0};
+  if (bs == 0 || H == 0) return;
+
+  const float span = static_cast<float>(levels - 1);
+  const float half_span = static_cast<float>(levels - 1) / 2.0f;
+  const int64_t n = bs * H;
+  std::vector<float> scratch(5 * n);
+  float* __restrict rz_pre = scratch.data();  // [2, n]: r, z pre-activations, plane by plane
+  float* __restrict rz = rz_pre + 2 * n;       // [2, n]: sigmoid, then level values
+  float* __restrict nv = rz + 2 * n;           // [n]: n's pre-activation, then tanh
+  std::vector<int32_t> codes(4 * n);           // r, z, n, h
+  int32_t* __restrict k = codes.data();
+  const float* gxrz = gx_rz.data_ptr<float>();
+  const int64_t gxrz_rs = gx_rz.stride(0), gxrz_qs = gx_rz.stride(1);
+  for (int64_t r = 0; r < bs; ++r) {
+    for (int64_t q = 0; q < 2; ++q) {
+      const float* gx = gxrz + r * gxrz_rs + q * gxrz_qs;
+      const float* g = ghr.row(r) + q * H;
+      float* dst = rz_pre + q * n + r * H;
+      for (int64_t j = 0; j < H; ++j) dst[j] = gx[j] + g[j];
+      if (keep_pre) std::copy(dst, dst + H, pre.row(r) + q * H);
+    }
+  }
+  sigmoid_loop(rz_pre, rz, n);          // r
+  sigmoid_loop(rz_pre + n, rz + n, n);  // z
+  for (int64_t i = 0; i < 2 * n; ++i) {
+    k[i] = code_of(rz[i] * span + 0.5f);
+    rz[i] = static_cast<float>(k[i]) / span;
+  }
+  const float* r_v = rz;
+  const float* z_v = rz + n;
+  for (int64_t r = 0; r < bs; ++r) {
+    const float* g_n = ghr.row(r) + 2 * H;
+    const float* x_n = gxn.row(r);
+    float* dst = nv + r * H;
+    for (int64_t j = 0; j < H; ++j) dst[j] = r_v[r * H + j] * g_n[j] + x_n[j];  // two roundings
+    if (keep_pre) std::copy(dst, dst + H, pre.row(r) + 2 * H);
+  }
+  tanh_array(nv, nv, n);
+  const float top = span;  // encode's clamp of h to [0, L - 1] (h need not be a tanh output)
+  for (int64_t r = 0; r < bs; ++r) {
+    const float* h_p = hp.row(r);
+    float* h_o = ho.row(r);
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t i = r * H + j;
+      const int32_t kn = code_of((nv[i] + 1.0f) * half_span + 0.5f);
+      k[2 * n + i] = kn;
+      const float n_v = static_cast<float>(2 * kn - (levels - 1)) / span;
+      const float h = (1.0f - z_v[i]) * n_v + z_v[i] * h_p[j];
+      float u = (h + 1.0f) * half_span + 0.5f;
+      if (!std::isnan(u)) u = std::min(std::max(u, 0.0f), top);
+      const int32_t kh = code_of(u);
+      k[3 * n + i] = kh;
+      h_o[j] = static_cast<float>(2 * kh - (levels - 1)) / span;
+    }
+  }
+  uint8_t* krz = k_rz.data_ptr<uint8_t>();
+  const int64_t krz_qs = k_rz.stride(0), krz_rs = k_rz.stride(1);
+  for (int64_t r = 0; r < bs; ++r) {
+    narrow(k + r * H, krz + r * krz_rs, H);
+    narrow(k + n + r * H, krz + krz_qs + r * krz_rs, H);
+    narrow(k + 2 * n + r * H, k_n.data_ptr<uint8_t>() + r * k_n.stride(0), H);
+    narrow(k + 3 * n + r * H, k_h.data_ptr<uint8_t>() + r * k_h.stride(0), H);
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward_step", &lstm_forward_step, "Fused discrete LSTM forward step (CPU)");
   m.def("lstm_backward_gather", &lstm_backward_gather, "A backward chunk's table lookups (CPU)");
   m.def("lstm_rebuild_step", &lstm_rebuild_step, "One step of backward's cell rebuild (CPU)");
   m.def("lstm_backward_finish", &lstm_backward_finish, "A backward chunk's u terms and masks (CPU)");
   m.def("lstm_backward_step", &lstm_backward_step, "One step of the backward recursion (CPU)");
+  m.def("gru_forward_step", &gru_forward_step, "Fused discrete GRU forward step (CPU)");
 }

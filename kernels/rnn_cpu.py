@@ -117,9 +117,63 @@ def _self_check(module) -> str | None:
         for name, (got, want) in pairs.items():
             if not _same_bits(got, want):
                 return f"{name} differ from the aten step at bs={bs}, H={H}, levels={levels}"
-        reason = _check_backward_steps(module, bs, H, clip, g)
+        reason = _check_backward_steps(module, bs, H, clip, g) or _check_gru_step(module, bs, H, levels, g)
         if reason is not None:
             return reason
+    return None
+
+
+def _check_gru_step(module, bs, H, levels, g) -> str | None:
+    """The GRU forward step against ``GRUForwardStep``, with the pre-activations of r, z and n
+    within ulps of their code boundaries (gh = 0 there, so they are gx exactly)."""
+    from .rnn_torch import GRUForwardStep, StepTables
+
+    span = levels - 1
+    k = torch.arange(span, dtype=torch.float64)
+    sig_b = _near(torch.logit((k + 0.5) / span))
+    tanh_b = _near(torch.atanh((2 * k + 1) / span - 1))
+
+    def fill(values, shape):
+        n = math.prod(shape)
+        perm = torch.randperm(values.numel(), generator=g)
+        return values[perm].repeat(-(-n // values.numel()))[:n].view(shape)
+
+    gx = 2 * torch.randn(bs, 3, H, generator=g)
+    gh = torch.randn(bs, 3 * H, generator=g)
+    top = (bs + 1) // 2
+    gx[:top, :2] = fill(sig_b, (top, 2, H))
+    gx[:top, 2] = fill(tanh_b, (top, H))
+    gh[:top] = 0.0
+    h_prev = 2 * torch.rand(bs, H, generator=g) - 1
+    # The other rows: z and n at the centre of a random level each (codes known), and h_prev such
+    # that h = (1 - z) n + z h_prev lands on a code boundary of h, where its roundings matter.
+    rest = (bs - top, H)
+    if levels > 2 and rest[0]:
+        kz = torch.randint(1, span, rest, generator=g, dtype=torch.float64)
+        kn = torch.randint(0, levels, rest, generator=g, dtype=torch.float64)
+        gx[top:, 1] = torch.logit(kz / span).float()
+        gx[top:, 2] = torch.atanh(((2 * kn - span) / span).clamp(-1 + 1e-6, 1 - 1e-6)).float()
+        gh[top:, H:] = 0.0
+        z_v = (kz.float() / span).double()
+        n_v = ((2 * kn - span).float() / span).double()
+        b = (2 * torch.randint(0, span, rest, generator=g, dtype=torch.float64) + 1) / span - 1
+        h_prev[top:] = ((b - (1 - z_v) * n_v) / z_v).float()
+    gx[-1, 0, 0] = float("nan")
+    h_prev[-1, -1] = float("inf")
+    step = GRUForwardStep(StepTables(levels, torch.float32, "cpu"), bs, H, "cpu")
+    v = step.rows(bs)
+    v.gh.copy_(gh)
+    gx_rz, gx_n = gx[:, :2], gx[:, 2]
+    want_k = torch.empty(4, bs, H, dtype=torch.int32)
+    want_pre = torch.empty(bs, 3 * H)
+    want_h = step(v, gx_rz, gx_n, h_prev, want_k[:2], want_k[2], want_k[3], pre_out=want_pre)
+    got_k = torch.empty(4, bs, H, dtype=torch.uint8)
+    got_h, got_pre = torch.empty(bs, H), torch.empty(bs, 3 * H)
+    module.gru_forward_step(gx_rz, gx_n, gh, h_prev, got_k[:2], got_k[2], got_k[3], got_h,
+                            got_pre, levels)
+    if not (torch.equal(got_k, want_k.to(torch.uint8)) and _same_bits(got_h, want_h)
+            and _same_bits(got_pre, want_pre)):
+        return f"the GRU step differs from the aten step at bs={bs}, H={H}, levels={levels}"
     return None
 
 

@@ -40,6 +40,10 @@ buffers, a few aten calls per step. They are bit-identical to encoding and decod
   torch's CPU kernels vectorise the body of that loop and evaluate its tail in scalar code, which
   can differ in the last ulp, so the loop shape is part of being bit-identical.
 
+On the CPU the layers run the fused kernels of ``kernels/rnn_cpu.cpp`` in place of these calls
+where they can: the same arithmetic in fewer passes, bit-identical to the calls here (MKL's tanh, as
+torch.tanh, does not depend on the loop shape; the sigmoid loops follow aten's).
+
 Backward (:class:`StepTables`) decodes a whole chunk of codes at once by lookup tables of the L level
 values and straight-through derivatives, and of the products of two codes' values / derivatives
 (computed once with ``torch_decode`` and ``torch_code_derivative``: the same numbers as decoding

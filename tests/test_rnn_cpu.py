@@ -1,5 +1,6 @@
-"""The fused CPU step kernel (kernels/rnn_cpu.cpp) against the aten step it replaces
-(rnn_torch.LSTMForwardStep): bit for bit, step by step and through whole layers."""
+"""The fused CPU kernels (kernels/rnn_cpu.cpp) against the aten calls they replace
+(rnn_torch.LSTMForwardStep / GRUForwardStep, the chunked backward's calls): bit for bit, step by
+step and through whole layers."""
 
 import math
 import shutil
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from discrnn import DiscreteLSTM
+from discrnn import DiscreteGRU, DiscreteLSTM
 from discrnn.kernels import rnn_cpu, rnn_torch
 
 if torch.get_default_device().type != "cpu":
@@ -62,6 +63,16 @@ def test_fused_lstm_step_bit_identical_to_aten_step(fused, levels):
         assert _same_bits(got_c, want_c), (bs, H)
         assert _same_bits(got_m, want_m), (bs, H)
         assert (rows[:, :, H:] == 0xA5).all()  # padding untouched
+
+
+@pytest.mark.parametrize("levels", [2, 3, 64, 256])
+def test_fused_gru_step_bit_identical_to_aten_step(fused, levels):
+    """Codes, h_t and the kept pre-activations of the GRU step equal the aten step's, with r, z
+    and n within ulps of their code boundaries, on shapes whose bs * H leaves a scalar tail of
+    the sigmoid's loop (and some that do not)."""
+    g = torch.Generator().manual_seed(levels)
+    for bs, H in [(1, 1), (3, 7), (16, 33), (4, 64), (5, 100), (8, 451)]:
+        assert rnn_cpu._check_gru_step(fused, bs, H, levels, g) is None, (bs, H)
 
 
 def test_fused_lstm_step_checks_its_arguments(fused):
@@ -132,6 +143,53 @@ def test_layers_bit_identical_with_and_without_fused_step(monkeypatch, fused, kw
     assert calls == expected
     monkeypatch.setattr(rnn_cpu, "fused_ops", lambda: None)
     without = _run(module, x, hx, lengths, autocast)
+    for a, b in zip(with_fused, without):
+        assert _same_bits(a, b)
+
+
+def _run_gru(module, x, h0, lengths, autocast=False):
+    params = list(module.parameters())
+    inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if lengths is not None else x
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, h_n = module(inp, h0)
+    y = pad_packed_sequence(out)[0] if lengths is not None else out
+    g = torch.Generator().manual_seed(5)
+    loss = sum((t.float() * torch.randn(t.shape, generator=g)).sum() for t in (y, h_n))
+    return [y.detach(), h_n.detach(), *torch.autograd.grad(loss, [x, h0] + params)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, dtype, autocast, lengths",
+    [
+        (dict(num_layers=2, bidirectional=True, chunk_size=3), torch.float32, False, [20, 13, 20, 3]),
+        (dict(grad="exact", levels=256, chunk_size=5), torch.float32, False, [20, 7, 11, 20]),
+        (dict(num_layers=2), torch.bfloat16, False, None),
+        (dict(num_layers=2), torch.float32, True, None),
+    ],
+    ids=["stack-packed", "exact-256", "bf16", "autocast"],
+)
+def test_gru_layers_bit_identical_with_and_without_fused_step(monkeypatch, fused, kwargs, dtype,
+                                                              autocast, lengths):
+    kwargs = {"levels": 64, **kwargs}
+    torch.manual_seed(0)
+    module = DiscreteGRU(6, 10, **kwargs).to(dtype)
+    layers = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 4, 6, generator=g).to(dtype).requires_grad_()
+    h0 = (0.5 * torch.randn(layers, 4, 10, generator=g)).clamp(-1, 1).to(dtype).requires_grad_()
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    calls = set()
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.add(name)
+            return getattr(fused, name)
+
+    monkeypatch.setattr(rnn_cpu, "fused_ops", Counting)
+    with_fused = _run_gru(module, x, h0, lengths, autocast)
+    assert calls == {"gru_forward_step"}
+    monkeypatch.setattr(rnn_cpu, "fused_ops", lambda: None)
+    without = _run_gru(module, x, h0, lengths, autocast)
     for a, b in zip(with_fused, without):
         assert _same_bits(a, b)
 
