@@ -135,6 +135,9 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
     hn_product = chunk_product(w_hh[2 * H :].to(acc), cfg, h0.shape[0])  # gh_n again, in acc
     b_hn_a = b_hh[2 * H :].to(acc) if b_hh is not None else None
     h_init = h0.to(acc)
+    fused = None  # the fused CPU kernels (kernels/rnn_cpu.cpp), grad="code" in float32 arithmetic
+    if device.type == "cpu" and acc == torch.float32 and preact is None:
+        fused = rnn_cpu.fused_ops()
 
     (dh_state,), (d_w_ih, d_w_hh), (d_b_ih, d_b_hh), dx = backward_buffers(
         ctx, acc, (h0,), (dh_n,), (w_ih, w_hh), (3 * H, 3 * H)
@@ -161,13 +164,20 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
             return split_steps(rows, cfg, steps, lo, dim)
 
         h_before = None if before is None else tables.lookup("output", TANH, before[:, 3])
-        idx = tables.indices(codes)
-        del codes, before
+        del before
+        if fused is not None:  # the same lookups and products in two passes (kernels/rnn_cpu.cpp)
+            h_out = torch.empty(R, H, dtype=acc, device=device)
+            fused.lookup_plane(codes, 3, tables.table("output", TANH), h_out)
+        else:
+            idx = tables.indices(codes)
+            del codes
 
-        def gather(which, kind, q):
-            return tables.gather(tables.table(which, kind), idx[q], (R, H))
+            def gather(which, kind, q):
+                return tables.gather(tables.table(which, kind), idx[q], (R, H))
 
-        h_prev = previous_rows(gather("output", TANH, 3), h_before, h_init, cfg, steps, lo, acc)
+            h_out = gather("output", TANH, 3)
+        h_prev = previous_rows(h_out, h_before, h_init, cfg, steps, lo, acc)
+        del h_out
         # h W_hn^T + b_hn, needed for dr, is recomputed for the whole chunk in one matmul.
         gh_n = hn_product.mm(h_prev)
         if b_hn_a is not None:
@@ -175,7 +185,14 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
         # dgh = dh * kk with kk = [(1 - z) d_n gh_n d_r, (h_prev - n) d_z, (1 - z) d_n r]; dgx is the
         # same with (1 - z) d_n as its last plane. The derivatives d_* come from the codes, or
         # with grad="exact" are f' at the kept pre-activations.
-        if preact is None:
+        if fused is not None:
+            kk = torch.empty(3, R, H, dtype=acc, device=device)  # plane by plane
+            z_v, a_n = torch.empty(2, R, H, dtype=acc, device=device)
+            fused.gru_backward_prep(codes, h_prev, gh_n, tables.table("value", SIG),
+                                    tables.table("deriv", SIG), tables.table("value", TANH),
+                                    tables.pair_table("a_n"), kk, z_v, a_n, cfg.levels)
+            del codes, gh_n
+        elif preact is None:
             a_n = tables.gather(tables.pair_table("a_n"), tables.pair_index(idx[1], idx[2]), (R, H))
             d_r, d_z = gather("deriv", SIG, 0), gather("deriv", SIG, 1)
         else:
@@ -184,14 +201,15 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
             ).unbind(1)
             a_n = torch.rsub(gather("value", SIG, 1), 1.0).mul_(d_n)
             del d_n
-        kk = torch.empty(3, R, H, dtype=acc, device=device)  # plane by plane
-        torch.mul(a_n, gh_n, out=kk[0]).mul_(d_r)
-        del gh_n, d_r
-        torch.sub(h_prev, gather("value", TANH, 2), out=kk[1]).mul_(d_z)
-        del d_z
-        torch.mul(a_n, gather("value", SIG, 0), out=kk[2])
-        z_v = gather("value", SIG, 1)
-        del idx
+        if fused is None:
+            kk = torch.empty(3, R, H, dtype=acc, device=device)  # plane by plane
+            torch.mul(a_n, gh_n, out=kk[0]).mul_(d_r)
+            del gh_n, d_r
+            torch.sub(h_prev, gather("value", TANH, 2), out=kk[1]).mul_(d_z)
+            del d_z
+            torch.mul(a_n, gather("value", SIG, 0), out=kk[2])
+            z_v = gather("value", SIG, 1)
+            del idx
 
         dhs = torch.empty(R, H, dtype=acc, device=device)
         dg = torch.empty(R, 3 * H, dtype=acc, device=device)

@@ -174,7 +174,8 @@ void lstm_forward_step(const torch::Tensor& gates, const torch::Tensor& c_prev,
 // ---------------------------------------------------------------------------------------------
 // Backward of one chunk (discrnn/lstm_function.py, _lstm_backward_chunked, grad="code"): the same
 // arithmetic as its aten calls, element for element. Row r of an [R, H] operand starts at
-// ptr + r * stride(0); units are contiguous.
+// ptr + r * stride(0); units are contiguous. Codes index the tables unchecked: they come from the
+// layer's own code store, where the encoder wrote codes below the number of levels.
 
 namespace {
 
@@ -466,6 +467,70 @@ void gru_forward_step(const torch::Tensor& gx_rz, const torch::Tensor& gx_n,
   }
 }
 
+// table[code] of plane q of codes [R, Q, H] into out [R, H] (e.g. h's values as the layer's dtype
+// rounds them, StepTables.table("output", "tanh")).
+void lookup_plane(const torch::Tensor& codes, int64_t q, const torch::Tensor& table,
+                  const torch::Tensor& out) {
+  const int64_t R = codes.size(0), H = codes.size(2);
+  TORCH_CHECK(codes.dim() == 3 && q >= 0 && q < codes.size(1) && codes.scalar_type() == at::kByte &&
+                  (codes.stride(2) == 1 || H <= 1),
+              "codes must be uint8 [R, > ", q, ", H] with unit stride along units, got ",
+              codes.sizes(), " ", codes.scalar_type());
+  const float* t = table_of(table, "table", table.numel());
+  const Rows o = rows_of(out, "out", R, H);
+  const uint8_t* k_ptr = codes.data_ptr<uint8_t>() + q * codes.stride(1);
+  const int64_t k_rs = codes.stride(0);
+  for (int64_t r = 0; r < R; ++r) {
+    const uint8_t* k = k_ptr + r * k_rs;
+    float* __restrict o_r = o.row(r);
+    for (int64_t j = 0; j < H; ++j) o_r[j] = t[k[j]];
+  }
+}
+
+// GRU backward, one chunk (discrnn/gru_function.py, grad="code"), from the codes [R, 4, H] (r, z,
+// n, h), h_{t-1} and h_{t-1} W_hn^T + b_hn [R, H]: kk = [(1 - z) d_n gh_n d_r, (h_prev - n) d_z,
+// (1 - z) d_n r] [3, R, H], z's values and a_n = (1 - z) d_n (pair table "a_n" at z L + n).
+void gru_backward_prep(const torch::Tensor& codes, const torch::Tensor& h_prev,
+                       const torch::Tensor& gh_n, const torch::Tensor& value_sig,
+                       const torch::Tensor& deriv_sig, const torch::Tensor& value_tanh,
+                       const torch::Tensor& pair_a_n, const torch::Tensor& kk,
+                       const torch::Tensor& z_v, const torch::Tensor& a_n, int64_t levels) {
+  const int64_t R = codes.size(0), H = codes.size(2);
+  check_codes(codes, R, H);
+  TORCH_CHECK(kk.dim() == 3 && kk.size(0) == 3, "kk must be [3, R, H], got ", kk.sizes());
+  const float* val_s = table_of(value_sig, "value_sig", levels);
+  const float* der_s = table_of(deriv_sig, "deriv_sig", levels);
+  const float* val_t = table_of(value_tanh, "value_tanh", levels);
+  const float* an_t = table_of(pair_a_n, "pair_a_n", levels * levels);
+  const Rows hp = rows_of(h_prev, "h_prev", R, H), ghn = rows_of(gh_n, "gh_n", R, H);
+  const Rows k0 = rows_of(kk[0], "kk[0]", R, H), k1 = rows_of(kk[1], "kk[1]", R, H);
+  const Rows k2 = rows_of(kk[2], "kk[2]", R, H), zv = rows_of(z_v, "z_v", R, H);
+  const Rows an = rows_of(a_n, "a_n", R, H);
+  const uint8_t* k_ptr = codes.data_ptr<uint8_t>();
+  const int64_t k_rs = codes.stride(0), k_qs = codes.stride(1);
+  at::parallel_for(0, R, row_grain(4 * H), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* k = k_ptr + r * k_rs;
+      const float* hp_r = hp.row(r);
+      const float* ghn_r = ghn.row(r);
+      float* __restrict k0_r = k0.row(r);
+      float* __restrict k1_r = k1.row(r);
+      float* __restrict k2_r = k2.row(r);
+      float* __restrict zv_r = zv.row(r);
+      float* __restrict an_r = an.row(r);
+      for (int64_t j = 0; j < H; ++j) {
+        const int64_t kr = k[j], kz = k[k_qs + j], kn = k[2 * k_qs + j];
+        const float a = an_t[kz * levels + kn];
+        k0_r[j] = (a * ghn_r[j]) * der_s[kr];
+        k1_r[j] = (hp_r[j] - val_t[kn]) * der_s[kz];
+        k2_r[j] = a * val_s[kr];
+        zv_r[j] = val_s[kz];
+        an_r[j] = a;
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward_step", &lstm_forward_step, "Fused discrete LSTM forward step (CPU)");
   m.def("lstm_backward_gather", &lstm_backward_gather, "A backward chunk's table lookups (CPU)");
@@ -473,4 +538,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward_finish", &lstm_backward_finish, "A backward chunk's u terms and masks (CPU)");
   m.def("lstm_backward_step", &lstm_backward_step, "One step of the backward recursion (CPU)");
   m.def("gru_forward_step", &gru_forward_step, "Fused discrete GRU forward step (CPU)");
+  m.def("lookup_plane", &lookup_plane, "Table values of one plane of codes (CPU)");
+  m.def("gru_backward_prep", &gru_backward_prep, "A GRU backward chunk's per-unit terms (CPU)");
 }
