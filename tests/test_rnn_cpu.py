@@ -127,6 +127,17 @@ def test_layers_bit_identical_with_and_without_fused_step(monkeypatch, fused, kw
           torch.randn(layers, 4, 10, generator=g).to(dtype).requires_grad_())
     lengths = torch.tensor(lengths) if lengths is not None else None
 
+    expected = {"lstm_forward_step"}
+    if kwargs.get("grad", "code") == "code":  # grad="exact" keeps the aten backward
+        expected |= {"lstm_backward_gather", "lstm_rebuild_step", "lstm_backward_finish",
+                     "lstm_backward_step"}
+    _assert_fused_changes_no_bit(monkeypatch, fused, lambda: _run(module, x, hx, lengths, autocast),
+                                 expected)
+
+
+def _assert_fused_changes_no_bit(monkeypatch, fused, run, expected_kernels):
+    """``run()``'s results are the same bits with the fused kernels as with the aten calls, and
+    exactly ``expected_kernels`` ran."""
     calls = set()
 
     class Counting:
@@ -135,14 +146,11 @@ def test_layers_bit_identical_with_and_without_fused_step(monkeypatch, fused, kw
             return getattr(fused, name)
 
     monkeypatch.setattr(rnn_cpu, "fused_ops", Counting)
-    with_fused = _run(module, x, hx, lengths, autocast)
-    expected = {"lstm_forward_step"}
-    if kwargs.get("grad", "code") == "code":  # grad="exact" keeps the aten backward
-        expected |= {"lstm_backward_gather", "lstm_rebuild_step", "lstm_backward_finish",
-                     "lstm_backward_step"}
-    assert calls == expected
+    with_fused = run()
+    assert calls == expected_kernels
     monkeypatch.setattr(rnn_cpu, "fused_ops", lambda: None)
-    without = _run(module, x, hx, lengths, autocast)
+    without = run()
+    assert len(with_fused) == len(without)
     for a, b in zip(with_fused, without):
         assert _same_bits(a, b)
 
@@ -178,23 +186,11 @@ def test_gru_layers_bit_identical_with_and_without_fused_step(monkeypatch, fused
     x = torch.randn(20, 4, 6, generator=g).to(dtype).requires_grad_()
     h0 = (0.5 * torch.randn(layers, 4, 10, generator=g)).clamp(-1, 1).to(dtype).requires_grad_()
     lengths = torch.tensor(lengths) if lengths is not None else None
-    calls = set()
-
-    class Counting:
-        def __getattr__(self, name):
-            calls.add(name)
-            return getattr(fused, name)
-
-    monkeypatch.setattr(rnn_cpu, "fused_ops", Counting)
-    with_fused = _run_gru(module, x, h0, lengths, autocast)
     expected = {"gru_forward_step"}
     if kwargs.get("grad", "code") == "code":  # grad="exact" keeps the aten backward
         expected |= {"lookup_plane", "gru_backward_prep"}
-    assert calls == expected
-    monkeypatch.setattr(rnn_cpu, "fused_ops", lambda: None)
-    without = _run_gru(module, x, h0, lengths, autocast)
-    for a, b in zip(with_fused, without):
-        assert _same_bits(a, b)
+    _assert_fused_changes_no_bit(monkeypatch, fused,
+                                 lambda: _run_gru(module, x, h0, lengths, autocast), expected)
 
 
 def test_fused_step_off_by_switch(monkeypatch):
