@@ -75,6 +75,15 @@ void narrow(const int32_t* __restrict src, uint8_t* __restrict dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<uint8_t>(src[j]);
 }
 
+// Per-thread scratch that outlives the call: the step kernels run once per time step, and a fresh
+// buffer per call would be a malloc (and, above glibc's mmap threshold, page faults) every step.
+template <typename T>
+T* scratch_buffer(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 void check_rows(const torch::Tensor& t, const char* name, int64_t bs, int64_t H,
                 at::ScalarType dtype) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == bs && t.size(1) == H, name, " must be [", bs, ", ", H,
@@ -127,12 +136,10 @@ void lstm_forward_step(const torch::Tensor& gates, const torch::Tensor& c_prev,
   // Rows are independent; split them only when the step is large enough to pay for threads.
   const int64_t grain = std::max<int64_t>(1, 32768 / (4 * H));
   at::parallel_for(0, bs, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> scratch(6 * H);
-    std::vector<int32_t> code_scratch(5 * H);
-    float* __restrict act = scratch.data();        // [4, H] activations i, f, g, o
+    float* __restrict act = scratch_buffer<float>(6 * H);  // [4, H] activations i, f, g, o
     float* __restrict val = act + 4 * H;           // level values of i and g, then of o
     float* __restrict tanh_c = val + H;            // tanh(c_t)
-    int32_t* __restrict k = code_scratch.data();   // [5, H] codes i, f, g, o, u
+    int32_t* __restrict k = scratch_buffer<int32_t>(5 * H);  // [5, H] codes i, f, g, o, u
     for (int64_t r = r0; r < r1; ++r) {
       const float* pre = g_ptr + r * g_rs;
       sigmoid_loop(pre, act, H);                   // i
@@ -407,12 +414,10 @@ void gru_forward_step(const torch::Tensor& gx_rz, const torch::Tensor& gx_n,
   const float span = static_cast<float>(levels - 1);
   const float half_span = static_cast<float>(levels - 1) / 2.0f;
   const int64_t n = bs * H;
-  std::vector<float> scratch(5 * n);
-  float* __restrict rz_pre = scratch.data();  // [2, n]: r, z pre-activations, plane by plane
+  float* __restrict rz_pre = scratch_buffer<float>(5 * n);  // [2, n]: r, z pre-activations
   float* __restrict rz = rz_pre + 2 * n;       // [2, n]: sigmoid, then level values
   float* __restrict nv = rz + 2 * n;           // [n]: n's pre-activation, then tanh
-  std::vector<int32_t> codes(4 * n);           // r, z, n, h
-  int32_t* __restrict k = codes.data();
+  int32_t* __restrict k = scratch_buffer<int32_t>(4 * n);  // codes r, z, n, h
   const float* gxrz = gx_rz.data_ptr<float>();
   const int64_t gxrz_rs = gx_rz.stride(0), gxrz_qs = gx_rz.stride(1);
   for (int64_t r = 0; r < bs; ++r) {
