@@ -117,6 +117,20 @@ def _lstm_output_rows_fn_tables(cfg, store, tables, w_hr):
     return output_rows
 
 
+class StepRows:
+    """The rows of step j of a chunk (processing order), ``rows.narrow(dim, offsets[j], bs)``, made
+    when asked for: :func:`split_steps` without a view per step up front."""
+
+    def __init__(self, rows, offsets, bs, dim=0):
+        self.rows, self.offsets, self.bs, self.dim = rows, offsets, bs, dim
+
+    def __getitem__(self, j):
+        return self.rows.narrow(self.dim, self.offsets[j], self.bs)
+
+    def __len__(self):
+        return len(self.offsets)
+
+
 def _lstm_u_codes(tables, t, dtanh_out=None):
     """u's int32 codes [R, H] from t = tanh(c_t) [R, H] (overwritten), and with ``dtanh_out`` also
     1 - t^2 there. For the forward's codes bit for bit, t must come from one ``torch.tanh`` call
@@ -126,6 +140,15 @@ def _lstm_u_codes(tables, t, dtanh_out=None):
         torch.mul(t, t, out=dtanh_out).neg_().add_(1.0)
     u_idx = torch.empty(t.shape, dtype=torch.int32, device=t.device)
     return tables.encode_tanh_(t, True, u_idx)
+
+
+def _lstm_finish_rows(done, bs, out, c_new, k_gates, k_u, h_n, c_n, final_codes):
+    """The final state of the rows [done, bs) of a step, where they take their last step."""
+    if done < bs:
+        h_n[done:bs] = out[done:bs]
+        c_n[done:bs] = c_new[done:bs]
+        final_codes[0, done:bs] = k_gates[done:bs, 3]
+        final_codes[1, done:bs] = k_u[done:bs]
 
 
 def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes,
@@ -172,44 +195,59 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
         if b is not None:
             xproj += b
         psizes = [sizes[t] for t in steps]
-        xps = split_steps(xproj, cfg, steps, lo)
-        outs = split_steps(y[lo:hi], cfg, steps, lo)
-        k_gates = split_proc(k_gate_rows[: hi - lo], psizes)
-        k_u = split_proc(k_u_rows[: hi - lo], psizes)  # not kept: backward rebuilds it from c
-        pres = split_steps(preact[lo:hi], cfg, steps, lo) if preact is not None else None
-        for j, bs in enumerate(psizes):
+        if fused is not None and rnn_cpu.CHUNK_CALLS and all(bs == psizes[0] for bs in psizes):
+            # The chunk's steps in one call: the loop below in C++ (the same calls, without the
+            # interpreter's overhead per step).
+            bs = psizes[0]
             h_in = step_input(h_prev, prev_bs, bs, h0)
             c_in = step_input(c_prev, prev_bs, bs, c_init)
-            if j == 0 and first:
+            if first:
                 checkpoints.append(c_in if c_in is c_prev else c_in.clone())
-            v = step.rows(bs)
-            gates = v.gates if pres is None else pres[j]  # the same [bs, 4H] layout
-            if dtype == acc:
-                recurrent.addmm(xps[j], h_in, out=gates)
-            else:
-                gates.copy_(recurrent.addmm(xps[j], h_in))
-            out = outs[j]
-            if fused is None:
-                c_new, m = step(v, c_in, k_gates[j], k_u[j], out if direct else None,
-                                gates=None if pres is None else gates)
-            else:
-                c_new = torch.empty(bs, H, dtype=acc, device=device)
-                m = out if direct else m_buf[:bs]
-                fused.lstm_forward_step(gates, c_in, c_new, m, k_gates[j], k_u[j], cfg.levels,
-                                        cfg.cell_clip)
-            if not direct:
-                m = m.to(dtype)
-                if w_hr_t is None:
-                    out.copy_(m)
-                else:
-                    torch.mm(m, w_hr_t, out=out)
-            done = finish[first + j]
-            if done < bs:
-                h_n[done:bs] = out[done:bs]
-                c_n[done:bs] = c_new[done:bs]
-                final_codes[0, done:bs] = k_gates[j][done:bs, 3]
-                final_codes[1, done:bs] = k_u[j][done:bs]
+            c_new = fused.lstm_forward_steps(
+                xproj, [layout.offsets[t] - lo for t in steps], bs, h_in, c_in,
+                recurrent.weight_t, recurrent.packed, y[lo:hi], w_hr_t, k_gate_rows[: hi - lo],
+                k_u_rows[: hi - lo], None if preact is None else preact[lo:hi], cfg.levels,
+                cfg.cell_clip)
+            j = len(steps) - 1  # the last step's rows: in y by time, in the codes by processing
+            out = y[layout.rows(steps[j])]
+            _lstm_finish_rows(finish[first + j], bs, out, c_new, k_gate_rows[j * bs:(j + 1) * bs],
+                              k_u_rows[j * bs:(j + 1) * bs], h_n, c_n, final_codes)
             h_prev, c_prev, prev_bs = out, c_new, bs
+        else:
+            xps = split_steps(xproj, cfg, steps, lo)
+            outs = split_steps(y[lo:hi], cfg, steps, lo)
+            k_gates = split_proc(k_gate_rows[: hi - lo], psizes)
+            k_u = split_proc(k_u_rows[: hi - lo], psizes)  # not kept: backward rebuilds it from c
+            pres = split_steps(preact[lo:hi], cfg, steps, lo) if preact is not None else None
+            for j, bs in enumerate(psizes):
+                h_in = step_input(h_prev, prev_bs, bs, h0)
+                c_in = step_input(c_prev, prev_bs, bs, c_init)
+                if j == 0 and first:
+                    checkpoints.append(c_in if c_in is c_prev else c_in.clone())
+                v = step.rows(bs)
+                gates = v.gates if pres is None else pres[j]  # the same [bs, 4H] layout
+                if dtype == acc:
+                    recurrent.addmm(xps[j], h_in, out=gates)
+                else:
+                    gates.copy_(recurrent.addmm(xps[j], h_in))
+                out = outs[j]
+                if fused is None:
+                    c_new, m = step(v, c_in, k_gates[j], k_u[j], out if direct else None,
+                                    gates=None if pres is None else gates)
+                else:
+                    c_new = torch.empty(bs, H, dtype=acc, device=device)
+                    m = out if direct else m_buf[:bs]
+                    fused.lstm_forward_step(gates, c_in, c_new, m, k_gates[j], k_u[j],
+                                            cfg.levels, cfg.cell_clip)
+                if not direct:
+                    m = m.to(dtype)
+                    if w_hr_t is None:
+                        out.copy_(m)
+                    else:
+                        torch.mm(m, w_hr_t, out=out)
+                _lstm_finish_rows(finish[first + j], bs, out, c_new, k_gates[j], k_u[j], h_n,
+                                  c_n, final_codes)
+                h_prev, c_prev, prev_bs = out, c_new, bs
         if keep_codes:
             if fused is None:
                 rows_buf[: hi - lo, :, :H] = k_buf[: hi - lo, :4]
@@ -224,14 +262,17 @@ def _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m, input_t, lo, hi, d_w_
     the product with W_ih (:class:`StepProduct` of W_ih^T, in the products' dtype). ``gemm``: the
     dtype of the matrix products when it is not the accumulators' (a bf16/fp16 layer: its products
     run in that dtype, as torch's own backward does under autocast; the sums stay in acc)."""
-    addmm_(d_w_hh, dgates.t(), h_prev, gemm)
-    addmm_(d_w_ih, dgates.t(), input_rows(ctx, ctx.cfg, kept, lo, hi).to(dgates.dtype), gemm)
     if d_b is not None:
         d_b += dgates.sum(0)
+    # dgates in the products' dtype once, for its three products (the copy per product was a
+    # transposing one, slower than the product itself at small H)
+    dg = dgates if gemm is None else dgates.to(gemm)
+    addmm_(d_w_hh, dg.t(), h_prev, gemm)
+    addmm_(d_w_ih, dg.t(), input_rows(ctx, ctx.cfg, kept, lo, hi).to(dg.dtype), gemm)
     if d_w_hr is not None:
         addmm_(d_w_hr, dhs.t(), m, gemm)
     if dx is not None:
-        input_t.mm(dgates, out=dx[lo:hi])
+        input_t.mm(dg, out=dx[lo:hi])
 
 
 def _lstm_backward_chunked(
@@ -279,8 +320,15 @@ def _lstm_backward_chunked(
         R = hi - lo
         psizes = [sizes[t] for t in steps]
         codes, before = chunk_rows(store, codes_data, first, last)
+        # A chunk whose steps have one batch size runs its step loops in one call each (C++);
+        # Python then touches one step's rows, so they are views on demand.
+        offsets = [layout.offsets[t] - lo for t in steps]
+        one_call = (fused is not None and rnn_cpu.CHUNK_CALLS
+                    and all(bs == psizes[0] for bs in psizes))
 
         def split(rows, dim=0):
+            if one_call:
+                return StepRows(rows, offsets, psizes[0], dim)
             return split_steps(rows, cfg, steps, lo, dim)
 
         def as_output(m):  # h_t exactly as the forward pass fed it to the next step, in acc
@@ -343,25 +391,28 @@ def _lstm_backward_chunked(
         t_c = torch.empty(R, H, dtype=acc, device=device)
         f_s, ig_s, cp_s, raw_s, t_s = split(f_v), split(ig), split(p[1]), split(c_raw), split(t_c)
         cp_s[0].copy_(c_init[: psizes[0]] if k == 0 else checkpoints[k - 1][: psizes[0]])
-        for j in range(len(steps)):
-            bs = psizes[j]
-            bs_next = psizes[j + 1] if j + 1 < len(steps) else 0
-            if bs_next == bs:  # c_t is the next step's c_{t-1}: clamp straight into it
-                c_t = cp_s[j + 1]
-            else:
-                c_t = torch.empty(bs, H, dtype=acc, device=device)
-            if fused is not None:
-                fused.lstm_rebuild_step(f_s[j], ig_s[j], cp_s[j], raw_s[j], c_t, t_s[j], clip)
-            else:
-                raw = torch.mul(f_s[j], cp_s[j], out=raw_s[j]).add_(ig_s[j])
-                torch.clamp(raw, -clip, clip, out=c_t)
-                torch.tanh(c_t, out=t_s[j])  # contiguous [bs, H], as the forward step's call
-            if bs_next and bs_next != bs:
-                n = min(bs, bs_next)
-                cp_s[j + 1][:n] = c_t[:n]
-                if bs_next > bs:
-                    cp_s[j + 1][bs:] = c_init[bs:bs_next]
-        del c_t, t_s
+        if one_call:  # the loop below, in C++
+            fused.lstm_rebuild_steps(f_v, ig, p[1], c_raw, t_c, offsets, psizes[0], clip)
+        else:
+            for j in range(len(steps)):
+                bs = psizes[j]
+                bs_next = psizes[j + 1] if j + 1 < len(steps) else 0
+                if bs_next == bs:  # c_t is the next step's c_{t-1}: clamp straight into it
+                    c_t = cp_s[j + 1]
+                else:
+                    c_t = torch.empty(bs, H, dtype=acc, device=device)
+                if fused is not None:
+                    fused.lstm_rebuild_step(f_s[j], ig_s[j], cp_s[j], raw_s[j], c_t, t_s[j], clip)
+                else:
+                    raw = torch.mul(f_s[j], cp_s[j], out=raw_s[j]).add_(ig_s[j])
+                    torch.clamp(raw, -clip, clip, out=c_t)
+                    torch.tanh(c_t, out=t_s[j])  # contiguous [bs, H], as the forward step's call
+                if bs_next and bs_next != bs:
+                    n = min(bs, bs_next)
+                    cp_s[j + 1][:n] = c_t[:n]
+                    if bs_next > bs:
+                        cp_s[j + 1][bs:] = c_init[bs:bs_next]
+        del t_s
         if fused is not None:
             u_do = torch.empty(R, H, dtype=acc, device=device)
             m_all = torch.empty(R, H, dtype=acc, device=device)
@@ -418,6 +469,13 @@ def _lstm_backward_chunked(
                 torch.mul(dm, udo_s[j], out=dgo_s[j])
                 dcf = dc.mul_(f_s[j])
             pend_dg, pend_dcf, pend_bs = dg_s[j], dcf, bs
+            if one_call and j == len(steps) - 1 and j:
+                # the chunk's other steps in one call: this loop in C++
+                pend_dcf = fused.lstm_backward_steps(
+                    dys, dgates, dcf, o_du, u_do, p, f_v, offsets, bs, recurrent_t.weight_t,
+                    recurrent_t.packed, dhs, w_hr_a)
+                pend_dg = dg_s[0]
+                break
         pend_dg = pend_dg.clone()  # not a view into this chunk's buffer
         del p, o_du, u_do, f_v, f_s, p_s, odu_s, udo_s, dy_s, dys
 

@@ -360,15 +360,16 @@ ONEDNN_STEP_PRODUCTS = True
 # Reordering the weight costs about as much as two or three products (H=256: ~0.2 ms, H=1024:
 # ~4.6 ms on the 2-core CPU); below this many products per layer call it does not pay.
 _MIN_PACKED_PRODUCTS = 16
-# oneDNN's linear costs ~11 us per call more than addmm before any arithmetic; it wins once the
-# weight outgrows the core's cache. Measured (scripts/bench_rnn.py --products both, B=16, T=512,
-# one thread, forward + backward of one layer): 0.67-0.93x addmm's time for the LSTM and GRU at
-# H=512 and 1024, float32 and bf16 autocast; at H=256 (1 MiB float32, 0.75 MiB for the GRU) no
-# faster, and 0-15 % slower. float32 only: a bfloat16 addmm runs oneDNN too and reorders the
-# weight on every call, so the packed weight is never slower there (per product, B=16: H=32 17.7
-# against 20.4 us, H=256 61.5 against 77.8 us; a DiscreteLSTM at H=256 under bf16 autocast 0.91x
-# the time with addmm).
-_MIN_PACKED_WEIGHT_BYTES = 1 << 20
+# oneDNN's linear costs ~13 us per call more than addmm before any arithmetic; it wins once the
+# weight outgrows the core's cache. Measured per product (B=16, one thread, 2-core AMD EPYC),
+# forward h W_hh^T + x / backward dgates W_hh + dy, addmm against packed: H=128 (256 KiB) 30.6
+# against 37.5 us; H=192 (576 KiB) 66.9 / 62.2 and 59.6 / 62.3; H=256 (1 MiB) 117.6 / 97.5 and
+# 106.3 / 95.9. A DiscreteLSTM at H=256 (forward + backward, T=512, its chunks' steps in one call)
+# then takes 0.94x its time with addmm (scripts/bench_rnn.py --products both); at H=512 and 1024
+# 0.67-0.93x, float32 and bf16 autocast. float32 only: a bfloat16 addmm runs oneDNN too and
+# reorders the weight on every call, so the packed weight is never slower there (per product,
+# B=16: H=32 17.7 against 20.4 us, H=256 61.5 against 77.8 us).
+_MIN_PACKED_WEIGHT_BYTES = 1 << 19
 
 
 def _onednn_packed(weight: torch.Tensor, rows: int, products: int):
@@ -376,7 +377,7 @@ def _onednn_packed(weight: torch.Tensor, rows: int, products: int):
     ``torch.ops.mkldnn._linear_pointwise`` (what inductor's CPU weight prepacking does), or None
     where that is unavailable or not worth it: not a CPU tensor, not float32 / bfloat16 (float64
     has no oneDNN path, float16 needs CPU support few machines have), oneDNN absent or disabled
-    (``torch.backends.mkldnn.flags(enabled=False)``), a float32 weight of at most 1 MiB or fewer
+    (``torch.backends.mkldnn.flags(enabled=False)``), a float32 weight of at most 512 KiB or fewer
     than ``_MIN_PACKED_PRODUCTS`` products to run."""
     small = (weight.dtype == torch.float32
              and weight.numel() * weight.element_size() <= _MIN_PACKED_WEIGHT_BYTES)
@@ -395,7 +396,7 @@ class StepProduct:
     rows a per call, in ``W``'s dtype (``a`` is cast to it; the layers pass bf16/fp16 weights for
     backward's products under autocast, as torch's backward computes them).
 
-    On a CPU with oneDNN (bfloat16, or float32 and a weight over 1 MiB), W is reordered once per
+    On a CPU with oneDNN (bfloat16, or float32 and a weight over 512 KiB), W is reordered once per
     layer call into oneDNN's blocked layout and every product runs oneDNN's linear on it: a layer's
     forward + backward (B=16, T=512, one thread) then takes 0.76-0.94x its time with torch.addmm
     at H=512-1024 (see ``_MIN_PACKED_WEIGHT_BYTES``). bfloat16 results are bit-identical to

@@ -20,10 +20,12 @@
 
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -379,6 +381,272 @@ void lstm_backward_step(const torch::Tensor& dm, const torch::Tensor& dc_in,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Whole chunks of steps in one call (discrnn/lstm_function.py): the sequential loops over a
+// chunk's steps, where every step has the same bs rows. From Python each step cost about as much
+// in interpreter and dispatch overhead as in arithmetic; here the loops make the same aten calls
+// for the matrix products (so the same results, bit for bit) and call the step kernels above.
+
+namespace {
+
+// Conversions between float32 and bfloat16 rows in loops of their own: aten's copy and mixed-dtype
+// add cost several microseconds per call before they convert anything, and the bfloat16 products
+// need three of them a step. The same bits as aten: bfloat16 -> float32 is exact; float32 ->
+// bfloat16 rounds to nearest even on the bits (subnormals included) and gives 0xFFFF for NaN, as
+// aten's vectorized conversion does everywhere (measured on this build, tails included).
+inline uint16_t bf16_bits(float x) {
+  if (std::isnan(x)) return 0xFFFF;
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float widen_bf16(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+// [rows, n] with unit stride along n (or n <= 1), on the CPU.
+bool unit_rows(const at::Tensor& t) {
+  return t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1) && t.device().is_cpu();
+}
+
+// dst.copy_(src) where one is float32 and the other bfloat16; otherwise aten's copy.
+void copy_rows(const at::Tensor& src, at::Tensor dst) {
+  const auto from = src.scalar_type(), to = dst.scalar_type();
+  const bool narrowing = from == at::kFloat && to == at::kBFloat16;
+  if (!(narrowing || (from == at::kBFloat16 && to == at::kFloat)) || !unit_rows(src) ||
+      !unit_rows(dst) || !src.sizes().equals(dst.sizes())) {
+    dst.copy_(src);
+    return;
+  }
+  const int64_t rows = src.size(0), n = src.size(1);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (narrowing) {
+      const float* s = src.data_ptr<float>() + r * src.stride(0);
+      uint16_t* d = reinterpret_cast<uint16_t*>(dst.data_ptr<c10::BFloat16>()) + r * dst.stride(0);
+      for (int64_t j = 0; j < n; ++j) d[j] = bf16_bits(s[j]);
+    } else {
+      const uint16_t* s =
+          reinterpret_cast<const uint16_t*>(src.data_ptr<c10::BFloat16>()) + r * src.stride(0);
+      float* d = dst.data_ptr<float>() + r * dst.stride(0);
+      for (int64_t j = 0; j < n; ++j) d[j] = widen_bf16(s[j]);
+    }
+  }
+}
+
+// torch.add(c, b) for float32 c and bfloat16 b (promoted to float32, then one rounding), into out
+// (float32) or a new tensor. The sum's bits are aten's; where both operands are NaN, which NaN's
+// payload the result carries may differ.
+at::Tensor add_widened(const at::Tensor& c, const at::Tensor& b, at::Tensor out) {
+  if (!out.defined()) out = at::empty(c.sizes(), c.options());
+  if (c.scalar_type() != at::kFloat || b.scalar_type() != at::kBFloat16 ||
+      out.scalar_type() != at::kFloat || !unit_rows(c) || !unit_rows(b) || !unit_rows(out) ||
+      !c.sizes().equals(b.sizes()) || !c.sizes().equals(out.sizes())) {
+    return at::add_out(out, c, b);
+  }
+  const int64_t rows = c.size(0), n = c.size(1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* c_r = c.data_ptr<float>() + r * c.stride(0);
+    const uint16_t* b_r =
+        reinterpret_cast<const uint16_t*>(b.data_ptr<c10::BFloat16>()) + r * b.stride(0);
+    float* o_r = out.data_ptr<float>() + r * out.stride(0);
+    for (int64_t j = 0; j < n; ++j) o_r[j] = c_r[j] + widen_bf16(b_r[j]);
+  }
+  return out;
+}
+
+// a.to(dtype), with copy_rows's conversion.
+at::Tensor to_dtype(const at::Tensor& a, at::ScalarType dtype) {
+  if (a.scalar_type() == dtype) return a;
+  at::Tensor out = at::empty(a.sizes(), a.options().dtype(dtype));
+  copy_rows(a, out);
+  return out;
+}
+
+// oneDNN's linear on a weight prepacked by torch.ops.mkldnn._reorder_linear_weight, through the
+// dispatcher (boxed: the ops' C++ signatures differ between torch versions, their schemas don't).
+at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& packed) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{a, packed, c10::IValue(), std::string("none"),
+                                 c10::List<std::optional<at::Scalar>>(), std::string("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+at::Tensor onednn_linear_add(const at::Tensor& a, const at::Tensor& other,
+                             const at::Tensor& packed) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "binary");
+  std::vector<c10::IValue> stack{a, other, packed, c10::IValue(), std::string("add")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// discrnn.rnn_function.StepProduct, call for call: a @ W^T with W^T = weight_t ([in, out], W's
+// dtype), on oneDNN's packed copy of W where there is one.
+struct StepProduct {
+  at::Tensor weight_t;
+  std::optional<at::Tensor> packed;
+
+  at::ScalarType dtype() const { return weight_t.scalar_type(); }
+
+  at::Tensor mm(const at::Tensor& a_in, at::Tensor out = {}) const {
+    const at::Tensor a = to_dtype(a_in, dtype());
+    at::Tensor y;
+    if (!packed) {
+      if (out.defined() && out.scalar_type() == dtype()) return at::mm_out(out, a, weight_t);
+      y = at::mm(a, weight_t);
+    } else {
+      y = onednn_linear(a, *packed);
+    }
+    return out.defined() ? out.copy_(y) : y;
+  }
+
+  // c + a @ W^T: one fused call where c has W's dtype, else the product rounded to W's dtype and
+  // added in c's.
+  at::Tensor addmm(const at::Tensor& c, const at::Tensor& a_in, at::Tensor out = {}) const {
+    if (c.scalar_type() != dtype()) {
+      if (c.scalar_type() == at::kFloat && dtype() == at::kBFloat16) {
+        return add_widened(c, mm(a_in), out);
+      }
+      return out.defined() ? at::add_out(out, c, mm(a_in)) : at::add(c, mm(a_in));
+    }
+    const at::Tensor a = to_dtype(a_in, dtype());
+    if (!packed) return out.defined() ? at::addmm_out(out, c, a, weight_t) : at::addmm(c, a, weight_t);
+    at::Tensor y = onednn_linear_add(a, c, *packed);
+    return out.defined() ? out.copy_(y) : y;
+  }
+};
+
+void check_offsets(const std::vector<int64_t>& offsets, int64_t bs, int64_t R) {
+  for (const int64_t o : offsets) {
+    TORCH_CHECK(o >= 0 && o + bs <= R, "step rows [", o, ", ", o + bs, ") outside the chunk's ", R,
+                " rows");
+  }
+}
+
+}  // namespace
+
+// The steps of one forward chunk (_lstm_forward_chunked's inner loop), step j's bs rows starting
+// at row offsets[j] of the chunk's rows (steps in processing order, rows in time order) and at row
+// j bs of the codes (rows in processing order, as the code store keeps them).
+//   xproj    [R, 4H]: x W_ih^T + b, in the products' dtype
+//   h_in     [bs, P] the layer's dtype, c_in [bs, H] float32: the state the first step reads
+//   weight_t, packed: the recurrent StepProduct (W_hh^T, oneDNN's packed W_hh or None)
+//   y        [R, P] the layer's dtype: the chunk's output rows (h_t)
+//   w_hr_t   [H, P] or None: the projection (proj_size)
+//   k_gates  [R, 4, H] uint8, k_u [R, H] uint8: the codes (lstm_forward_step)
+//   preact   [R, 4H] float32 or None: receives the gate pre-activations (grad="exact")
+// Returns c of the last step (a tensor of its own: the next chunk's checkpoint).
+at::Tensor lstm_forward_steps(const at::Tensor& xproj, const std::vector<int64_t>& offsets,
+                              int64_t bs, const at::Tensor& h_in, const at::Tensor& c_in,
+                              const at::Tensor& weight_t, const std::optional<at::Tensor>& packed,
+                              const at::Tensor& y, const std::optional<at::Tensor>& w_hr_t,
+                              const at::Tensor& k_gates, const at::Tensor& k_u,
+                              const std::optional<at::Tensor>& preact, int64_t levels,
+                              double cell_clip) {
+  const int64_t R = y.size(0), H = c_in.size(1);
+  TORCH_CHECK(!offsets.empty(), "offsets must name at least one step");
+  check_offsets(offsets, bs, R);
+  TORCH_CHECK(xproj.dim() == 2 && xproj.size(0) == R && xproj.size(1) == 4 * H,
+              "xproj must be [", R, ", ", 4 * H, "], got ", xproj.sizes());
+  TORCH_CHECK(k_gates.size(0) == R && k_u.size(0) == R, "codes must have ", R, " rows");
+  const StepProduct recurrent{weight_t, packed};
+  const at::ScalarType dtype = y.scalar_type();
+  const bool exact_dtype = dtype == at::kFloat;
+  const bool direct = !w_hr_t && exact_dtype;  // m goes straight into y
+  const auto f32 = c_in.options().dtype(at::kFloat);
+  at::Tensor gates_buf = at::empty({bs, 4 * H}, f32);
+  at::Tensor m_buf = direct ? at::Tensor() : at::empty({bs, H}, f32);
+  at::Tensor c_bufs[2] = {at::empty({bs, H}, f32), at::empty({bs, H}, f32)};
+  at::Tensor h = h_in, c = c_in;
+  for (size_t j = 0; j < offsets.size(); ++j) {
+    const int64_t o = offsets[j];
+    at::Tensor gates = preact ? preact->narrow(0, o, bs) : gates_buf;
+    const at::Tensor xp = xproj.narrow(0, o, bs);
+    if (exact_dtype) {
+      recurrent.addmm(xp, h, gates);
+    } else {
+      copy_rows(recurrent.addmm(xp, h), gates);
+    }
+    at::Tensor out = y.narrow(0, o, bs);
+    const at::Tensor& c_new = c_bufs[j % 2];
+    const at::Tensor m = direct ? out : m_buf;
+    const int64_t k = static_cast<int64_t>(j) * bs;  // codes: processing order
+    lstm_forward_step(gates, c, c_new, m, k_gates.narrow(0, k, bs), k_u.narrow(0, k, bs), levels,
+                      cell_clip);
+    if (!direct) {
+      if (!w_hr_t) {
+        copy_rows(m, out);  // m.to(dtype), then out.copy_: one rounding either way
+      } else {
+        at::mm_out(out, m.to(dtype), *w_hr_t);
+      }
+    }
+    h = out;
+    c = c_new;
+  }
+  return c;
+}
+
+// The cell rebuild of one backward chunk (lstm_rebuild_step per step): c_{t-1} of step j in
+// c_prev's rows offsets[j] (the first step's filled by the caller), each step's c_t clamped
+// straight into the next step's rows; f_v, i_g, raw_out, t_out [R, H] as lstm_rebuild_step's.
+void lstm_rebuild_steps(const at::Tensor& f_v, const at::Tensor& i_g, const at::Tensor& c_prev,
+                        const at::Tensor& raw_out, const at::Tensor& t_out,
+                        const std::vector<int64_t>& offsets, int64_t bs, double cell_clip) {
+  const int64_t R = c_prev.size(0), H = c_prev.size(1);
+  check_offsets(offsets, bs, R);
+  const at::Tensor last = at::empty({bs, H}, c_prev.options());
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  for (int64_t j = 0; j < S; ++j) {
+    const int64_t o = offsets[j];
+    const at::Tensor c_t = j + 1 < S ? c_prev.narrow(0, offsets[j + 1], bs) : last;
+    lstm_rebuild_step(f_v.narrow(0, o, bs), i_g.narrow(0, o, bs), c_prev.narrow(0, o, bs),
+                      raw_out.narrow(0, o, bs), c_t, t_out.narrow(0, o, bs), cell_clip);
+  }
+}
+
+// Steps offsets[S-2] .. offsets[0] of one backward chunk's recursion (the caller ran step S - 1,
+// where the state gradients may come from another batch size): per step dh = dy + dgates_next
+// W_hh (the StepProduct of W_hh^T; into dh_out's rows where given), dm = dh (or dh W_hr), then
+// lstm_backward_step. dcf_last: dc f of step S - 1. Returns dc f of the first step (a tensor of
+// its own: the next chunk's).
+//   dys [R, P] float32; dgates [R, 4H] float32 (step S - 1's rows filled); o_du, u_do, f_v
+//   [R, H]; p [3, R, H]; dh_out [R, P] or None; w_hr [P, H] float32 or None
+at::Tensor lstm_backward_steps(const at::Tensor& dys, const at::Tensor& dgates,
+                               const at::Tensor& dcf_last, const at::Tensor& o_du,
+                               const at::Tensor& u_do, const at::Tensor& p,
+                               const at::Tensor& f_v, const std::vector<int64_t>& offsets,
+                               int64_t bs, const at::Tensor& weight_t,
+                               const std::optional<at::Tensor>& packed,
+                               const std::optional<at::Tensor>& dh_out,
+                               const std::optional<at::Tensor>& w_hr) {
+  const int64_t R = dgates.size(0), H = f_v.size(1);
+  TORCH_CHECK(!offsets.empty(), "offsets must name at least one step");
+  check_offsets(offsets, bs, R);
+  TORCH_CHECK(p.dim() == 3 && p.size(0) == 3 && p.size(1) == R, "p must be [3, ", R, ", H], got ",
+              p.sizes());
+  const StepProduct recurrent{weight_t, packed};
+  at::Tensor dcf_bufs[2] = {at::empty({bs, H}, f_v.options()), at::empty({bs, H}, f_v.options())};
+  at::Tensor dcf = dcf_last;
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  for (int64_t j = S - 2; j >= 0; --j) {
+    const int64_t o = offsets[j];
+    const at::Tensor dh = recurrent.addmm(dys.narrow(0, o, bs), dgates.narrow(0, offsets[j + 1], bs),
+                                          dh_out ? dh_out->narrow(0, o, bs) : at::Tensor());
+    const at::Tensor dm = w_hr ? at::mm(dh, *w_hr) : dh;
+    const at::Tensor& dcf_new = dcf_bufs[j % 2];
+    lstm_backward_step(dm, dcf, o_du.narrow(0, o, bs), u_do.narrow(0, o, bs), p.narrow(1, o, bs),
+                       f_v.narrow(0, o, bs), dgates.narrow(0, o, bs), dcf_new);
+    dcf = dcf_new;
+  }
+  return dcf;
+}
+
+// ---------------------------------------------------------------------------------------------
 // GRU forward step (kernels/rnn_torch.py, GRUForwardStep): r and z as two [bs, H] planes whose
 // sigmoid runs one inner loop of bs * H each (the aten call's loop shape), then n, h and their codes.
 //   gx_rz   [bs, 2, H] float32: x W_ih^T + b_ih for r, z (any row and plane strides)
@@ -536,12 +804,24 @@ void gru_backward_prep(const torch::Tensor& codes, const torch::Tensor& h_prev,
   });
 }
 
+// The chunk loops' float32 <-> bfloat16 conversions, for rnn_cpu.py's self-check and the tests.
+void convert_rows(const at::Tensor& src, const at::Tensor& dst) { copy_rows(src, dst); }
+
+at::Tensor add_bfloat16(const at::Tensor& c, const at::Tensor& b) {
+  return add_widened(c, b, at::Tensor());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward_step", &lstm_forward_step, "Fused discrete LSTM forward step (CPU)");
   m.def("lstm_backward_gather", &lstm_backward_gather, "A backward chunk's table lookups (CPU)");
   m.def("lstm_rebuild_step", &lstm_rebuild_step, "One step of backward's cell rebuild (CPU)");
   m.def("lstm_backward_finish", &lstm_backward_finish, "A backward chunk's u terms and masks (CPU)");
   m.def("lstm_backward_step", &lstm_backward_step, "One step of the backward recursion (CPU)");
+  m.def("lstm_forward_steps", &lstm_forward_steps, "The steps of a forward chunk (CPU)");
+  m.def("lstm_rebuild_steps", &lstm_rebuild_steps, "The cell rebuild of a backward chunk (CPU)");
+  m.def("lstm_backward_steps", &lstm_backward_steps, "The recursion of a backward chunk (CPU)");
+  m.def("convert_rows", &convert_rows, "dst.copy_(src), float32 <-> bfloat16 rows (CPU)");
+  m.def("add_bfloat16", &add_bfloat16, "float32 + bfloat16 rows, as torch.add (CPU)");
   m.def("gru_forward_step", &gru_forward_step, "Fused discrete GRU forward step (CPU)");
   m.def("lookup_plane", &lookup_plane, "Table values of one plane of codes (CPU)");
   m.def("gru_backward_prep", &gru_backward_prep, "A GRU backward chunk's per-unit terms (CPU)");

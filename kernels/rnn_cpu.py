@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 
 ENABLED = os.environ.get("DISCRNN_FUSED_CPU", "1") != "0"
+# The layers run a chunk's steps in one call (lstm_forward_steps, ...) where its steps have one
+# batch size; False keeps one call per step (the same results: tests compare the two).
+CHUNK_CALLS = True
 
 _SOURCE = Path(__file__).with_name("rnn_cpu.cpp")
 _CAPABILITY_FLAGS = {
@@ -126,6 +129,37 @@ def _self_check(module) -> str | None:
         reason = _check_backward_steps(module, bs, H, clip, g) or _check_gru_step(module, bs, H, levels, g)
         if reason is not None:
             return reason
+    return _check_bfloat16_rows(module, g)
+
+
+def special_floats(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n float32 values of random bit patterns (NaNs, infinities and subnormals among them), with
+    the values whose bfloat16 rounding ties or nearly ties, [n]."""
+    bits = torch.randint(-(2**31), 2**31 - 1, (n,), generator=generator, dtype=torch.int64)
+    bits[: n // 4] = (bits[: n // 4] & ~0xFFFF) | 0x8000  # ties
+    bits[n // 4: n // 2] = (bits[n // 4: n // 2] & ~0xFFFF) | 0x7FFF  # just below a tie
+    x = bits.to(torch.int32).view(torch.float32)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40])[:n]
+    x[: specials.numel()] = specials
+    return x
+
+
+def _check_bfloat16_rows(module, g) -> str | None:
+    """The chunk loops' conversions (bfloat16 products under autocast) against aten's: rounding
+    to bfloat16 (ties, subnormals, NaN, infinities, vector tails), widening, the mixed add."""
+    for rows, n in ((3, 37), (16, 256), (2, 1)):
+        x = special_floats(rows * n, g).view(rows, n)
+        got = torch.empty(rows, n, dtype=torch.bfloat16)
+        module.convert_rows(x, got)
+        if not _same_bits(got, x.to(torch.bfloat16)):
+            return f"the float32 -> bfloat16 conversion differs from aten's at [{rows}, {n}]"
+        wide = torch.empty(rows, n)
+        module.convert_rows(got, wide)
+        if not _same_bits(wide, got.float()):
+            return f"the bfloat16 -> float32 conversion differs from aten's at [{rows}, {n}]"
+        c = torch.randn(rows, n, generator=g)
+        if not _same_bits(module.add_bfloat16(c, got), torch.add(c, got)):
+            return f"float32 + bfloat16 differs from torch.add at [{rows}, {n}]"
     return None
 
 
@@ -218,7 +252,10 @@ def fused_ops():
         except Exception as exc:  # no compiler, a failed build: the aten step still works
             reason = f"could not be built ({type(exc).__name__}: {str(exc).strip()[:300]})"
         if module is not None:
-            reason = _self_check(module)
+            try:
+                reason = _self_check(module)
+            except Exception as exc:  # a kernel that raises on this build: keep the aten calls
+                reason = f"failed its self-check ({type(exc).__name__}: {str(exc).strip()[:300]})"
             if reason is not None:
                 module = None
         _state["module"] = module

@@ -75,6 +75,44 @@ def test_fused_gru_step_bit_identical_to_aten_step(fused, levels):
         assert rnn_cpu._check_gru_step(fused, bs, H, levels, g) is None, (bs, H)
 
 
+@pytest.mark.parametrize("rows, n", [(1, 1), (3, 37), (16, 256), (5, 1000)])
+def test_bfloat16_conversions_bit_identical_to_aten(fused, rows, n):
+    """The chunk loops' own float32 <-> bfloat16 conversions and float32 + bfloat16 sum give
+    aten's bits: rounding ties, subnormals, NaN (aten's NaN is 0xFFFF), infinities, rows whose
+    length leaves a vector tail, and strided rows."""
+    g = torch.Generator().manual_seed(rows * n)
+    x = rnn_cpu.special_floats(rows * 2 * n, g).view(rows, 2 * n)[:, ::2]  # strided rows
+    x = x.contiguous() if n == 1 else x[:, :n]
+    for src in (x, x.contiguous()):
+        got = torch.empty(rows, n, dtype=torch.bfloat16)
+        fused.convert_rows(src, got)
+        assert _same_bits(got, src.to(torch.bfloat16))
+        wide = torch.full((rows, n), 7.0)
+        fused.convert_rows(got, wide)
+        assert _same_bits(wide, got.float())
+        c = torch.randn(rows, n, generator=g)
+        assert _same_bits(fused.add_bfloat16(c, got), torch.add(c, got))
+
+
+@pytest.mark.parametrize("proj_size, autocast", [(0, False), (4, False), (0, True), (4, True)])
+def test_chunk_calls_bit_identical_to_step_calls(monkeypatch, fused, proj_size, autocast):
+    """A chunk's steps in one call (lstm_forward_steps, lstm_rebuild_steps, lstm_backward_steps)
+    give the bits of one call per step, with the reverse direction, a projection, bf16 products
+    and carried states."""
+    torch.manual_seed(0)
+    module = DiscreteLSTM(6, 10, levels=64, bidirectional=True, chunk_size=3, proj_size=proj_size)
+    P = proj_size or 10
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(11, 4, 6, generator=g).requires_grad_()
+    hx = ((0.5 * torch.randn(2, 4, P, generator=g)).clamp(-1, 1).requires_grad_(),
+          torch.randn(2, 4, 10, generator=g).requires_grad_())
+    one_call = _run(module, x, hx, None, autocast)
+    monkeypatch.setattr(rnn_cpu, "CHUNK_CALLS", False)
+    per_step = _run(module, x, hx, None, autocast)
+    for a, b in zip(one_call, per_step):
+        assert _same_bits(a, b)
+
+
 def test_fused_lstm_step_checks_its_arguments(fused):
     c = torch.zeros(2, 8)
     codes = torch.empty(2, 4, 8, dtype=torch.uint8)
@@ -108,7 +146,8 @@ def _run(module, x, hx, lengths, autocast=False):
         (dict(cell_clip=0.5, levels=256), torch.float32, False, None),
         (dict(proj_size=4, grad="exact", chunk_size=5), torch.float32, False, [20, 7, 11, 20]),
         (dict(num_layers=2), torch.bfloat16, False, None),
-        (dict(num_layers=2, bidirectional=True), torch.float32, True, [20, 13, 20, 3]),
+        (dict(num_layers=2, bidirectional=True, chunk_size=4), torch.float32, True,
+         [20, 13, 20, 3]),
     ],
     ids=["stack-packed", "clip-256", "proj-exact", "bf16", "autocast"],
 )
@@ -127,10 +166,13 @@ def test_layers_bit_identical_with_and_without_fused_step(monkeypatch, fused, kw
           torch.randn(layers, 4, 10, generator=g).to(dtype).requires_grad_())
     lengths = torch.tensor(lengths) if lengths is not None else None
 
-    expected = {"lstm_forward_step"}
+    # Chunks whose steps have one batch size run in one call (*_steps); with lengths, the chunks
+    # where the batch shrinks run step by step.
+    expected = {"lstm_forward_steps"} | ({"lstm_forward_step"} if lengths is not None else set())
     if kwargs.get("grad", "code") == "code":  # grad="exact" keeps the aten backward
-        expected |= {"lstm_backward_gather", "lstm_rebuild_step", "lstm_backward_finish",
-                     "lstm_backward_step"}
+        expected |= {"lstm_backward_gather", "lstm_rebuild_steps", "lstm_backward_finish",
+                     "lstm_backward_step", "lstm_backward_steps"}
+        expected |= {"lstm_rebuild_step"} if lengths is not None else set()
     _assert_fused_changes_no_bit(monkeypatch, fused, lambda: _run(module, x, hx, lengths, autocast),
                                  expected)
 
@@ -198,7 +240,7 @@ def test_fused_step_off_by_switch(monkeypatch):
     assert rnn_cpu.fused_ops() is None
 
 
-@pytest.mark.parametrize("failure", ["build", "self-check"])
+@pytest.mark.parametrize("failure", ["build", "self-check", "self-check raises"])
 def test_refused_fused_step_warns_once_and_layers_still_run(monkeypatch, failure):
     """No compiler, or a torch build whose tanh / sigmoid the kernel does not reproduce: one
     RuntimeWarning saying so, and the layers run the aten step."""
@@ -208,10 +250,13 @@ def test_refused_fused_step_warns_once_and_layers_still_run(monkeypatch, failure
             raise RuntimeError("Error building extension: c++ not found")
         monkeypatch.setattr(rnn_cpu, "_build", no_compiler)
         expected = "could not be built"
-    else:
+    elif failure == "self-check":
         monkeypatch.setattr(rnn_cpu, "_build", lambda: object())
         monkeypatch.setattr(rnn_cpu, "_self_check", lambda module: "c differ from the aten step")
         expected = "c differ"
+    else:  # a module without the kernels the check calls: the check raises
+        monkeypatch.setattr(rnn_cpu, "_build", lambda: object())
+        expected = "failed its self-check .AttributeError"
     module = DiscreteLSTM(3, 5, levels=64)
     x = torch.randn(4, 2, 3)
     with pytest.warns(RuntimeWarning, match=expected):
