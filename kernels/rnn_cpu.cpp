@@ -23,10 +23,15 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/vec/vec.h>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #if AT_MKL_ENABLED()
@@ -69,6 +74,122 @@ void sigmoid_loop(const float* x, float* y, int64_t n) {
 // NaN -> 0 (nan_to_num), then the truncating cast (u + 0.5 lies in [0.5, L - 0.5]).
 inline int32_t code_of(float shifted) {
   return static_cast<int32_t>(std::isnan(shifted) ? 0.0f : shifted);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The code of tanh(x) without tanh. Where only the code is wanted (the LSTM's g and u), it is a
+// non-decreasing step function of x: code_of((tanh(x) + 1) (L - 1) / 2 + 0.5) with tanh_array's
+// tanh, monotone as it is correctly rounded to within an ulp. So it equals the number of
+// thresholds tau_k (k = 1 .. L-1, the least float whose code is k or more) at or below x, and
+// tanh_codes finds that from an approximate code (tanh through SLEEF's exp, far cheaper than MKL's
+// tanh, and within one level of the right code) and one comparison on either side. The thresholds
+// are found by bisection on tanh_array itself and then checked on every float within 4096 ulps of
+// each: outside that window tanh is hundreds of ulps from a level boundary, where a tanh within an
+// ulp cannot change a code. Where the check fails, the kernels call tanh_array as before.
+
+// Off: the kernels call tanh_array for every code (set_tanh_thresholds; the tests compare).
+bool TANH_THRESHOLDS = true;
+
+// float32 <-> an integer key in the floats' order (-0.0 and +0.0 share key 0).
+int64_t order_key(float x) {
+  int32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b >= 0 ? static_cast<int64_t>(b) : -static_cast<int64_t>(b & 0x7FFFFFFF);
+}
+
+float from_order_key(int64_t key) {
+  const int32_t b = key >= 0 ? static_cast<int32_t>(key)
+                             : static_cast<int32_t>(static_cast<uint32_t>(-key) | 0x80000000u);
+  float x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+inline int32_t tanh_code_of(float t, float half_span) {
+  return code_of((t + 1.0f) * half_span + 0.5f);
+}
+
+// [L + 1] thresholds: tau[0] = -inf, tau[1 .. L-1], tau[L] = NaN (no x reaches it); empty where
+// the window check fails.
+std::vector<float> compute_tanh_thresholds(int64_t levels) {
+  const float half_span = static_cast<float>(levels - 1) / 2.0f;
+  const int64_t n = levels - 1;
+  std::vector<int64_t> lo(n, order_key(-std::numeric_limits<float>::max()));
+  std::vector<int64_t> hi(n, order_key(std::numeric_limits<float>::max()));
+  std::vector<float> x(n), t(n);
+  for (bool open = true; open;) {  // invariant: code(lo) < k <= code(hi)
+    open = false;
+    for (int64_t i = 0; i < n; ++i) x[i] = from_order_key(lo[i] + (hi[i] - lo[i]) / 2);
+    tanh_array(x.data(), t.data(), n);
+    for (int64_t i = 0; i < n; ++i) {
+      if (hi[i] - lo[i] <= 1) continue;
+      const int64_t mid = lo[i] + (hi[i] - lo[i]) / 2;
+      (tanh_code_of(t[i], half_span) >= i + 1 ? hi[i] : lo[i]) = mid;
+      open = open || hi[i] - lo[i] > 1;
+    }
+  }
+  constexpr int64_t kWindow = 4096;
+  std::vector<float> wx(2 * kWindow), wt(2 * kWindow);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t d = -kWindow; d < kWindow; ++d) wx[d + kWindow] = from_order_key(hi[i] + d);
+    tanh_array(wx.data(), wt.data(), 2 * kWindow);
+    for (int64_t d = -kWindow; d < kWindow; ++d) {
+      if ((tanh_code_of(wt[d + kWindow], half_span) >= i + 1) != (d >= 0)) return {};
+    }
+  }
+  std::vector<float> tau(levels + 1);
+  tau[0] = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) tau[i + 1] = from_order_key(hi[i]);
+  tau[levels] = std::numeric_limits<float>::quiet_NaN();
+  return tau;
+}
+
+// The thresholds of `levels`, computed once per process and level count; nullptr where the check
+// failed.
+const float* tanh_thresholds(int64_t levels) {
+  static std::once_flag once[257];
+  static std::vector<float> tables[257];
+  std::call_once(once[levels], [levels] { tables[levels] = compute_tanh_thresholds(levels); });
+  return tables[levels].empty() ? nullptr : tables[levels].data();
+}
+
+// The codes of tanh(x[0 .. n)) into k, by the thresholds tau of `levels`.
+void tanh_codes(const float* __restrict x, int32_t* __restrict k, int64_t n, const float* tau,
+                int64_t levels) {
+  const float half_span = static_cast<float>(levels - 1) / 2.0f;
+  const int32_t top = static_cast<int32_t>(levels - 1);
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
+  const __m512 scale = _mm512_set1_ps(half_span), half = _mm512_set1_ps(0.5f);
+  const __m512i zero_i = _mm512_setzero_si512(), top_i = _mm512_set1_epi32(top);
+  const __m512 margin = _mm512_set1_ps(1e-3f), one_minus_margin = _mm512_set1_ps(1.0f - 1e-3f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m512 e = Vec(_mm512_mul_ps(v, two)).exp();  // tanh = 1 - 2 / (exp(2x) + 1)
+    const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one)));
+    const __m512 shifted = _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(t, one), scale), half);
+    const __mmask16 ordered = _mm512_cmp_ps_mask(shifted, shifted, _CMP_ORD_Q);  // NaN -> 0
+    const __m512i k0 = _mm512_min_epi32(
+        _mm512_max_epi32(_mm512_maskz_cvttps_epi32(ordered, shifted), zero_i), top_i);
+    _mm512_storeu_si512(k + i, k0);
+    // The approximation is within 2e-4 of the exact scaled value, so k0 is the code unless that
+    // value lies within `margin` of an integer (about 0.2 % of lanes): those take the thresholds.
+    const __m512 frac = _mm512_sub_ps(shifted, _mm512_roundscale_ps(shifted, _MM_FROUND_TO_ZERO |
+                                                                             _MM_FROUND_NO_EXC));
+    const __mmask16 near = _mm512_cmp_ps_mask(frac, margin, _CMP_LT_OQ) |
+                           _mm512_cmp_ps_mask(frac, one_minus_margin, _CMP_GT_OQ);
+    for (uint32_t lanes = near; lanes != 0; lanes &= lanes - 1) {
+      const int64_t j = i + __builtin_ctz(lanes);
+      k[j] = k[j] + (x[j] >= tau[k[j] + 1]) - (x[j] < tau[k[j]]);
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const float t = 1.0f - 2.0f / (std::exp(2.0f * x[i]) + 1.0f);
+    const int32_t k0 = std::min(std::max(code_of((t + 1.0f) * half_span + 0.5f), 0), top);
+    k[i] = k0 + (x[i] >= tau[k0 + 1]) - (x[i] < tau[k0]);
+  }
 }
 
 // The loops below are written for the compiler's vectorizer: codes go to int32 scratch first
@@ -126,6 +247,7 @@ void lstm_forward_step(const torch::Tensor& gates, const torch::Tensor& c_prev,
   const float span = static_cast<float>(levels - 1);
   const float half_span = static_cast<float>(levels - 1) / 2.0f;  // exact for L <= 256
   const float clip = static_cast<float>(cell_clip);
+  const float* tau = TANH_THRESHOLDS ? tanh_thresholds(levels) : nullptr;
   const float* g_ptr = gates.data_ptr<float>();
   const float* cp_ptr = c_prev.data_ptr<float>();
   float* c_ptr = c_new.data_ptr<float>();
@@ -146,10 +268,14 @@ void lstm_forward_step(const torch::Tensor& gates, const torch::Tensor& c_prev,
       const float* pre = g_ptr + r * g_rs;
       sigmoid_loop(pre, act, H);                   // i
       sigmoid_loop(pre + H, act + H, H);           // f
-      tanh_array(pre + 2 * H, act + 2 * H, H);     // g
       sigmoid_loop(pre + 3 * H, act + 3 * H, H);   // o
       for (int64_t j = 0; j < 2 * H; ++j) k[j] = code_of(act[j] * span + 0.5f);  // i, f
-      for (int64_t j = 2 * H; j < 3 * H; ++j) k[j] = code_of((act[j] + 1.0f) * half_span + 0.5f);
+      if (tau != nullptr) {  // g: only its code is used
+        tanh_codes(pre + 2 * H, k + 2 * H, H, tau, levels);
+      } else {
+        tanh_array(pre + 2 * H, act + 2 * H, H);
+        for (int64_t j = 2 * H; j < 3 * H; ++j) k[j] = tanh_code_of(act[j], half_span);
+      }
       for (int64_t j = 3 * H; j < 4 * H; ++j) k[j] = code_of(act[j] * span + 0.5f);  // o
       // i g, from the level values k_i / (L - 1) and (2 k_g - (L - 1)) / (L - 1)
       for (int64_t j = 0; j < H; ++j) {
@@ -164,11 +290,15 @@ void lstm_forward_step(const torch::Tensor& gates, const torch::Tensor& c_prev,
         const float cv = f_v * cp[j] + val[j];  // two roundings: -ffp-contract=off
         c[j] = std::isnan(cv) ? cv : std::min(std::max(cv, -clip), clip);
       }
-      tanh_array(c, tanh_c, H);
+      if (tau != nullptr) {  // u = tanh(c_t): only its code is used
+        tanh_codes(c, k + 4 * H, H, tau, levels);
+      } else {
+        tanh_array(c, tanh_c, H);
+        for (int64_t j = 0; j < H; ++j) k[4 * H + j] = tanh_code_of(tanh_c[j], half_span);
+      }
       float* __restrict m = m_ptr + r * m_rs;
       for (int64_t j = 0; j < H; ++j) {
-        const int32_t ku_j = code_of((tanh_c[j] + 1.0f) * half_span + 0.5f);
-        k[4 * H + j] = ku_j;
+        const int32_t ku_j = k[4 * H + j];
         const float o_v = static_cast<float>(k[3 * H + j]) / span;
         const float u_v = static_cast<float>(2 * ku_j - (levels - 1)) / span;
         m[j] = o_v * u_v;
@@ -804,6 +934,42 @@ void gru_backward_prep(const torch::Tensor& codes, const torch::Tensor& h_prev,
   });
 }
 
+// Whether the kernels code tanh by thresholds (where they pass their check); returns the old value.
+bool set_tanh_thresholds(bool on) {
+  const bool old = TANH_THRESHOLDS;
+  TANH_THRESHOLDS = on;
+  return old;
+}
+
+// The thresholds of `levels` (float32 [levels + 1]), or an empty tensor where their check failed.
+at::Tensor tanh_code_thresholds(int64_t levels) {
+  TORCH_CHECK(levels >= 2 && levels <= 256, "levels must be in [2, 256], got ", levels);
+  const float* tau = tanh_thresholds(levels);
+  if (tau == nullptr) return at::empty({0});
+  return at::from_blob(const_cast<float*>(tau), {levels + 1}, at::kFloat).clone();
+}
+
+// The codes of tanh(x) the forward step gives (x float32, any shape): by the thresholds where
+// they are on, else from tanh_array. For rnn_cpu.py's self-check and the tests.
+at::Tensor tanh_code(const at::Tensor& x, int64_t levels) {
+  TORCH_CHECK(levels >= 2 && levels <= 256, "levels must be in [2, 256], got ", levels);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be float32 on the CPU");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor k = at::empty(x.sizes(), x.options().dtype(at::kInt));
+  const int64_t n = xc.numel();
+  const float* tau = TANH_THRESHOLDS ? tanh_thresholds(levels) : nullptr;
+  if (tau != nullptr) {
+    tanh_codes(xc.data_ptr<float>(), k.data_ptr<int32_t>(), n, tau, levels);
+  } else {
+    std::vector<float> t(n);
+    tanh_array(xc.data_ptr<float>(), t.data(), n);
+    const float half_span = static_cast<float>(levels - 1) / 2.0f;
+    int32_t* kp = k.data_ptr<int32_t>();
+    for (int64_t i = 0; i < n; ++i) kp[i] = tanh_code_of(t[i], half_span);
+  }
+  return k;
+}
+
 // The chunk loops' float32 <-> bfloat16 conversions, for rnn_cpu.py's self-check and the tests.
 void convert_rows(const at::Tensor& src, const at::Tensor& dst) { copy_rows(src, dst); }
 
@@ -820,6 +986,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward_steps", &lstm_forward_steps, "The steps of a forward chunk (CPU)");
   m.def("lstm_rebuild_steps", &lstm_rebuild_steps, "The cell rebuild of a backward chunk (CPU)");
   m.def("lstm_backward_steps", &lstm_backward_steps, "The recursion of a backward chunk (CPU)");
+  m.def("set_tanh_thresholds", &set_tanh_thresholds, "Code tanh by thresholds (CPU)");
+  m.def("tanh_code_thresholds", &tanh_code_thresholds, "tanh's code thresholds of L levels");
+  m.def("tanh_code", &tanh_code, "The codes of tanh(x) as the forward step gives them (CPU)");
   m.def("convert_rows", &convert_rows, "dst.copy_(src), float32 <-> bfloat16 rows (CPU)");
   m.def("add_bfloat16", &add_bfloat16, "float32 + bfloat16 rows, as torch.add (CPU)");
   m.def("gru_forward_step", &gru_forward_step, "Fused discrete GRU forward step (CPU)");

@@ -129,7 +129,34 @@ def _self_check(module) -> str | None:
         reason = _check_backward_steps(module, bs, H, clip, g) or _check_gru_step(module, bs, H, levels, g)
         if reason is not None:
             return reason
-    return _check_bfloat16_rows(module, g)
+    return _check_tanh_codes(module, g) or _check_bfloat16_rows(module, g)
+
+
+def tanh_code_inputs(levels: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """float32 [n + boundary points]: tanh's pre-images of every code boundary of ``levels`` with
+    their neighbours within 3 ulps, random values over tanh's whole unsaturated range and beyond,
+    NaN, infinities, zeros and subnormals."""
+    span = levels - 1
+    k = torch.arange(span, dtype=torch.float64)
+    boundaries = _near(torch.atanh(((2 * k + 1) / span - 1).clamp(-1 + 1e-7, 1 - 1e-7)))
+    spread = torch.randn(n, generator=generator) * torch.rand(n, generator=generator) * 6
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -1e-40,
+                            20.0, -20.0, 3e38, -3e38])
+    return torch.cat([boundaries, spread, special])
+
+
+def _check_tanh_codes(module, g) -> str | None:
+    """The forward step's codes of tanh (g and u; by thresholds, see rnn_cpu.cpp) against
+    StepTables' encoding of torch.tanh, on every boundary and random values."""
+    from .rnn_torch import StepTables
+
+    for levels in (2, 3, 64, 255, 256):
+        x = tanh_code_inputs(levels, 1 << 14, g)
+        want = torch.empty(x.shape, dtype=torch.int32)
+        StepTables(levels, torch.float32, "cpu").encode_tanh_(torch.tanh(x), True, want)
+        if not torch.equal(module.tanh_code(x, levels), want):
+            return f"the codes of tanh differ from the aten step's at levels={levels}"
+    return None
 
 
 def special_floats(n: int, generator: torch.Generator) -> torch.Tensor:

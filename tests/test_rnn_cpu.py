@@ -75,6 +75,28 @@ def test_fused_gru_step_bit_identical_to_aten_step(fused, levels):
         assert rnn_cpu._check_gru_step(fused, bs, H, levels, g) is None, (bs, H)
 
 
+@pytest.mark.parametrize("levels", [2, 3, 4, 17, 64, 100, 128, 255, 256])
+def test_tanh_codes_by_thresholds_equal_aten(fused, levels):
+    """The forward step's codes of tanh without tanh (an approximation, and tanh's own code
+    thresholds where it is near a boundary) equal the encoding of torch.tanh: on every boundary
+    within 3 ulps, 2^16 random values, NaN, infinities, zeros and subnormals, in arrays whose
+    length leaves a scalar tail."""
+    g = torch.Generator().manual_seed(levels)
+    x = rnn_cpu.tanh_code_inputs(levels, 1 << 16, g)
+    want = torch.empty(x.shape, dtype=torch.int32)
+    rnn_torch.StepTables(levels, torch.float32, "cpu").encode_tanh_(torch.tanh(x), True, want)
+    tau = fused.tanh_code_thresholds(levels)
+    assert tau.numel() == levels + 1  # the thresholds passed their check here
+    assert (tau[1:-1].diff() > 0).all()
+    for n in (x.numel(), 15, 33):
+        assert torch.equal(fused.tanh_code(x[:n], levels), want[:n])
+    old = fused.set_tanh_thresholds(False)
+    try:
+        assert torch.equal(fused.tanh_code(x, levels), want)
+    finally:
+        fused.set_tanh_thresholds(old)
+
+
 @pytest.mark.parametrize("rows, n", [(1, 1), (3, 37), (16, 256), (5, 1000)])
 def test_bfloat16_conversions_bit_identical_to_aten(fused, rows, n):
     """The chunk loops' own float32 <-> bfloat16 conversions and float32 + bfloat16 sum give

@@ -12,9 +12,10 @@ orchestrates (threads that start children and wait for them); it builds no model
 Peak memory of one training step (:func:`memory_task`):
 
 1. build the stack and its Adam optimizer, the tokens of one window (T + 1 tokens per row);
-2. warm-up: one training step on 2 tokens, carrying the state from zero. It makes Adam's moments,
-   thread pools, BLAS handles and lazy library state; it is that short because blocks below the
-   mmap threshold that it frees stay in the heap, where the measured step would reuse them unseen;
+2. warm-up: one training step on 16 tokens, carrying the state from zero. It makes Adam's moments,
+   thread pools, BLAS handles and lazy library state (oneDNN's, see ``WARMUP_TOKENS``); it is that
+   short because blocks below the mmap threshold that it frees stay in the heap, where the
+   measured step would reuse them unseen;
 3. baseline: CPU, the resident set size right after resetting the high-water mark
    (``/proc/self/clear_refs``); CUDA, ``torch.cuda.memory_allocated`` after
    ``torch.cuda.reset_peak_memory_stats``. It holds the runtime, the parameters, Adam's moments,
@@ -56,7 +57,10 @@ from .memory import MMAP_THRESHOLD, memory_baseline, memory_peak, rss_peak_of
 from .variants import (StackConfig, StageKept, build, optimizer_state_bytes, parameter_bytes,
                        parse_variant, token_stream, train_step)
 
-WARMUP_TOKENS = 2  # tokens per row of the warm-up step in a memory process (see step 2 above)
+# Tokens per row of the warm-up step in a memory process (see step 2 above): enough for discrnn to
+# prepack its weights for oneDNN (rnn_function._MIN_PACKED_PRODUCTS), so that oneDNN's one-time
+# state (JIT-compiled kernels, about 6 MiB) is in the baseline for discrnn as for torch.nn.LSTM.
+WARMUP_TOKENS = 16
 POLL_S = 0.02  # how often the parent reads a watched child's high-water mark
 
 
