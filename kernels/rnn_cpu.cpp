@@ -842,15 +842,20 @@ void gru_forward_step(const torch::Tensor& gx_rz, const torch::Tensor& gx_n,
     for (int64_t j = 0; j < H; ++j) dst[j] = r_v[r * H + j] * g_n[j] + x_n[j];  // two roundings
     if (keep_pre) std::copy(dst, dst + H, pre.row(r) + 2 * H);
   }
-  tanh_array(nv, nv, n);
+  const float* tau = TANH_THRESHOLDS ? tanh_thresholds(levels) : nullptr;
+  if (tau != nullptr) {  // n: only its code is used
+    tanh_codes(nv, k + 2 * n, n, tau, levels);
+  } else {
+    tanh_array(nv, nv, n);
+    for (int64_t i = 0; i < n; ++i) k[2 * n + i] = tanh_code_of(nv[i], half_span);
+  }
   const float top = span;  // encode's clamp of h to [0, L - 1] (h need not be a tanh output)
   for (int64_t r = 0; r < bs; ++r) {
     const float* h_p = hp.row(r);
     float* h_o = ho.row(r);
     for (int64_t j = 0; j < H; ++j) {
       const int64_t i = r * H + j;
-      const int32_t kn = code_of((nv[i] + 1.0f) * half_span + 0.5f);
-      k[2 * n + i] = kn;
+      const int32_t kn = k[2 * n + i];
       const float n_v = static_cast<float>(2 * kn - (levels - 1)) / span;
       const float h = (1.0f - z_v[i]) * n_v + z_v[i] * h_p[j];
       float u = (h + 1.0f) * half_span + 0.5f;
