@@ -131,13 +131,12 @@ class StepRows:
         return len(self.offsets)
 
 
-def _lstm_u_codes(tables, t, dtanh_out=None):
-    """u's int32 codes [R, H] from t = tanh(c_t) [R, H] (overwritten), and with ``dtanh_out`` also
-    1 - t^2 there. For the forward's codes bit for bit, t must come from one ``torch.tanh`` call
-    per step on that step's contiguous [bs, H] rows of c_t (the forward step's loop shape, see
-    ``kernels.rnn_torch``); the encoding is exact arithmetic, so it runs on all rows at once."""
-    if dtanh_out is not None:
-        torch.mul(t, t, out=dtanh_out).neg_().add_(1.0)
+def _lstm_u_codes(tables, t, chunk_rows=False):
+    """u's int32 codes [R, H] from t = tanh(c_t) [R, H] (overwritten). For the forward's codes bit
+    for bit, t must come from one ``torch.tanh`` call per step on that step's contiguous [bs, H]
+    rows of c_t (the forward step's loop shape, see ``kernels.rnn_torch``); the encoding is exact
+    arithmetic, so it runs on all rows at once. ``chunk_rows``: t holds a backward chunk's steps
+    (else the step before a chunk; the tests tell the two apart by it)."""
     u_idx = torch.empty(t.shape, dtype=torch.int32, device=t.device)
     return tables.encode_tanh_(t, True, u_idx)
 
@@ -383,17 +382,20 @@ def _lstm_backward_chunked(
 
         # c_{t-1} of every step, rebuilt from the checkpoint with the forward's arithmetic (a mul,
         # an add, the clamp: bit-identical), into p[1]; c_t of every step before its clamp into
-        # c_raw, tanh(c_t) step by step (the forward's call on c_t [bs, H]) into t_c, whose
-        # encoding is u's code, the forward's. u's straight-through derivative is tanh'(c_t):
-        # o d_u. Where the clamp was active no gradient reaches the gates or c_{t-1}: p and f (as
-        # dc_{t-1} = dc f) are zeroed there.
+        # c_raw and after it into c_all. u's code is the encoding of tanh(c_t) (the aten path
+        # calls tanh step by step, the forward's call on c_t [bs, H]; the fused kernels take
+        # tanh's code thresholds), its straight-through derivative tanh'(c_t)
+        # (rnn_torch.tanh_derivative): o d_u. Where the clamp was active no gradient reaches the
+        # gates or c_{t-1}: p and f (as dc_{t-1} = dc f) are zeroed there.
         c_raw = torch.empty(R, H, dtype=acc, device=device)
-        t_c = torch.empty(R, H, dtype=acc, device=device)
-        f_s, ig_s, cp_s, raw_s, t_s = split(f_v), split(ig), split(p[1]), split(c_raw), split(t_c)
+        c_all = torch.empty(R, H, dtype=acc, device=device)
+        t_c = torch.empty(R, H, dtype=acc, device=device) if fused is None else None
+        f_s, ig_s, cp_s, raw_s, call_s = split(f_v), split(ig), split(p[1]), split(c_raw), split(c_all)
         cp_s[0].copy_(c_init[: psizes[0]] if k == 0 else checkpoints[k - 1][: psizes[0]])
         if one_call:  # the loop below, in C++
-            fused.lstm_rebuild_steps(f_v, ig, p[1], c_raw, t_c, offsets, psizes[0], clip)
+            fused.lstm_rebuild_steps(f_v, ig, p[1], c_raw, c_all, offsets, psizes[0], clip)
         else:
+            t_s = split(t_c) if t_c is not None else None
             for j in range(len(steps)):
                 bs = psizes[j]
                 bs_next = psizes[j + 1] if j + 1 < len(steps) else 0
@@ -402,31 +404,33 @@ def _lstm_backward_chunked(
                 else:
                     c_t = torch.empty(bs, H, dtype=acc, device=device)
                 if fused is not None:
-                    fused.lstm_rebuild_step(f_s[j], ig_s[j], cp_s[j], raw_s[j], c_t, t_s[j], clip)
+                    fused.lstm_rebuild_step(f_s[j], ig_s[j], cp_s[j], raw_s[j], c_t, call_s[j],
+                                            clip)
                 else:
                     raw = torch.mul(f_s[j], cp_s[j], out=raw_s[j]).add_(ig_s[j])
                     torch.clamp(raw, -clip, clip, out=c_t)
+                    call_s[j].copy_(c_t)
                     torch.tanh(c_t, out=t_s[j])  # contiguous [bs, H], as the forward step's call
                 if bs_next and bs_next != bs:
                     n = min(bs, bs_next)
                     cp_s[j + 1][:n] = c_t[:n]
                     if bs_next > bs:
                         cp_s[j + 1][bs:] = c_init[bs:bs_next]
-        del t_s
+            del t_s
         if fused is not None:
             u_do = torch.empty(R, H, dtype=acc, device=device)
             m_all = torch.empty(R, H, dtype=acc, device=device)
-            o_du = c_raw  # reused: o (1 - tanh(c_t)^2)
-            fused.lstm_backward_finish(codes, c_raw, t_c, o_v, d_f, p, f_v,
+            o_du = c_raw  # reused: o tanh'(c_t)
+            fused.lstm_backward_finish(codes, c_raw, c_all, o_v, d_f, p, f_v,
                                        tables.pair_table("b_da"), tables.pair_table("ab"),
                                        o_du, u_do, m_all, cfg.levels, clip)
-            del codes, t_c, ig, ig_s, cp_s, raw_s, o_v, c_raw, d_f
+            del codes, c_all, ig, ig_s, cp_s, raw_s, call_s, o_v, c_raw, d_f
         else:
             passed = c_raw.abs() <= clip  # where the clamp passes the gradient
-            o_du = c_raw  # reused: o (1 - tanh(c_t)^2)
-            u_idx = _lstm_u_codes(tables, t_c, dtanh_out=o_du)
-            o_du.mul_(o_v)
-            del t_c
+            o_du = c_raw  # reused: o tanh'(c_t)
+            u_idx = _lstm_u_codes(tables, t_c, chunk_rows=True)
+            rnn_torch.tanh_derivative(c_all, out=o_du).mul_(o_v)
+            del t_c, c_all, call_s
             o_u = tables.pair_index(idx[3], u_idx.view(-1))
             if d_o is None:
                 u_do = tables.gather(tables.pair_table("b_da"), o_u, (R, H))

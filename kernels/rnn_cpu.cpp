@@ -200,7 +200,8 @@ void narrow(const int32_t* __restrict src, uint8_t* __restrict dst, int64_t n) {
 
 // Per-thread scratch that outlives the call: the step kernels run once per time step, and a fresh
 // buffer per call would be a malloc (and, above glibc's mmap threshold, page faults) every step.
-template <typename T>
+// One buffer per type and slot: a kernel that needs two of a type at once takes two slots.
+template <typename T, int Slot = 0>
 T* scratch_buffer(int64_t n) {
   thread_local std::vector<T> buffer;
   if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
@@ -391,16 +392,17 @@ void lstm_backward_gather(const torch::Tensor& codes, const torch::Tensor& value
   });
 }
 
-// One step of the cell rebuild: raw = f c_prev + i g (two roundings), c_t = clamp(raw) into c_out,
-// tanh(c_t) into t_out. [bs, H] each; c_out and t_out contiguous rows.
+// One step of the cell rebuild: raw = f c_prev + i g (two roundings), c_t = clamp(raw) into c_out
+// and into c_copy (the chunk's c_t in time order). [bs, H] each; c_out contiguous rows.
 void lstm_rebuild_step(const torch::Tensor& f_v, const torch::Tensor& i_g,
                        const torch::Tensor& c_prev, const torch::Tensor& raw_out,
-                       const torch::Tensor& c_out, const torch::Tensor& t_out, double cell_clip) {
+                       const torch::Tensor& c_out, const torch::Tensor& c_copy,
+                       double cell_clip) {
   const int64_t bs = c_prev.size(0), H = c_prev.size(1);
   const Rows fv = rows_of(f_v, "f_v", bs, H), ig = rows_of(i_g, "i_g", bs, H);
   const Rows cp = rows_of(c_prev, "c_prev", bs, H), raw = rows_of(raw_out, "raw_out", bs, H);
-  const Rows c = rows_of(c_out, "c_out", bs, H), t = rows_of(t_out, "t_out", bs, H);
-  TORCH_CHECK(c.stride == H && t.stride == H, "c_out and t_out must be contiguous");
+  const Rows c = rows_of(c_out, "c_out", bs, H), cc = rows_of(c_copy, "c_copy", bs, H);
+  TORCH_CHECK(c.stride == H, "c_out must be contiguous");
   const float clip = static_cast<float>(cell_clip);
   for (int64_t r = 0; r < bs; ++r) {
     const float* __restrict fv_r = fv.row(r);
@@ -408,21 +410,25 @@ void lstm_rebuild_step(const torch::Tensor& f_v, const torch::Tensor& i_g,
     const float* cp_r = cp.row(r);  // may be c_out's previous contents: read before written
     float* __restrict raw_r = raw.row(r);
     float* c_r = c.row(r);
+    float* __restrict cc_r = cc.row(r);
     for (int64_t j = 0; j < H; ++j) {
       const float x = fv_r[j] * cp_r[j] + ig_r[j];
       raw_r[j] = x;
-      c_r[j] = std::isnan(x) ? x : std::min(std::max(x, -clip), clip);
+      const float ct = std::isnan(x) ? x : std::min(std::max(x, -clip), clip);
+      c_r[j] = ct;
+      cc_r[j] = ct;
     }
   }
-  if (bs && H) tanh_array(c.ptr, t.ptr, bs * H);  // tanh does not depend on the loop shape
 }
 
-// After the rebuild, for the whole chunk: where the clamp passed (|raw| <= clip), u's code from
-// tanh(c_t) (the forward's), o (1 - tanh(c_t)^2) into o_du (may alias raw), u d_o and m = o u by
+// After the rebuild, for the whole chunk, from c_all = c_t [R, H] (contiguous): where the clamp
+// passed (|raw| <= clip), u's code (the encoding of tanh(c_t), by tanh's code thresholds where they
+// passed their check, else tanh_array), o tanh'(c_t) into o_du (may alias raw) with tanh' as
+// rnn_torch.tanh_derivative (aten's sigmoid on all of c_all at once: one loop), u d_o and m = o u by
 // the pair tables at o L + u, c_prev d_f into p[1], and p, f zeroed where the clamp was active
 // (multiplied by 0 or 1, as the aten path does).
 void lstm_backward_finish(const torch::Tensor& codes, const torch::Tensor& raw,
-                          const torch::Tensor& tanh_c, const torch::Tensor& o_v,
+                          const torch::Tensor& c_all, const torch::Tensor& o_v,
                           const torch::Tensor& d_f, const torch::Tensor& p,
                           const torch::Tensor& f_v, const torch::Tensor& pair_b_da,
                           const torch::Tensor& pair_ab, const torch::Tensor& o_du,
@@ -431,7 +437,8 @@ void lstm_backward_finish(const torch::Tensor& codes, const torch::Tensor& raw,
   const int64_t R = codes.size(0), H = codes.size(2);
   check_codes(codes, R, H);
   TORCH_CHECK(p.dim() == 3 && p.size(0) == 3, "p must be [3, R, H], got ", p.sizes());
-  const Rows rw = rows_of(raw, "raw", R, H), tc = rows_of(tanh_c, "tanh_c", R, H);
+  const Rows rw = rows_of(raw, "raw", R, H), ca = rows_of(c_all, "c_all", R, H);
+  TORCH_CHECK(c_all.is_contiguous(), "c_all must be contiguous");
   const Rows ov = rows_of(o_v, "o_v", R, H), df = rows_of(d_f, "d_f", R, H);
   const Rows p0 = rows_of(p[0], "p[0]", R, H), p1 = rows_of(p[1], "p[1]", R, H);
   const Rows p2 = rows_of(p[2], "p[2]", R, H), fv = rows_of(f_v, "f_v", R, H);
@@ -441,13 +448,29 @@ void lstm_backward_finish(const torch::Tensor& codes, const torch::Tensor& raw,
   const float* ab = table_of(pair_ab, "pair_ab", levels * levels);
   const float clip = static_cast<float>(cell_clip);
   const float half_span = static_cast<float>(levels - 1) / 2.0f;
+  const float* tau = TANH_THRESHOLDS ? tanh_thresholds(levels) : nullptr;
   const uint8_t* k_ptr = codes.data_ptr<uint8_t>();
   const int64_t k_rs = codes.stride(0), k_qs = codes.stride(1);
+  if (R == 0 || H == 0) return;
+  // s = sigmoid(-2 |c_t|), all of the chunk in one loop as aten's call on c_all
+  float* s = scratch_buffer<float, 1>(R * H);  // slot 1: the row loop below takes slot 0
+  const float* c_ptr = ca.ptr;
+  for (int64_t i = 0; i < R * H; ++i) s[i] = -2.0f * std::abs(c_ptr[i]);
+  sigmoid_loop(s, s, R * H);
   at::parallel_for(0, R, row_grain(4 * H), [&](int64_t r0, int64_t r1) {
+    int32_t* __restrict ku = scratch_buffer<int32_t>(H);
+    float* __restrict t = scratch_buffer<float>(tau == nullptr ? H : 0);  // tanh(c_t), fallback
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* ko = k_ptr + r * k_rs + 3 * k_qs;
+      const float* ca_r = ca.row(r);
+      if (tau != nullptr) {
+        tanh_codes(ca_r, ku, H, tau, levels);
+      } else {
+        tanh_array(ca_r, t, H);
+        for (int64_t j = 0; j < H; ++j) ku[j] = tanh_code_of(t[j], half_span);
+      }
+      const float* s_r = s + r * H;
       float* rw_r = rw.row(r);  // o_du may alias it
-      const float* tc_r = tc.row(r);
       const float* ov_r = ov.row(r);
       const float* df_r = df.row(r);
       float* p0_r = p0.row(r);
@@ -459,10 +482,8 @@ void lstm_backward_finish(const torch::Tensor& codes, const torch::Tensor& raw,
       float* m_r = mm.row(r);
       for (int64_t j = 0; j < H; ++j) {
         const float passed = std::abs(rw_r[j]) <= clip ? 1.0f : 0.0f;
-        const float t = tc_r[j];
-        const int64_t ku = code_of((t + 1.0f) * half_span + 0.5f);
-        const int64_t pair = static_cast<int64_t>(ko[j]) * levels + ku;
-        odu_r[j] = (-(t * t) + 1.0f) * ov_r[j];
+        const int64_t pair = static_cast<int64_t>(ko[j]) * levels + ku[j];
+        odu_r[j] = (((-s_r[j]) + 1.0f) * s_r[j]) * 4.0f * ov_r[j];
         udo_r[j] = b_da[pair];
         m_r[j] = ab[pair];
         p0_r[j] = p0_r[j] * passed;
@@ -723,9 +744,9 @@ at::Tensor lstm_forward_steps(const at::Tensor& xproj, const std::vector<int64_t
 
 // The cell rebuild of one backward chunk (lstm_rebuild_step per step): c_{t-1} of step j in
 // c_prev's rows offsets[j] (the first step's filled by the caller), each step's c_t clamped
-// straight into the next step's rows; f_v, i_g, raw_out, t_out [R, H] as lstm_rebuild_step's.
+// straight into the next step's rows; f_v, i_g, raw_out, c_copy [R, H] as lstm_rebuild_step's.
 void lstm_rebuild_steps(const at::Tensor& f_v, const at::Tensor& i_g, const at::Tensor& c_prev,
-                        const at::Tensor& raw_out, const at::Tensor& t_out,
+                        const at::Tensor& raw_out, const at::Tensor& c_copy,
                         const std::vector<int64_t>& offsets, int64_t bs, double cell_clip) {
   const int64_t R = c_prev.size(0), H = c_prev.size(1);
   check_offsets(offsets, bs, R);
@@ -735,7 +756,7 @@ void lstm_rebuild_steps(const at::Tensor& f_v, const at::Tensor& i_g, const at::
     const int64_t o = offsets[j];
     const at::Tensor c_t = j + 1 < S ? c_prev.narrow(0, offsets[j + 1], bs) : last;
     lstm_rebuild_step(f_v.narrow(0, o, bs), i_g.narrow(0, o, bs), c_prev.narrow(0, o, bs),
-                      raw_out.narrow(0, o, bs), c_t, t_out.narrow(0, o, bs), cell_clip);
+                      raw_out.narrow(0, o, bs), c_t, c_copy.narrow(0, o, bs), cell_clip);
   }
 }
 

@@ -57,11 +57,16 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal dtypes, shapes and bits (NaN equals NaN, -0.0 differs from +0.0)."""
+    """Equal dtypes, shapes and bits, NaN where the other has NaN (of any sign and payload: which
+    NaN an operation on two NaNs returns is the compiler's choice of operand order), -0.0 differs
+    from +0.0."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.is_floating_point():
-        a, b = (t.contiguous().view(_BITS[t.element_size()]) for t in (a, b))
+        nan = a.isnan()
+        if not torch.equal(nan, b.isnan()):
+            return False
+        a, b = (t.masked_fill(nan, 0).contiguous().view(_BITS[t.element_size()]) for t in (a, b))
     return torch.equal(a, b)
 
 
@@ -246,16 +251,33 @@ def _check_gru_step(module, bs, H, levels, g) -> str | None:
 
 def _check_backward_steps(module, bs, H, clip, g) -> str | None:
     """The per-step backward kernels against the aten calls of ``_lstm_backward_chunked``: the
-    rebuild (mul, add, clamp, tanh) and the recursion (addcmul, whose rounding, one or two, is the
-    build's choice, and three products)."""
+    rebuild (mul, add, clamp) and the recursion (addcmul, whose rounding, one or two, is the
+    build's choice, and three products); tanh' of c (rnn_torch.tanh_derivative) through the
+    chunk's finishing kernel."""
+    from .rnn_torch import StepTables, tanh_derivative
+
     f, ig, c_prev = torch.rand(bs, H, generator=g), torch.randn(bs, H, generator=g), torch.randn(bs, H, generator=g)
     raw = torch.mul(f, c_prev).add_(ig)
     c = torch.clamp(raw, -clip, clip)
-    t = torch.tanh(c)
     got = [torch.empty(bs, H) for _ in range(3)]
     module.lstm_rebuild_step(f, ig, c_prev, *got, clip)
-    if not all(_same_bits(a, b) for a, b in zip(got, (raw, c, t))):
+    if not all(_same_bits(a, b) for a, b in zip(got, (raw, c, c))):
         return f"the cell rebuild differs from the aten calls at bs={bs}, H={H}"
+    # o tanh'(c) from the finishing kernel, o = 1 (its other outputs: the layer tests), on c
+    # spread over tanh's whole range, saturation and beyond
+    levels = 64
+    c_all = torch.cat([8 * torch.randn(bs, H, generator=g), c]).contiguous()
+    c_all[0, 0], c_all[-1, -1] = float("inf"), float("nan")
+    R = c_all.shape[0]
+    tables = StepTables(levels, torch.float32, "cpu")
+    codes = torch.randint(0, levels, (R, 4, H), generator=g, dtype=torch.uint8)
+    o_du = torch.empty(R, H)
+    module.lstm_backward_finish(codes, torch.zeros(R, H), c_all, torch.ones(R, H), torch.ones(R, H),
+                                torch.ones(3, R, H), torch.ones(R, H), tables.pair_table("b_da"),
+                                tables.pair_table("ab"), o_du, torch.empty(R, H), torch.empty(R, H),
+                                levels, math.inf)
+    if not _same_bits(o_du, tanh_derivative(c_all)):
+        return f"tanh' differs from rnn_torch.tanh_derivative at [{R}, {H}]"
     dm, dc, odu, udo = (torch.randn(bs, H, generator=g) for _ in range(4))
     p = torch.randn(3, bs, H, generator=g)
     d = torch.addcmul(dc, dm, odu)

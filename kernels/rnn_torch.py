@@ -488,6 +488,17 @@ def _encode_u(t: torch.Tensor, levels: int) -> torch.Tensor:
     return StepTables(levels, t.dtype, t.device).encode_tanh_(t, True, k)
 
 
+def tanh_derivative(c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """tanh'(c) = 1 - tanh(c)^2, as 4 s (1 - s) with s = sigmoid(-2 |c|) (into ``out`` when given,
+    which may be c): no cancellation where tanh saturates (1 - t^2 of a float32 t rounds to 0 from
+    |c| of about 8.7, and to a few ulps of 1 - t before), and aten's sigmoid, whose loop the fused
+    CPU kernels reproduce (rnn_cpu.cpp: one call on a contiguous c runs one loop over all of it).
+    NaN gives NaN, +-inf 0."""
+    s = torch.abs(c).mul_(-2.0).sigmoid_()
+    d = torch.neg(s) if out is None else torch.neg(s, out=out)
+    return d.add_(1.0).mul_(s).mul_(4.0)
+
+
 def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int, cell_clip: float = math.inf,
                         m_out=None) -> torch.Tensor:
     """c_t from the saved i, f, g codes and c_{t-1}: the same arithmetic as the forward step. With
@@ -545,9 +556,10 @@ def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.
     else:
         d = exact_derivatives(preact, LSTM_GATE_KINDS, acc).unbind(1)
     raw = f * c_prev + i * g  # the forward's arithmetic: c_t bit for bit
-    t = torch.tanh(raw.clamp(-cell_clip, cell_clip))  # the forward's call on c_t [bs, H]
-    u = torch_decode(_encode_u(t.clone(), levels), levels, _TANH, acc)  # u's code, rebuilt
-    dc = torch.where(raw.abs() <= cell_clip, dc + dm * o * (1.0 - t * t), 0.0)
+    c = raw.clamp(-cell_clip, cell_clip)
+    t = torch.tanh(c)  # the forward's call on c_t [bs, H]
+    u = torch_decode(_encode_u(t, levels), levels, _TANH, acc)  # u's code, rebuilt
+    dc = torch.where(raw.abs() <= cell_clip, dc + dm * o * tanh_derivative(c), 0.0)
     dgates = torch.cat(
         [dc * g * d[0], dc * c_prev * d[1], dc * i * d[2], dm * u * d[3]], dim=1
     )

@@ -950,9 +950,9 @@ def test_lstm_backward_rebuilds_the_forward_u_codes(monkeypatch, path, H, sizes,
     if path == "torch":
         real_u_codes = lstm_function._lstm_u_codes
 
-        def u_codes(tables, t, dtanh_out=None):  # dtanh_out: a chunk's steps, else the one before
-            codes = real_u_codes(tables, t, dtanh_out)
-            rebuilt.append((dtanh_out is None, codes.clone()))
+        def u_codes(tables, t, chunk_rows=False):  # a chunk's steps, else the one before
+            codes = real_u_codes(tables, t, chunk_rows)
+            rebuilt.append((not chunk_rows, codes.clone()))
             return codes
 
         monkeypatch.setattr(lstm_function, "_lstm_u_codes", u_codes)
