@@ -390,7 +390,8 @@ def _lstm_backward_chunked(
         c_raw = torch.empty(R, H, dtype=acc, device=device)
         c_all = torch.empty(R, H, dtype=acc, device=device)
         t_c = torch.empty(R, H, dtype=acc, device=device) if fused is None else None
-        f_s, ig_s, cp_s, raw_s, call_s = split(f_v), split(ig), split(p[1]), split(c_raw), split(c_all)
+        f_s, ig_s, cp_s = split(f_v), split(ig), split(p[1])
+        raw_s, call_s = split(c_raw), split(c_all)
         cp_s[0].copy_(c_init[: psizes[0]] if k == 0 else checkpoints[k - 1][: psizes[0]])
         if one_call:  # the loop below, in C++
             fused.lstm_rebuild_steps(f_v, ig, p[1], c_raw, c_all, offsets, psizes[0], clip)

@@ -364,12 +364,15 @@ _MIN_PACKED_PRODUCTS = 16
 # weight outgrows the core's cache. Measured per product (B=16, one thread, 2-core AMD EPYC),
 # forward h W_hh^T + x / backward dgates W_hh + dy, addmm against packed: H=128 (256 KiB) 30.6
 # against 37.5 us; H=192 (576 KiB) 66.9 / 62.2 and 59.6 / 62.3; H=256 (1 MiB) 117.6 / 97.5 and
-# 106.3 / 95.9. A DiscreteLSTM at H=256 (forward + backward, T=512, its chunks' steps in one call)
-# then takes 0.94x its time with addmm (scripts/bench_rnn.py --products both); at H=512 and 1024
-# 0.67-0.93x, float32 and bf16 autocast. float32 only: a bfloat16 addmm runs oneDNN too and
-# reorders the weight on every call, so the packed weight is never slower there (per product,
-# B=16: H=32 17.7 against 20.4 us, H=256 61.5 against 77.8 us).
-_MIN_PACKED_WEIGHT_BYTES = 1 << 19
+# 106.3 / 95.9. Yet at H=256 a training step does not gain from it: discrnn-profile (2 layers,
+# T=512) gave DiscreteLSTM 763 ms either way, and with sqrt(T) checkpointing 1235 against 1109 ms
+# and 59.4 against 47.5 MiB (every recomputed segment reorders the weights and oneDNN keeps state
+# per product shape), so float32 weights of at most 1 MiB stay on addmm. At H=512 and 1024 the
+# packed weights take 0.67-0.93x addmm's time (scripts/bench_rnn.py --products both), float32 and
+# bf16 autocast. float32 only: a bfloat16 addmm runs oneDNN too and reorders the weight on every
+# call, so the packed weight is never slower there (per product, B=16: H=32 17.7 against 20.4 us,
+# H=256 61.5 against 77.8 us).
+_MIN_PACKED_WEIGHT_BYTES = 1 << 20
 
 
 def _onednn_packed(weight: torch.Tensor, rows: int, products: int):
@@ -377,7 +380,7 @@ def _onednn_packed(weight: torch.Tensor, rows: int, products: int):
     ``torch.ops.mkldnn._linear_pointwise`` (what inductor's CPU weight prepacking does), or None
     where that is unavailable or not worth it: not a CPU tensor, not float32 / bfloat16 (float64
     has no oneDNN path, float16 needs CPU support few machines have), oneDNN absent or disabled
-    (``torch.backends.mkldnn.flags(enabled=False)``), a float32 weight of at most 512 KiB or fewer
+    (``torch.backends.mkldnn.flags(enabled=False)``), a float32 weight of at most 1 MiB or fewer
     than ``_MIN_PACKED_PRODUCTS`` products to run."""
     small = (weight.dtype == torch.float32
              and weight.numel() * weight.element_size() <= _MIN_PACKED_WEIGHT_BYTES)
@@ -396,7 +399,7 @@ class StepProduct:
     rows a per call, in ``W``'s dtype (``a`` is cast to it; the layers pass bf16/fp16 weights for
     backward's products under autocast, as torch's backward computes them).
 
-    On a CPU with oneDNN (bfloat16, or float32 and a weight over 512 KiB), W is reordered once per
+    On a CPU with oneDNN (bfloat16, or float32 and a weight over 1 MiB), W is reordered once per
     layer call into oneDNN's blocked layout and every product runs oneDNN's linear on it: a layer's
     forward + backward (B=16, T=512, one thread) then takes 0.76-0.94x its time with torch.addmm
     at H=512-1024 (see ``_MIN_PACKED_WEIGHT_BYTES``). bfloat16 results are bit-identical to

@@ -1,18 +1,20 @@
-// Fused CPU kernels of the discrete LSTM (kernels/rnn_cpu.py builds and loads this file).
+// Fused CPU kernels of the discrete LSTM and GRU (kernels/rnn_cpu.py builds and loads this file).
 //
 // lstm_forward_step does the element-wise work of one forward step, which the torch path spreads
 // over about twenty aten calls (kernels/rnn_torch.py, LSTMForwardStep): gate activations, their
-// codes and level values, the clamped cell update, tanh(c_t), u's code and m = o u. The backward
-// kernels (below) do the same for the aten calls of one backward chunk. They reproduce those calls
-// bit for bit (rnn_cpu.py checks that on load and refuses the kernels otherwise):
+// codes and level values, the clamped cell update, u's code and m = o u. The backward kernels
+// (below) do the same for the aten calls of one backward chunk, and the *_steps functions run a
+// chunk's steps in one call. They reproduce the aten path bit for bit, NaN payloads aside
+// (rnn_cpu.py checks that on load and refuses the kernels otherwise):
 //
 // * sigmoid is aten's cpu_kernel_vec on one inner loop of length H per (row, gate plane): the
 //   vector body 1 / (1 + exp(-x)) with Vectorized<float>::exp (SLEEF) in steps of two vectors, the
 //   tail in scalar code with std::exp. Compiled for the CPU capability aten dispatches to, so the
 //   vectors are the same width as aten's.
 // * tanh is MKL's vmsTanh in the mode aten's vml::vtanh passes (its result does not depend on where
-//   an element sits in the array, measured), or, without MKL, Vectorized<float>::tanh over the whole
-//   array as vec::map does.
+//   an element sits in the array, measured), or, without MKL, Vectorized<float>::tanh over the
+//   whole array as vec::map does. Where only tanh's code is wanted, tanh_codes finds it without
+//   tanh (see there).
 // * every other operation is one IEEE operation per element in the order the aten calls apply
 //   them, and the file is compiled with -ffp-contract=off so that no multiply-add is fused.
 
@@ -424,9 +426,9 @@ void lstm_rebuild_step(const torch::Tensor& f_v, const torch::Tensor& i_g,
 // After the rebuild, for the whole chunk, from c_all = c_t [R, H] (contiguous): where the clamp
 // passed (|raw| <= clip), u's code (the encoding of tanh(c_t), by tanh's code thresholds where they
 // passed their check, else tanh_array), o tanh'(c_t) into o_du (may alias raw) with tanh' as
-// rnn_torch.tanh_derivative (aten's sigmoid on all of c_all at once: one loop), u d_o and m = o u by
-// the pair tables at o L + u, c_prev d_f into p[1], and p, f zeroed where the clamp was active
-// (multiplied by 0 or 1, as the aten path does).
+// rnn_torch.tanh_derivative (aten's sigmoid on all of c_all at once: one loop), u d_o and
+// m = o u by the pair tables at o L + u, c_prev d_f into p[1], and p, f zeroed where the clamp was
+// active (multiplied by 0 or 1, as the aten path does).
 void lstm_backward_finish(const torch::Tensor& codes, const torch::Tensor& raw,
                           const torch::Tensor& c_all, const torch::Tensor& o_v,
                           const torch::Tensor& d_f, const torch::Tensor& p,
@@ -666,7 +668,9 @@ struct StepProduct {
       return out.defined() ? at::add_out(out, c, mm(a_in)) : at::add(c, mm(a_in));
     }
     const at::Tensor a = to_dtype(a_in, dtype());
-    if (!packed) return out.defined() ? at::addmm_out(out, c, a, weight_t) : at::addmm(c, a, weight_t);
+    if (!packed) {
+      return out.defined() ? at::addmm_out(out, c, a, weight_t) : at::addmm(c, a, weight_t);
+    }
     at::Tensor y = onednn_linear_add(a, c, *packed);
     return out.defined() ? out.copy_(y) : y;
   }
@@ -786,8 +790,9 @@ at::Tensor lstm_backward_steps(const at::Tensor& dys, const at::Tensor& dgates,
   const int64_t S = static_cast<int64_t>(offsets.size());
   for (int64_t j = S - 2; j >= 0; --j) {
     const int64_t o = offsets[j];
-    const at::Tensor dh = recurrent.addmm(dys.narrow(0, o, bs), dgates.narrow(0, offsets[j + 1], bs),
-                                          dh_out ? dh_out->narrow(0, o, bs) : at::Tensor());
+    const at::Tensor dh =
+        recurrent.addmm(dys.narrow(0, o, bs), dgates.narrow(0, offsets[j + 1], bs),
+                        dh_out ? dh_out->narrow(0, o, bs) : at::Tensor());
     const at::Tensor dm = w_hr ? at::mm(dh, *w_hr) : dh;
     const at::Tensor& dcf_new = dcf_bufs[j % 2];
     lstm_backward_step(dm, dcf, o_du.narrow(0, o, bs), u_do.narrow(0, o, bs), p.narrow(1, o, bs),
