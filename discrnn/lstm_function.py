@@ -127,9 +127,6 @@ class StepRows:
     def __getitem__(self, j):
         return self.rows.narrow(self.dim, self.offsets[j], self.bs)
 
-    def __len__(self):
-        return len(self.offsets)
-
 
 def _lstm_u_codes(tables, t, chunk_rows=False):
     """u's int32 codes [R, H] from t = tanh(c_t) [R, H] (overwritten). For the forward's codes bit

@@ -149,6 +149,7 @@ std::vector<float> compute_tanh_thresholds(int64_t levels) {
 // The thresholds of `levels`, computed once per process and level count; nullptr where the check
 // failed.
 const float* tanh_thresholds(int64_t levels) {
+  TORCH_CHECK(levels >= 2 && levels <= 256, "levels must be in [2, 256], got ", levels);
   static std::once_flag once[257];
   static std::vector<float> tables[257];
   std::call_once(once[levels], [levels] { tables[levels] = compute_tanh_thresholds(levels); });

@@ -146,6 +146,13 @@ def test_fused_lstm_step_checks_its_arguments(fused):
                                 64, 1.0)
     with pytest.raises(RuntimeError, match="levels must be in"):
         fused.lstm_forward_step(torch.zeros(2, 32), c, c.clone(), c.clone(), codes, k_u, 300, 1.0)
+    tables = torch.zeros(300 * 300)  # tables that fit the bogus level count: the check is on levels
+    with pytest.raises(RuntimeError, match="levels must be in"):
+        fused.lstm_backward_finish(codes, c, c.clone(), c.clone(), c.clone(), torch.zeros(3, 2, 8),
+                                   c.clone(), tables, tables, c.clone(), c.clone(), c.clone(), 300,
+                                   1.0)
+    with pytest.raises(RuntimeError, match="levels must be in"):
+        fused.tanh_code(torch.zeros(4), 1)
 
 
 def _run(module, x, hx, lengths, autocast=False):
