@@ -611,14 +611,6 @@ at::Tensor add_widened(const at::Tensor& c, const at::Tensor& b, at::Tensor out)
   return out;
 }
 
-// a.to(dtype), with copy_rows's conversion.
-at::Tensor to_dtype(const at::Tensor& a, at::ScalarType dtype) {
-  if (a.scalar_type() == dtype) return a;
-  at::Tensor out = at::empty(a.sizes(), a.options().dtype(dtype));
-  copy_rows(a, out);
-  return out;
-}
-
 // oneDNN's linear on a weight prepacked by torch.ops.mkldnn._reorder_linear_weight, through the
 // dispatcher (boxed: the ops' C++ signatures differ between torch versions, their schemas don't).
 at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& packed) {
@@ -644,11 +636,23 @@ at::Tensor onednn_linear_add(const at::Tensor& a, const at::Tensor& other,
 struct StepProduct {
   at::Tensor weight_t;
   std::optional<at::Tensor> packed;
+  mutable at::Tensor converted;  // the operand in W's dtype, reused step after step
 
   at::ScalarType dtype() const { return weight_t.scalar_type(); }
 
+  // a.to(W's dtype), with copy_rows's conversion, into a buffer that outlives the step (the
+  // products read it and return new tensors, so the next step may overwrite it).
+  at::Tensor operand(const at::Tensor& a) const {
+    if (a.scalar_type() == dtype()) return a;
+    if (!converted.defined() || !converted.sizes().equals(a.sizes())) {
+      converted = at::empty(a.sizes(), a.options().dtype(dtype()));
+    }
+    copy_rows(a, converted);
+    return converted;
+  }
+
   at::Tensor mm(const at::Tensor& a_in, at::Tensor out = {}) const {
-    const at::Tensor a = to_dtype(a_in, dtype());
+    const at::Tensor a = operand(a_in);
     at::Tensor y;
     if (!packed) {
       if (out.defined() && out.scalar_type() == dtype()) return at::mm_out(out, a, weight_t);
@@ -668,7 +672,7 @@ struct StepProduct {
       }
       return out.defined() ? at::add_out(out, c, mm(a_in)) : at::add(c, mm(a_in));
     }
-    const at::Tensor a = to_dtype(a_in, dtype());
+    const at::Tensor a = operand(a_in);
     if (!packed) {
       return out.defined() ? at::addmm_out(out, c, a, weight_t) : at::addmm(c, a, weight_t);
     }
