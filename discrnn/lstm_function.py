@@ -201,7 +201,7 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
                 checkpoints.append(c_in if c_in is c_prev else c_in.clone())
             c_new = fused.lstm_forward_steps(
                 xproj, [layout.offsets[t] - lo for t in steps], bs, h_in, c_in,
-                recurrent.weight_t, recurrent.packed, y[lo:hi], w_hr_t, k_gate_rows[: hi - lo],
+                recurrent.weight_t, recurrent.packed, recurrent.panels, y[lo:hi], w_hr_t, k_gate_rows[: hi - lo],
                 k_u_rows[: hi - lo], None if preact is None else preact[lo:hi], cfg.levels,
                 cfg.cell_clip)
             j = len(steps) - 1  # the last step's rows: in y by time, in the codes by processing
@@ -475,7 +475,7 @@ def _lstm_backward_chunked(
                 # the chunk's other steps in one call: this loop in C++
                 pend_dcf = fused.lstm_backward_steps(
                     dys, dgates, dcf, o_du, u_do, p, f_v, offsets, bs, recurrent_t.weight_t,
-                    recurrent_t.packed, dhs, w_hr_a)
+                    recurrent_t.packed, recurrent_t.panels, dhs, w_hr_a)
                 pend_dg = dg_s[0]
                 break
         pend_dg = pend_dg.clone()  # not a view into this chunk's buffer

@@ -375,6 +375,27 @@ _MIN_PACKED_PRODUCTS = 16
 _MIN_PACKED_WEIGHT_BYTES = 1 << 20
 
 
+# Set to False to keep the per-step products off discrnn's own kernels (rnn_cpu.panel_products).
+PANEL_STEP_PRODUCTS = True
+# From about 256 rows oneDNN's and MKL's products are faster (kernels/panel_gemm.cpp); at 64 rows
+# the panels still take 0.95-1.0x oneDNN's time and 0.8x addmm's.
+_MAX_PANEL_ROWS = 64
+
+
+def _panel_packed(weight: torch.Tensor, rows: int, products: int):
+    """``weight`` ([out, in]) packed for discrnn's small-batch products (``panel_gemm.cpp``), or
+    None where they do not run (see :func:`rnn_cpu.panel_products`), the products have more than
+    ``_MAX_PANEL_ROWS`` rows, or fewer than ``_MIN_PACKED_PRODUCTS`` of them do not pay the
+    packing (a copy of the weight, about one or two products' time)."""
+    if not (PANEL_STEP_PRODUCTS and products >= _MIN_PACKED_PRODUCTS and rows <= _MAX_PANEL_ROWS
+            and weight.device.type == "cpu" and weight.dim() == 2):
+        return None
+    from .kernels import rnn_cpu
+
+    module = rnn_cpu.panel_products(weight.dtype)
+    return None if module is None else module.pack_panels(weight.detach())
+
+
 def _onednn_packed(weight: torch.Tensor, rows: int, products: int):
     """``weight`` ([out, in], torch's linear layout) reordered into oneDNN's blocked layout for
     ``torch.ops.mkldnn._linear_pointwise`` (what inductor's CPU weight prepacking does), or None
@@ -399,12 +420,14 @@ class StepProduct:
     rows a per call, in ``W``'s dtype (``a`` is cast to it; the layers pass bf16/fp16 weights for
     backward's products under autocast, as torch's backward computes them).
 
-    On a CPU with oneDNN (bfloat16, or float32 and a weight over 1 MiB), W is reordered once per
-    layer call into oneDNN's blocked layout and every product runs oneDNN's linear on it: a layer's
-    forward + backward (B=16, T=512, one thread) then takes 0.76-0.94x its time with torch.addmm
-    at H=512-1024 (see ``_MIN_PACKED_WEIGHT_BYTES``). bfloat16 results are bit-identical to
-    torch.addmm (the same oneDNN kernels, without addmm's per-call reorder), float32 ones agree to
-    rounding (MKL's sgemm sums in another order). Elsewhere torch.addmm / torch.mm on W^T.
+    On a CPU with AVX-512 (bfloat16: AVX512-BF16), W is packed once per layer call into panels
+    and every product runs discrnn's own kernel (``kernels/panel_gemm.cpp``; ``panels``): at
+    B=16 it takes 0.67x torch.addmm's time at H=256 in float32 and 0.7x oneDNN's in bfloat16.
+    Otherwise, with oneDNN (bfloat16, or float32 and a weight over 1 MiB), W is reordered into
+    oneDNN's blocked layout and every product runs oneDNN's linear on it (``packed``); its
+    bfloat16 results are bit-identical to torch.addmm's. Elsewhere torch.addmm / torch.mm on W^T.
+    float32 results differ between these by rounding (each sums in its own order); every product
+    of one layer call takes the same route, so backward reproduces forward's products exactly.
     ``rows``: the most rows of one product; ``products``: how many a layer call runs (the
     chunk-wide products, see :func:`chunk_product`, pass the call's steps: the rows they cover).
     """
@@ -412,11 +435,25 @@ class StepProduct:
     def __init__(self, weight: torch.Tensor, rows: int, products: int):
         self.weight_t = weight.t()
         self.dtype = weight.dtype
-        self.packed = _onednn_packed(weight, rows, products)
+        self.panels = _panel_packed(weight, rows, products)
+        self.packed = None if self.panels is not None else _onednn_packed(weight, rows, products)
+
+    def _on_panels(self, a: torch.Tensor, c, out):
+        from .kernels import rnn_cpu
+
+        module = rnn_cpu.panel_products(self.dtype)
+        a = a if a.stride(-1) == 1 else a.contiguous()
+        n = self.weight_t.shape[1]
+        if out is not None and out.dtype == self.dtype and (n <= 1 or out.stride(-1) == 1):
+            return module.panel_linear(a, self.panels, n, c, out)
+        y = module.panel_linear(a, self.panels, n, c)
+        return y if out is None else out.copy_(y)
 
     def mm(self, a: torch.Tensor, out=None) -> torch.Tensor:
         """a @ W^T, in W's dtype (into ``out`` when given)."""
         a = a.to(self.dtype)
+        if self.panels is not None:
+            return self._on_panels(a, None, out)
         if self.packed is None:
             if out is not None and out.dtype == self.dtype:
                 return torch.mm(a, self.weight_t, out=out)
@@ -431,6 +468,8 @@ class StepProduct:
         if c.dtype != self.dtype:
             return torch.add(c, self.mm(a), out=out)
         a = a.to(self.dtype)
+        if self.panels is not None:
+            return self._on_panels(a, c if c.stride(-1) == 1 else c.contiguous(), out)
         if self.packed is None:
             return torch.addmm(c, a, self.weight_t, out=out)
         y = torch.ops.mkldnn._linear_pointwise.binary(a, c, self.packed, None, "add")
@@ -438,7 +477,9 @@ class StepProduct:
 
     def addmm_(self, acc: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """acc += a @ W^T."""
-        if acc.dtype == self.dtype and self.packed is None:
+        if acc.dtype == self.dtype and self.panels is not None and acc.stride(-1) == 1:
+            return self._on_panels(a.to(self.dtype), acc, acc)
+        if acc.dtype == self.dtype and self.packed is None and self.panels is None:
             return acc.addmm_(a.to(self.dtype), self.weight_t)
         return acc.add_(self.mm(a))
 

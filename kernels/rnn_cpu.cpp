@@ -611,6 +611,16 @@ at::Tensor add_widened(const at::Tensor& c, const at::Tensor& b, at::Tensor out)
   return out;
 }
 
+}  // namespace
+
+// panel_gemm.cpp
+bool panel_products_supported(at::ScalarType dtype);
+at::Tensor pack_panels(const at::Tensor& weight);
+at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n,
+                        const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& out);
+
+namespace {
+
 // oneDNN's linear on a weight prepacked by torch.ops.mkldnn._reorder_linear_weight, through the
 // dispatcher (boxed: the ops' C++ signatures differ between torch versions, their schemas don't).
 at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& packed) {
@@ -632,10 +642,11 @@ at::Tensor onednn_linear_add(const at::Tensor& a, const at::Tensor& other,
 }
 
 // discrnn.rnn_function.StepProduct, call for call: a @ W^T with W^T = weight_t ([in, out], W's
-// dtype), on oneDNN's packed copy of W where there is one.
+// dtype), on W's panels (panel_gemm.cpp) or oneDNN's packed copy of W where there is one.
 struct StepProduct {
   at::Tensor weight_t;
   std::optional<at::Tensor> packed;
+  std::optional<at::Tensor> panels;
   mutable at::Tensor converted;  // the operand in W's dtype, reused step after step
 
   at::ScalarType dtype() const { return weight_t.scalar_type(); }
@@ -651,8 +662,20 @@ struct StepProduct {
     return converted;
   }
 
+  // The panel product into out where out can take it directly.
+  at::Tensor on_panels(const at::Tensor& a, const std::optional<at::Tensor>& c,
+                       const at::Tensor& out) const {
+    const at::Tensor rows = a.stride(-1) == 1 ? a : a.contiguous();
+    if (out.defined() && out.scalar_type() == dtype() && unit_rows(out)) {
+      return panel_linear(rows, *panels, weight_t.size(1), c, out);
+    }
+    at::Tensor y = panel_linear(rows, *panels, weight_t.size(1), c, std::nullopt);
+    return out.defined() ? out.copy_(y) : y;
+  }
+
   at::Tensor mm(const at::Tensor& a_in, at::Tensor out = {}) const {
     const at::Tensor a = operand(a_in);
+    if (panels) return on_panels(a, std::nullopt, out);
     at::Tensor y;
     if (!packed) {
       if (out.defined() && out.scalar_type() == dtype()) return at::mm_out(out, a, weight_t);
@@ -673,6 +696,7 @@ struct StepProduct {
       return out.defined() ? at::add_out(out, c, mm(a_in)) : at::add(c, mm(a_in));
     }
     const at::Tensor a = operand(a_in);
+    if (panels) return on_panels(a, unit_rows(c) ? c : c.contiguous(), out);
     if (!packed) {
       return out.defined() ? at::addmm_out(out, c, a, weight_t) : at::addmm(c, a, weight_t);
     }
@@ -695,7 +719,8 @@ void check_offsets(const std::vector<int64_t>& offsets, int64_t bs, int64_t R) {
 // j bs of the codes (rows in processing order, as the code store keeps them).
 //   xproj    [R, 4H]: x W_ih^T + b, in the products' dtype
 //   h_in     [bs, P] the layer's dtype, c_in [bs, H] float32: the state the first step reads
-//   weight_t, packed: the recurrent StepProduct (W_hh^T, oneDNN's packed W_hh or None)
+//   weight_t, packed, panels: the recurrent StepProduct (W_hh^T; oneDNN's packed W_hh or None;
+//            W_hh's panels or None)
 //   y        [R, P] the layer's dtype: the chunk's output rows (h_t)
 //   w_hr_t   [H, P] or None: the projection (proj_size)
 //   k_gates  [R, 4, H] uint8, k_u [R, H] uint8: the codes (lstm_forward_step)
@@ -704,7 +729,7 @@ void check_offsets(const std::vector<int64_t>& offsets, int64_t bs, int64_t R) {
 at::Tensor lstm_forward_steps(const at::Tensor& xproj, const std::vector<int64_t>& offsets,
                               int64_t bs, const at::Tensor& h_in, const at::Tensor& c_in,
                               const at::Tensor& weight_t, const std::optional<at::Tensor>& packed,
-                              const at::Tensor& y, const std::optional<at::Tensor>& w_hr_t,
+                              const std::optional<at::Tensor>& panels, const at::Tensor& y, const std::optional<at::Tensor>& w_hr_t,
                               const at::Tensor& k_gates, const at::Tensor& k_u,
                               const std::optional<at::Tensor>& preact, int64_t levels,
                               double cell_clip) {
@@ -714,7 +739,7 @@ at::Tensor lstm_forward_steps(const at::Tensor& xproj, const std::vector<int64_t
   TORCH_CHECK(xproj.dim() == 2 && xproj.size(0) == R && xproj.size(1) == 4 * H,
               "xproj must be [", R, ", ", 4 * H, "], got ", xproj.sizes());
   TORCH_CHECK(k_gates.size(0) == R && k_u.size(0) == R, "codes must have ", R, " rows");
-  const StepProduct recurrent{weight_t, packed};
+  const StepProduct recurrent{weight_t, packed, panels};
   const at::ScalarType dtype = y.scalar_type();
   const bool exact_dtype = dtype == at::kFloat;
   const bool direct = !w_hr_t && exact_dtype;  // m goes straight into y
@@ -771,9 +796,9 @@ void lstm_rebuild_steps(const at::Tensor& f_v, const at::Tensor& i_g, const at::
 
 // Steps offsets[S-2] .. offsets[0] of one backward chunk's recursion (the caller ran step S - 1,
 // where the state gradients may come from another batch size): per step dh = dy + dgates_next
-// W_hh (the StepProduct of W_hh^T; into dh_out's rows where given), dm = dh (or dh W_hr), then
-// lstm_backward_step. dcf_last: dc f of step S - 1. Returns dc f of the first step (a tensor of
-// its own: the next chunk's).
+// W_hh (the StepProduct of W_hh^T: weight_t, packed, panels; into dh_out's rows where given),
+// dm = dh (or dh W_hr), then lstm_backward_step. dcf_last: dc f of step S - 1. Returns dc f of
+// the first step (a tensor of its own: the next chunk's).
 //   dys [R, P] float32; dgates [R, 4H] float32 (step S - 1's rows filled); o_du, u_do, f_v
 //   [R, H]; p [3, R, H]; dh_out [R, P] or None; w_hr [P, H] float32 or None
 at::Tensor lstm_backward_steps(const at::Tensor& dys, const at::Tensor& dgates,
@@ -782,6 +807,7 @@ at::Tensor lstm_backward_steps(const at::Tensor& dys, const at::Tensor& dgates,
                                const at::Tensor& f_v, const std::vector<int64_t>& offsets,
                                int64_t bs, const at::Tensor& weight_t,
                                const std::optional<at::Tensor>& packed,
+                               const std::optional<at::Tensor>& panels,
                                const std::optional<at::Tensor>& dh_out,
                                const std::optional<at::Tensor>& w_hr) {
   const int64_t R = dgates.size(0), H = f_v.size(1);
@@ -789,7 +815,7 @@ at::Tensor lstm_backward_steps(const at::Tensor& dys, const at::Tensor& dgates,
   check_offsets(offsets, bs, R);
   TORCH_CHECK(p.dim() == 3 && p.size(0) == 3 && p.size(1) == R, "p must be [3, ", R, ", H], got ",
               p.sizes());
-  const StepProduct recurrent{weight_t, packed};
+  const StepProduct recurrent{weight_t, packed, panels};
   at::Tensor dcf_bufs[2] = {at::empty({bs, H}, f_v.options()), at::empty({bs, H}, f_v.options())};
   at::Tensor dcf = dcf_last;
   const int64_t S = static_cast<int64_t>(offsets.size());
@@ -1027,6 +1053,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tanh_code", &tanh_code, "The codes of tanh(x) as the forward step gives them (CPU)");
   m.def("convert_rows", &convert_rows, "dst.copy_(src), float32 <-> bfloat16 rows (CPU)");
   m.def("add_bfloat16", &add_bfloat16, "float32 + bfloat16 rows, as torch.add (CPU)");
+  m.def("panel_products_supported", &panel_products_supported,
+        "Whether panel_linear runs for a dtype on this CPU");
+  m.def("pack_panels", &pack_panels, "A weight [N, K] packed for panel_linear (CPU)");
+  m.def("panel_linear", &panel_linear, "a @ W^T (+ c) on W's panels (CPU)", py::arg("a"),
+        py::arg("panels"), py::arg("n"), py::arg("c") = py::none(), py::arg("out") = py::none());
   m.def("gru_forward_step", &gru_forward_step, "Fused discrete GRU forward step (CPU)");
   m.def("lookup_plane", &lookup_plane, "Table values of one plane of codes (CPU)");
   m.def("gru_backward_prep", &gru_backward_prep, "A GRU backward chunk's per-unit terms (CPU)");

@@ -31,6 +31,8 @@ ENABLED = os.environ.get("DISCRNN_FUSED_CPU", "1") != "0"
 CHUNK_CALLS = True
 
 _SOURCE = Path(__file__).with_name("rnn_cpu.cpp")
+# The per-step matrix products on a prepacked weight (rnn_function.StepProduct's panels).
+_PANEL_SOURCE = Path(__file__).with_name("panel_gemm.cpp")
 _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
@@ -49,7 +51,7 @@ def _build():
     # One build per torch version and capability: a cached build for another torch would load
     # against the wrong ABI.
     tag = re.sub(r"\W", "_", f"{torch.__version__}_{capability}")
-    return cpp_extension.load(name=f"discrnn_rnn_cpu_{tag}", sources=[str(_SOURCE)],
+    return cpp_extension.load(name=f"discrnn_rnn_cpu_{tag}", sources=[str(_SOURCE), str(_PANEL_SOURCE)],
                               extra_cflags=flags, verbose=False)
 
 
@@ -289,17 +291,71 @@ def _check_backward_steps(module, bs, H, clip, g) -> str | None:
     return None
 
 
+def _check_panel_products(module, dtype: torch.dtype) -> str | None:
+    """None if ``panel_linear`` agrees with a float64 product here (to the rounding of its float32
+    sums, and of one bfloat16 rounding), else what differs. Shapes with row and column tails."""
+    g = torch.Generator().manual_seed(0)
+    for M, K, N in ((16, 256, 100), (7, 33, 49), (1, 5, 1)):
+        a = torch.randn(M, K, generator=g).to(dtype)
+        w = torch.randn(N, K, generator=g).to(dtype)
+        c = torch.randn(M, N, generator=g).to(dtype)
+        got = module.panel_linear(a, module.pack_panels(w), N, c).double()
+        exact = torch.addmm(c.double(), a.double(), w.double().t())
+        bound = 1e-6 * K * torch.addmm(c.double().abs(), a.double().abs(), w.double().abs().t())
+        if dtype == torch.bfloat16:
+            bound = bound + exact.abs() * 2.0 ** -8
+        if not bool(((got - exact).abs() <= bound + 1e-30).all()):
+            return f"panel_linear differs from the float64 product at M={M}, K={K}, N={N}"
+    return None
+
+
+def panel_products(dtype: torch.dtype):
+    """The extension module where its small-batch products on prepacked panels (``panel_gemm.cpp``)
+    run for ``dtype`` on this CPU (AVX-512; bfloat16 also AVX512-BF16) and pass their check, else
+    None (then the layers keep torch.addmm / oneDNN). Independent of :func:`fused_ops`'s check of
+    the element-wise kernels: these products do not reproduce aten's, they replace them."""
+    module = _built() if ENABLED else None
+    if module is None or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    key = ("panels", dtype)
+    if key not in _state:
+        try:
+            supported = module.panel_products_supported(dtype)
+            reason = _check_panel_products(module, dtype) if supported else None
+        except Exception as exc:  # a kernel that raises on this build: keep torch's products
+            supported, reason = True, f"panel_linear failed its check ({type(exc).__name__}: " \
+                                      f"{str(exc).strip()[:300]})"
+        if reason is not None:
+            warnings.warn(f"discrnn: {reason}; the layers use torch's products instead",
+                          RuntimeWarning, stacklevel=2)
+        _state[key] = module if supported and reason is None else None
+    return _state[key]
+
+
+def _built():
+    """The extension module, built or loaded once per process; None where it cannot be built
+    (then with one warning saying why) or ``ENABLED`` is off."""
+    if not ENABLED:
+        return None
+    if "built" not in _state:
+        module = None
+        try:
+            module = _build()
+        except Exception as exc:  # no compiler, a failed build: the aten step still works
+            warnings.warn(f"discrnn: the fused CPU kernels could not be built ({type(exc).__name__}:"
+                          f" {str(exc).strip()[:300]}); the layers use the aten calls instead "
+                          "(same results, slower)", RuntimeWarning, stacklevel=3)
+        _state["built"] = module
+    return _state["built"]
+
+
 def fused_ops():
     """The loaded extension module, or None where the fused kernel is off, cannot be built, or does
     not reproduce the aten step on this machine (then with one warning saying why)."""
     if not ENABLED:
         return None
     if "module" not in _state:
-        module, reason = None, None
-        try:
-            module = _build()
-        except Exception as exc:  # no compiler, a failed build: the aten step still works
-            reason = f"could not be built ({type(exc).__name__}: {str(exc).strip()[:300]})"
+        module = _built()
         if module is not None:
             try:
                 reason = _self_check(module)
@@ -307,8 +363,8 @@ def fused_ops():
                 reason = f"failed its self-check ({type(exc).__name__}: {str(exc).strip()[:300]})"
             if reason is not None:
                 module = None
+                warnings.warn(f"discrnn: the fused CPU step kernel {reason}; the layers use the "
+                              "aten step instead (same results, slower)", RuntimeWarning,
+                              stacklevel=2)
         _state["module"] = module
-        if reason is not None:
-            warnings.warn(f"discrnn: the fused CPU step kernel {reason}; the layers use the aten "
-                          "step instead (same results, slower)", RuntimeWarning, stacklevel=2)
     return _state["module"]

@@ -683,9 +683,11 @@ _onednn = pytest.mark.skipif(
 
 @pytest.fixture
 def always_packed(monkeypatch):
-    """Prepack every CPU float32 / bfloat16 recurrent weight, however small or few the products."""
+    """Prepack every CPU float32 / bfloat16 recurrent weight for oneDNN, however small or few the
+    products (discrnn's own panel products off)."""
     from discrnn import rnn_function
 
+    monkeypatch.setattr(rnn_function, "PANEL_STEP_PRODUCTS", False)
     monkeypatch.setattr(rnn_function, "_MIN_PACKED_WEIGHT_BYTES", 0)
     monkeypatch.setattr(rnn_function, "_MIN_PACKED_PRODUCTS", 1)
 
@@ -736,6 +738,8 @@ def test_step_product_falls_back_to_addmm(monkeypatch):
     from discrnn import rnn_function
     from discrnn.rnn_function import StepProduct
 
+    monkeypatch.setattr(rnn_function, "PANEL_STEP_PRODUCTS", False)
+
     big = torch.randn(1024, 512)  # 2 MiB
     assert StepProduct(big.double(), 16, 512).packed is None
     assert StepProduct(big[:256], 16, 512).packed is None  # 0.5 MiB
@@ -744,27 +748,30 @@ def test_step_product_falls_back_to_addmm(monkeypatch):
         assert StepProduct(big, 16, 512).packed is None
     monkeypatch.setattr(rnn_function, "ONEDNN_STEP_PRODUCTS", False)
     assert StepProduct(big, 16, 512).packed is None
-    monkeypatch.undo()
+    monkeypatch.setattr(rnn_function, "ONEDNN_STEP_PRODUCTS", True)
     if torch.backends.mkldnn.is_available():
         assert StepProduct(big, 16, 512).packed is not None
         assert StepProduct(torch.randn(2048, 512).bfloat16(), 16, 512).packed is not None
 
 
+@pytest.mark.parametrize("panels", [True, False], ids=["panels", "onednn"])
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
-def test_short_calls_do_not_prepack(monkeypatch, cls):
-    """A call of a few steps (one step at a time in a decoding loop) runs torch.addmm: reordering
-    a weight costs a few products. A long call prepacks every large weight it multiplies by."""
+def test_short_calls_do_not_prepack(monkeypatch, cls, panels):
+    """A call of a few steps (one step at a time in a decoding loop) runs torch.addmm: packing
+    a weight costs a product or more. A long call packs every weight it multiplies by, into
+    panels (discrnn's products, any size) or for oneDNN (float32 weights over 1 MiB)."""
     from discrnn import rnn_function
+    from discrnn.kernels import rnn_cpu
 
+    monkeypatch.setattr(rnn_function, "PANEL_STEP_PRODUCTS", panels)
     made = []
-    real = rnn_function._onednn_packed
+    real_init = rnn_function.StepProduct.__init__
 
-    def spy(weight, rows, products):
-        packed = real(weight, rows, products)
-        made.append(packed is not None)
-        return packed
+    def spy(self, weight, rows, products):
+        real_init(self, weight, rows, products)
+        made.append(self.panels is not None or self.packed is not None)
 
-    monkeypatch.setattr(rnn_function, "_onednn_packed", spy)
+    monkeypatch.setattr(rnn_function.StepProduct, "__init__", spy)
     torch.manual_seed(0)
     module = cls(512, 512, levels=64)  # W_ih, W_hh over 1 MiB in float32
     for steps in (1, 15):
@@ -775,8 +782,11 @@ def test_short_calls_do_not_prepack(monkeypatch, cls):
     module(torch.randn(16, 2, 512, requires_grad=True))[0].sum().backward()
     # forward: W_hh, W_ih; backward: W_hh^T, W_ih^T (and the GRU's W_hn)
     assert len(made) == (4 if cls is DiscreteLSTM else 5)
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        assert all(made[:2]) and all(made[2:4])  # W_hn (1 MiB) stays below the threshold
+    if panels and rnn_cpu.panel_products(torch.float32) is not None:
+        assert all(made)
+    elif torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                           "_reorder_linear_weight"):
+        assert all(made[:4]) and not any(made[4:])  # W_hn (1 MiB) stays below the threshold
 
 
 @_onednn

@@ -294,3 +294,223 @@ def test_refused_fused_step_warns_once_and_layers_still_run(monkeypatch, failure
         warnings.simplefilter("error")
         y, _ = module(x)  # no second warning
     assert y.shape == (4, 2, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small-batch products on prepacked panels (kernels/panel_gemm.cpp, rnn_function.StepProduct)
+
+PANEL_DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _panels(dtype):
+    """The module with the panel products; skips only where the CPU lacks them (a failed build
+    or check fails here)."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler to build the panel products")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if not rnn_cpu._built().panel_products_supported(dtype):
+            pytest.skip(f"no panel products for {dtype} on this CPU (AVX-512 / AVX512-BF16)")
+        module = rnn_cpu.panel_products(dtype)
+    assert module is not None, "the panel products failed their check"
+    return module
+
+
+def _assert_product_close(got, a, w, c, dtype):
+    """got against the float64 product: each output within the rounding of K float32 sums of
+    |terms| (and one bfloat16 rounding); NaN and infinities where the float64 product has them."""
+    exact = a.double() @ w.double().t()
+    scale = a.double().abs() @ w.double().abs().t()
+    if c is not None:
+        exact, scale = exact + c.double(), scale + c.double().abs()
+    assert got.dtype == dtype and got.shape == exact.shape
+    got = got.double()
+    assert torch.equal(got.isnan(), exact.isnan())
+    finite = exact.isfinite()
+    assert torch.equal(got[~finite & ~exact.isnan()], exact[~finite & ~exact.isnan()])
+    bound = 2e-7 * (a.shape[1] + 2) * scale
+    if dtype == torch.bfloat16:
+        bound = bound + 2.0 ** -8 * exact.abs()
+    err = (got - exact).abs()[finite]
+    assert bool((err <= bound[finite] + 1e-37).all()), f"max excess {(err - bound[finite]).max()}"
+
+
+# (M, K, N): rows below, at and past a tile of 8 and the layers' limit of 64; K odd (a bfloat16
+# pair with zero); N below, at and past a panel of 48 columns and a vector of 16.
+PANEL_SHAPES = [(1, 1, 1), (3, 5, 47), (7, 33, 48), (8, 64, 49), (16, 256, 1024), (17, 100, 97),
+                (64, 31, 130)]
+
+
+@pytest.mark.parametrize("dtype", PANEL_DTYPES, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("M, K, N", PANEL_SHAPES)
+def test_panel_linear_matches_float64_product(dtype, M, K, N):
+    """a @ W^T and c + a @ W^T against the float64 product, new or into out (out may be c)."""
+    ops = _panels(dtype)
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    a = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    c = torch.randn(M, N, generator=g).to(dtype)
+    panels = ops.pack_panels(w)
+    _assert_product_close(ops.panel_linear(a, panels, N), a, w, None, dtype)
+    _assert_product_close(ops.panel_linear(a, panels, N, c), a, w, c, dtype)
+    out = torch.full((M, N), float("nan"), dtype=dtype)
+    assert ops.panel_linear(a, panels, N, c, out) is out
+    _assert_product_close(out, a, w, c, dtype)
+    acc = c.clone()
+    ops.panel_linear(a, panels, N, acc, acc)
+    assert torch.equal(acc, out)
+
+
+@pytest.mark.parametrize("dtype", PANEL_DTYPES, ids=["float32", "bfloat16"])
+def test_panel_linear_strided_rows_and_transposed_weights(dtype):
+    """Rows of a wider tensor (a, c, out), a weight given transposed (W_hh^T for backward's dh) or
+    as a column slice: the same panels and the same bits."""
+    ops = _panels(dtype)
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(16, 300, generator=g).to(dtype)
+    a = wide[:, 7:7 + 129]
+    w_t = torch.randn(129, 70, generator=g).to(dtype)  # W^T stored: W = w_t.t() is [70, 129]
+    panels = ops.pack_panels(w_t.t())
+    assert torch.equal(panels, ops.pack_panels(w_t.t().contiguous()))
+    wide_w = torch.randn(70, 200, generator=g).to(dtype)
+    assert torch.equal(ops.pack_panels(wide_w[:, 3:3 + 129]),
+                       ops.pack_panels(wide_w[:, 3:3 + 129].contiguous()))
+    c_wide = torch.randn(16, 90, generator=g).to(dtype)
+    out_wide = torch.zeros(16, 80, dtype=dtype)
+    ops.panel_linear(a, panels, 70, c_wide[:, 10:80], out_wide[:, 5:75])
+    expected = ops.panel_linear(a.contiguous(), panels, 70, c_wide[:, 10:80].contiguous())
+    assert torch.equal(out_wide[:, 5:75], expected)
+    assert not out_wide[:, :5].any() and not out_wide[:, 75:].any()  # nothing outside out
+    _assert_product_close(expected, a, w_t.t(), c_wide[:, 10:80], dtype)
+
+
+@pytest.mark.parametrize("dtype", PANEL_DTYPES, ids=["float32", "bfloat16"])
+def test_panel_linear_propagates_nan_and_inf(dtype):
+    """NaN in a row of a makes that row NaN; an infinity makes its products infinite (or NaN where
+    infinities of both signs meet), as the float64 product; the zero padding past N and past an odd
+    K adds no NaN."""
+    ops = _panels(dtype)
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(9, 33, generator=g).to(dtype)
+    w = torch.randn(50, 33, generator=g).to(dtype)
+    a[2, 5] = float("nan")
+    a[4, 32] = float("inf")  # the last, unpaired k of the bfloat16 panels
+    w[49, 0] = float("-inf")  # the last column, next to the panel's zero padding
+    got = ops.panel_linear(a, ops.pack_panels(w), 50)
+    _assert_product_close(got, a, w, None, dtype)
+    assert got[2].isnan().all() and got[4].isinf().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", PANEL_DTYPES, ids=["float32", "bfloat16"])
+def test_panel_linear_same_bits_on_any_thread_count(dtype):
+    """Threads split the panels, never a sum."""
+    ops = _panels(dtype)
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(16, 256, generator=g).to(dtype)
+    panels = ops.pack_panels(torch.randn(1024, 256, generator=g).to(dtype))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.panel_linear(a, panels, 1024)
+        torch.set_num_threads(2)
+        two = ops.panel_linear(a, panels, 1024)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_panel_linear_checks_its_arguments():
+    ops = _panels(torch.float32)
+    a = torch.randn(4, 10)
+    panels = ops.pack_panels(torch.randn(20, 10))
+    with pytest.raises(RuntimeError, match="a must be"):
+        ops.panel_linear(a.double(), panels, 20)
+    with pytest.raises(RuntimeError, match="a has 9 columns"):
+        ops.panel_linear(a[:, :9], panels, 20)
+    with pytest.raises(RuntimeError, match="are not pack_panels' of 100 columns"):
+        ops.panel_linear(a, panels, 100)
+    with pytest.raises(RuntimeError, match="c must be"):
+        ops.panel_linear(a, panels, 20, torch.zeros(4, 19))
+    with pytest.raises(RuntimeError, match="out must be"):
+        ops.panel_linear(a, panels, 20, None, torch.zeros(4, 20, dtype=torch.float64))
+    shared = torch.zeros(4, 20)
+    with pytest.raises(RuntimeError, match="out overlaps a"):
+        ops.panel_linear(shared[:, :10], panels, 20, None, shared)
+    with pytest.raises(RuntimeError, match="out overlaps a"):
+        ops.panel_linear(shared.view(-1)[:40].view(4, 10), panels, 20, None, shared)
+    with pytest.raises(RuntimeError, match="weight must be a 2-D CPU tensor"):
+        ops.pack_panels(torch.zeros(3))
+    with pytest.raises(RuntimeError, match="no panel products for Double"):
+        ops.pack_panels(torch.zeros(3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", PANEL_DTYPES, ids=["float32", "bfloat16"])
+def test_step_product_on_panels(monkeypatch, dtype):
+    """StepProduct takes the panels for up to 64 rows and 16 products or more, unless switched
+    off; every product of it (a cast to W's dtype, out, c of another dtype, addmm_) against the
+    float64 product, the rounded product added in the accumulator's dtype as torch's."""
+    from discrnn import rnn_function
+    from discrnn.rnn_function import StepProduct
+
+    _panels(dtype)
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(50, 20, generator=g).to(dtype)
+    assert StepProduct(w, 64, 16).panels is not None
+    assert StepProduct(w, 65, 512).panels is None
+    assert StepProduct(w, 16, 15).panels is None
+    assert StepProduct(w.double(), 16, 512).panels is None
+    monkeypatch.setattr(rnn_function, "PANEL_STEP_PRODUCTS", False)
+    assert StepProduct(w, 16, 512).panels is None
+    monkeypatch.setattr(rnn_function, "PANEL_STEP_PRODUCTS", True)
+    prod = StepProduct(w, 16, 100)
+    for rows in (16, 5, 1):
+        a = torch.randn(rows, 20, generator=g)
+        c = torch.randn(rows, 50, generator=g)
+        a_w, c_w = a.to(dtype), c.to(dtype)
+        _assert_product_close(prod.mm(a), a_w, w, None, dtype)  # a is cast to W's dtype
+        out = torch.empty(rows, 50, dtype=dtype)
+        assert prod.mm(a_w, out=out) is out
+        _assert_product_close(out, a_w, w, None, dtype)
+        _assert_product_close(prod.addmm(c_w, a_w), a_w, w, c_w, dtype)
+        out = torch.empty(rows, 50, dtype=dtype)
+        assert prod.addmm(c_w, a_w, out=out) is out
+        _assert_product_close(out, a_w, w, c_w, dtype)
+        # a float32 accumulator: the product rounded to W's dtype, then added in float32
+        assert torch.equal(prod.addmm(c, a), c + prod.mm(a).float())
+        acc = c.clone()
+        prod.addmm_(acc, a)
+        assert torch.equal(acc, c + prod.mm(a).float())
+        acc_w = c_w.clone()
+        prod.addmm_(acc_w, a_w)
+        assert torch.equal(acc_w, prod.addmm(c_w, a_w))
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_layers_on_panels_match_layers_on_torch_products(monkeypatch, cls):
+    """A float32 layer whose recurrent products run on the panels gives the outputs and gradients
+    of the layer on torch.addmm to float32 rounding (the sums' order differs), and really ran them."""
+    from discrnn import rnn_function
+
+    _panels(torch.float32)
+    made = []
+    real_init = rnn_function.StepProduct.__init__
+
+    def spy(self, weight, rows, products):
+        real_init(self, weight, rows, products)
+        made.append(self.panels is not None)
+
+    monkeypatch.setattr(rnn_function.StepProduct, "__init__", spy)
+    torch.manual_seed(0)
+    module = cls(6, 40, levels=256, num_layers=2)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 5, 6, generator=g).requires_grad_()
+    results = {}
+    for panels in (True, False):
+        monkeypatch.setattr(rnn_function, "PANEL_STEP_PRODUCTS", panels)
+        made.clear()
+        out, _ = module(x)
+        loss = (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum()
+        results[panels] = [out.detach(), *torch.autograd.grad(loss, [x, *module.parameters()])]
+        assert any(made) == panels
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)

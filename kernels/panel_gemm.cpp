@@ -1,0 +1,337 @@
+// Small-batch matrix products on a prepacked weight: the recurrences' per-step products a @ W^T,
+// a of a few rows (the batch) and W of up to a few million values, reused step after step.
+//
+// Why not aten's: at 16 rows torch.addmm (MKL) reaches about 72 of the core's ~100 GFLOP/s in
+// float32, and oneDNN's linear on a prepacked weight (torch.ops.mkldnn._linear_pointwise) loses
+// ~13 us per call to ideep's bookkeeping before any arithmetic, a fifth of a bfloat16 product at
+// H=256. The layers run three such products per step. Measured (2-core AMD EPYC Zen 4, one thread,
+// 16 rows; us per product, here / oneDNN prepacked / addmm): H=256 float32 79 / 97 / 118, bfloat16
+// 41 / 58; H=1024 float32 1361 / 1529 / 2905, bfloat16 603 / 649. From about 256 rows oneDNN is
+// 3-10 % faster, so the layers use these products up to 64 rows (rnn_function._MAX_PANEL_ROWS).
+//
+// Layout: W ([N, K], torch's linear layout) is cut into panels of kPanelCols output columns; a
+// float32 panel holds, for each k, its kPanelCols values W[n, k] side by side ([P, K, 48]); a
+// bfloat16 panel holds pairs (W[n, 2k'], W[n, 2k' + 1]) side by side for each k' ([P, ceil(K/2),
+// 48, 2]), the operand layout of AVX512-BF16's vdpbf16ps. Columns past N and an odd K's last
+// pair are zero. A tile of up to 8 rows x 48 columns is 24 vector accumulators; each k loads three
+// vectors of the panel and broadcasts one value (float32) or pair (bfloat16) per row.
+//
+// Results: each output sums its K products in order k = 0, 1, ... in float32 with fused
+// multiply-adds (bfloat16: vdpbf16ps, two products per instruction, as oneDNN's kernels; on the
+// machine above the bfloat16 results equal oneDNN's bit for bit), then adds c in float32 and, for
+// bfloat16, rounds once to nearest even (aten's conversion; NaN -> 0xFFFF). The order does not
+// depend on the number of threads: threads split the panels, never a sum. float32 results differ
+// from torch.addmm's by rounding (MKL sums in another order).
+//
+// Only built for AVX-512 (rnn_cpu.py compiles the extension for the capability aten dispatches
+// to); bfloat16 also needs AVX512-BF16 at run time. panel_products_supported says which.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int kPanelVectors = 3;
+constexpr int64_t kPanelCols = 16 * kPanelVectors;
+constexpr int kTileRows = 8;
+
+int64_t panel_count(int64_t n) { return (n + kPanelCols - 1) / kPanelCols; }
+
+// Whether the spans of memory t and u reach (first to last element) intersect.
+bool shares_memory(const at::Tensor& t, const at::Tensor& u) {
+  auto span = [](const at::Tensor& x) {
+    const char* lo = static_cast<const char*>(x.data_ptr());
+    int64_t last = 0;
+    for (int64_t d = 0; d < x.dim(); ++d) last += (x.size(d) - 1) * x.stride(d);
+    return std::make_pair(lo, lo + (last + 1) * x.element_size());
+  };
+  const auto [t0, t1] = span(t);
+  const auto [u0, u1] = span(u);
+  return t0 < u1 && u0 < t1;
+}
+
+uint16_t* bf16_data(const at::Tensor& t) {
+  return reinterpret_cast<uint16_t*>(t.data_ptr<c10::BFloat16>());
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+
+__mmask16 column_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                    : left <= 0 ? static_cast<__mmask16>(0)
+                                : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// noinline: inlined into panel_linear's loop, GCC keeps the accumulators in memory (2.6x slower).
+template <int Rows>
+__attribute__((noinline)) void float_tile(const float* a, int64_t lda, const float* panel, int64_t K, const float* c,
+                       int64_t ldc, float* y, int64_t ldy, int64_t cols) {
+  __m512 acc[Rows][kPanelVectors];
+  for (int i = 0; i < Rows; ++i)
+    for (int v = 0; v < kPanelVectors; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[kPanelVectors];
+    for (int v = 0; v < kPanelVectors; ++v) b[v] = _mm512_loadu_ps(panel + k * kPanelCols + 16 * v);
+    for (int i = 0; i < Rows; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i * lda + k]);
+      for (int v = 0; v < kPanelVectors; ++v) acc[i][v] = _mm512_fmadd_ps(ai, b[v], acc[i][v]);
+    }
+  }
+  // A mask of 0 loads and stores nothing.
+  for (int v = 0; v < kPanelVectors; ++v) {
+    const __mmask16 m = column_mask(cols - 16 * v);
+    for (int i = 0; i < Rows; ++i) {
+      __m512 r = acc[i][v];
+      if (c) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(m, c + i * ldc + 16 * v));
+      _mm512_mask_storeu_ps(y + i * ldy + 16 * v, m, r);
+    }
+  }
+}
+
+// aten's float32 -> bfloat16 conversion (round to nearest even on the bits, 0xFFFF for NaN).
+inline __m256i round_to_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+inline __m512 widen_bf16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+template <int Rows>
+__attribute__((target("avx512bf16"))) inline void bf16_pair_step(
+    __m512 (&acc)[Rows][kPanelVectors], const int32_t (&pairs)[Rows], const uint16_t* panel_k) {
+  __m512bh b[kPanelVectors];
+  for (int v = 0; v < kPanelVectors; ++v) {
+    b[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(panel_k + 32 * v));
+  }
+  for (int i = 0; i < Rows; ++i) {
+    const __m512bh ai = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pairs[i]));
+    for (int v = 0; v < kPanelVectors; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], ai, b[v]);
+  }
+}
+
+template <int Rows>
+__attribute__((target("avx512bf16"), noinline)) void bf16_tile(const uint16_t* a, int64_t lda,
+                                                    const uint16_t* panel, int64_t K,
+                                                    const uint16_t* c, int64_t ldc, uint16_t* y,
+                                                    int64_t ldy, int64_t cols) {
+  __m512 acc[Rows][kPanelVectors];
+  for (int i = 0; i < Rows; ++i)
+    for (int v = 0; v < kPanelVectors; ++v) acc[i][v] = _mm512_setzero_ps();
+  int32_t pairs[Rows];
+  const int64_t full_pairs = K / 2;
+  for (int64_t k = 0; k < full_pairs; ++k) {
+    for (int i = 0; i < Rows; ++i) std::memcpy(&pairs[i], a + i * lda + 2 * k, sizeof(int32_t));
+    bf16_pair_step<Rows>(acc, pairs, panel + k * kPanelCols * 2);
+  }
+  if (K % 2) {  // the last value pairs with zero (so does the panel's)
+    for (int i = 0; i < Rows; ++i) pairs[i] = a[i * lda + K - 1];
+    bf16_pair_step<Rows>(acc, pairs, panel + full_pairs * kPanelCols * 2);
+  }
+  for (int v = 0; v < kPanelVectors; ++v) {
+    const __mmask16 m = column_mask(cols - 16 * v);
+    for (int i = 0; i < Rows; ++i) {
+      __m512 r = acc[i][v];
+      if (c) r = _mm512_add_ps(r, widen_bf16(_mm256_maskz_loadu_epi16(m, c + i * ldc + 16 * v)));
+      _mm256_mask_storeu_epi16(y + i * ldy + 16 * v, m, round_to_bf16(r));
+    }
+  }
+}
+
+// One panel's columns for all M rows: tiles of kTileRows rows, then one of the rest.
+template <typename T, template <int> class Tile>
+void panel_rows(const T* a, int64_t lda, const T* panel, int64_t K, const T* c, int64_t ldc, T* y,
+                int64_t ldy, int64_t cols, int64_t M) {
+  int64_t m = 0;
+  for (; m + kTileRows <= M; m += kTileRows) {
+    Tile<kTileRows>::run(a + m * lda, lda, panel, K, c ? c + m * ldc : nullptr, ldc, y + m * ldy,
+                         ldy, cols);
+  }
+  const T* a_m = a + m * lda;
+  const T* c_m = c ? c + m * ldc : nullptr;
+  T* y_m = y + m * ldy;
+  switch (M - m) {
+#define DISCRNN_TILE_CASE(R) \
+  case R:                    \
+    Tile<R>::run(a_m, lda, panel, K, c_m, ldc, y_m, ldy, cols); \
+    break;
+    DISCRNN_TILE_CASE(1)
+    DISCRNN_TILE_CASE(2)
+    DISCRNN_TILE_CASE(3)
+    DISCRNN_TILE_CASE(4)
+    DISCRNN_TILE_CASE(5)
+    DISCRNN_TILE_CASE(6)
+    DISCRNN_TILE_CASE(7)
+#undef DISCRNN_TILE_CASE
+    default:
+      break;
+  }
+}
+
+template <int Rows>
+struct FloatTile {
+  static void run(const float* a, int64_t lda, const float* panel, int64_t K, const float* c,
+                  int64_t ldc, float* y, int64_t ldy, int64_t cols) {
+    float_tile<Rows>(a, lda, panel, K, c, ldc, y, ldy, cols);
+  }
+};
+
+template <int Rows>
+struct BFloat16Tile {
+  static void run(const uint16_t* a, int64_t lda, const uint16_t* panel, int64_t K,
+                  const uint16_t* c, int64_t ldc, uint16_t* y, int64_t ldy, int64_t cols) {
+    bf16_tile<Rows>(a, lda, panel, K, c, ldc, y, ldy, cols);
+  }
+};
+
+#endif  // CPU_CAPABILITY_AVX512
+
+bool cpu_has_avx512_bf16() {
+#if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool panel_products_supported(at::ScalarType dtype) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return dtype == at::kFloat || (dtype == at::kBFloat16 && cpu_has_avx512_bf16());
+#else
+  (void)dtype;
+  return false;
+#endif
+}
+
+// weight [N, K] (any strides), float32 or bfloat16 -> its panels (see the top of the file).
+at::Tensor pack_panels(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.device().is_cpu(),
+              "pack_panels: weight must be a 2-D CPU tensor, got ", weight.sizes(), " on ",
+              weight.device());
+  TORCH_CHECK(panel_products_supported(weight.scalar_type()),
+              "pack_panels: no panel products for ", weight.scalar_type(), " on this CPU");
+  const int64_t N = weight.size(0), K = weight.size(1), P = panel_count(N);
+  const int64_t sn = weight.stride(0), sk = weight.stride(1);
+  if (weight.scalar_type() == at::kFloat) {
+    at::Tensor out = at::zeros({P, K, kPanelCols}, weight.options());
+    const float* w = weight.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        float* panel = dst + p * K * kPanelCols;
+        const int64_t cols = std::min(kPanelCols, N - p * kPanelCols);
+        if (sk == 1) {  // read along k
+          for (int64_t j = 0; j < cols; ++j) {
+            const float* row = w + (p * kPanelCols + j) * sn;
+            for (int64_t k = 0; k < K; ++k) panel[k * kPanelCols + j] = row[k];
+          }
+        } else {
+          for (int64_t k = 0; k < K; ++k) {
+            for (int64_t j = 0; j < cols; ++j) {
+              panel[k * kPanelCols + j] = w[(p * kPanelCols + j) * sn + k * sk];
+            }
+          }
+        }
+      }
+    });
+    return out;
+  }
+  const int64_t K2 = (K + 1) / 2;
+  at::Tensor out = at::zeros({P, K2, kPanelCols, 2}, weight.options());
+  const uint16_t* w = bf16_data(weight);
+  uint16_t* dst = bf16_data(out);
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      uint16_t* panel = dst + p * K2 * kPanelCols * 2;
+      const int64_t cols = std::min(kPanelCols, N - p * kPanelCols);
+      if (sk == 1) {
+        for (int64_t j = 0; j < cols; ++j) {
+          const uint16_t* row = w + (p * kPanelCols + j) * sn;
+          for (int64_t k = 0; k < K; ++k) panel[((k / 2) * kPanelCols + j) * 2 + k % 2] = row[k];
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t j = 0; j < cols; ++j) {
+            panel[((k / 2) * kPanelCols + j) * 2 + k % 2] = w[(p * kPanelCols + j) * sn + k * sk];
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// a @ W^T (+ c) in W's dtype, W given by its panels and its N output columns; into out where
+// given (c may be out itself: each element is read before it is written). a [M, K], c and out
+// [M, N], all of W's dtype, unit stride along their last dimension.
+at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n,
+                        const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& out) {
+  const at::ScalarType dtype = panels.scalar_type();
+  const bool is_float = dtype == at::kFloat;
+  TORCH_CHECK(panel_products_supported(dtype), "panel_linear: no panel products for ", dtype,
+              " on this CPU");
+  TORCH_CHECK(panels.dim() == (is_float ? 3 : 4) && panels.size(2) == kPanelCols &&
+                  panels.is_contiguous() && panels.size(0) == panel_count(n) && n > 0,
+              "panel_linear: panels ", panels.sizes(), " are not pack_panels' of ", n, " columns");
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == dtype && (a.size(1) <= 1 || a.stride(1) == 1),
+              "panel_linear: a must be [M, K] ", dtype, " rows of unit stride, got ", a.sizes(),
+              " ", a.scalar_type());
+  const int64_t M = a.size(0), K = a.size(1);
+  TORCH_CHECK(is_float ? panels.size(1) == K : panels.size(1) == (K + 1) / 2,
+              "panel_linear: a has ", K, " columns, the panels another K");
+  auto check_rows = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == M && t.size(1) == n && t.scalar_type() == dtype &&
+                    (n <= 1 || t.stride(1) == 1) && t.device().is_cpu(),
+                "panel_linear: ", name, " must be [", M, ", ", n, "] ", dtype,
+                " rows of unit stride, got ", t.sizes(), " ", t.scalar_type());
+  };
+  if (c) check_rows(*c, "c");
+  at::Tensor y = out ? *out : at::empty({M, n}, a.options());
+  if (out) {
+    check_rows(y, "out");
+    TORCH_CHECK(!(M > 0 && K > 0 && n > 0 && shares_memory(a, y)),
+                "panel_linear: out overlaps a (a is read until the last output is written)");
+  }
+  if (M == 0) return y;
+#if defined(CPU_CAPABILITY_AVX512)
+  const int64_t P = panels.size(0);
+  const int64_t panel_size = panels.numel() / P;
+  const int64_t ldc = c ? c->stride(0) : 0;
+  // A panel is M K 48 multiply-adds; below ~64k per thread's share the threads cost more.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, M * K * kPanelCols));
+  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, n - n0);
+      if (is_float) {
+        panel_rows<float, FloatTile>(a.data_ptr<float>(), a.stride(0),
+                                     panels.data_ptr<float>() + p * panel_size, K,
+                                     c ? c->data_ptr<float>() + n0 : nullptr, ldc,
+                                     y.data_ptr<float>() + n0, y.stride(0), cols, M);
+      } else {
+        panel_rows<uint16_t, BFloat16Tile>(bf16_data(a), a.stride(0),
+                                           bf16_data(panels) + p * panel_size, K,
+                                           c ? bf16_data(*c) + n0 : nullptr, ldc,
+                                           bf16_data(y) + n0, y.stride(0), cols, M);
+      }
+    }
+  });
+#endif
+  return y;
+}
