@@ -52,7 +52,7 @@ from .backend import resolve_backend
 from ._validation import DeviceError, DTypeError, ShapeError, StateDTypeError, StateRangeWarning
 from .codec import PackedTensor
 from .kernels import codec as triton_codec
-from .kernels import codec_torch, rnn_torch
+from .kernels import codec_torch, rnn_cpu, rnn_torch
 from .kernels import rnn as triton_rnn
 from .gru_function import GRULayerFunction
 from .lstm_function import LSTMLayerFunction
@@ -75,8 +75,9 @@ class _TorchSteps:
     gru_step_forward = staticmethod(rnn_torch.gru_step_forward)
     gru_output = staticmethod(rnn_torch.gru_output)
     gru_step_backward = staticmethod(rnn_torch.gru_step_backward)
-    pack = staticmethod(codec_torch.torch_pack)
-    unpack = staticmethod(codec_torch.torch_unpack)
+    # codec_torch's stream; on CPU in one C++ pass (rnn_cpu.pack / unpack: the same bytes)
+    pack = staticmethod(rnn_cpu.pack)
+    unpack = staticmethod(rnn_cpu.unpack)
 
 
 class _TritonSteps:

@@ -619,6 +619,10 @@ at::Tensor pack_panels(const at::Tensor& weight);
 at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n,
                         const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& out);
 
+// codec_cpu.cpp
+at::Tensor pack_codes(const at::Tensor& codes, int64_t bits, const std::optional<at::Tensor>& out);
+at::Tensor unpack_codes(const at::Tensor& stream, int64_t bits, int64_t numel);
+
 namespace {
 
 // oneDNN's linear on a weight prepacked by torch.ops.mkldnn._reorder_linear_weight, through the
@@ -1058,6 +1062,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_panels", &pack_panels, "A weight [N, K] packed for panel_linear (CPU)");
   m.def("panel_linear", &panel_linear, "a @ W^T (+ c) on W's panels (CPU)", py::arg("a"),
         py::arg("panels"), py::arg("n"), py::arg("c") = py::none(), py::arg("out") = py::none());
+  m.def("pack_codes", &pack_codes, "codec_torch.torch_pack's stream of uint8 codes (CPU)",
+        py::arg("codes"), py::arg("bits"), py::arg("out") = py::none());
+  m.def("unpack_codes", &unpack_codes, "codec_torch.torch_unpack (CPU)");
   m.def("gru_forward_step", &gru_forward_step, "Fused discrete GRU forward step (CPU)");
   m.def("lookup_plane", &lookup_plane, "Table values of one plane of codes (CPU)");
   m.def("gru_backward_prep", &gru_backward_prep, "A GRU backward chunk's per-unit terms (CPU)");

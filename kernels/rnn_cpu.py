@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .codec_torch import torch_pack, torch_unpack
+
 ENABLED = os.environ.get("DISCRNN_FUSED_CPU", "1") != "0"
 # The layers run a chunk's steps in one call (lstm_forward_steps, ...) where its steps have one
 # batch size; False keeps one call per step (the same results: tests compare the two).
@@ -33,6 +35,8 @@ CHUNK_CALLS = True
 _SOURCE = Path(__file__).with_name("rnn_cpu.cpp")
 # The per-step matrix products on a prepacked weight (rnn_function.StepProduct's panels).
 _PANEL_SOURCE = Path(__file__).with_name("panel_gemm.cpp")
+# The code store's pack / unpack (codec_torch's stream).
+_CODEC_SOURCE = Path(__file__).with_name("codec_cpu.cpp")
 _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
@@ -51,7 +55,7 @@ def _build():
     # One build per torch version and capability: a cached build for another torch would load
     # against the wrong ABI.
     tag = re.sub(r"\W", "_", f"{torch.__version__}_{capability}")
-    return cpp_extension.load(name=f"discrnn_rnn_cpu_{tag}", sources=[str(_SOURCE), str(_PANEL_SOURCE)],
+    return cpp_extension.load(name=f"discrnn_rnn_cpu_{tag}", sources=[str(_SOURCE), str(_PANEL_SOURCE), str(_CODEC_SOURCE)],
                               extra_cflags=flags, verbose=False)
 
 
@@ -330,6 +334,55 @@ def panel_products(dtype: torch.dtype):
                           RuntimeWarning, stacklevel=2)
         _state[key] = module if supported and reason is None else None
     return _state[key]
+
+
+def _check_codec(module) -> str | None:
+    """None if ``pack_codes`` / ``unpack_codes`` give codec_torch's streams and codes here."""
+    g = torch.Generator().manual_seed(0)
+    for bits in range(1, 9):
+        for n in (0, 1, 7, 8, 9, 17, 1000):
+            codes = torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
+            stream = torch_pack(codes, bits)
+            if not torch.equal(module.pack_codes(codes, bits), stream):
+                return f"pack_codes differs from torch_pack at bits={bits}, n={n}"
+            if not torch.equal(module.unpack_codes(stream, bits, n), torch_unpack(stream, bits, n)):
+                return f"unpack_codes differs from torch_unpack at bits={bits}, n={n}"
+    return None
+
+
+def codec_ops():
+    """The extension module where its ``pack_codes`` / ``unpack_codes`` (``codec_cpu.cpp``) give
+    codec_torch's bits here, else None (with one warning where they differ)."""
+    module = _built() if ENABLED else None
+    if module is None:
+        return None
+    if "codec" not in _state:
+        try:
+            reason = _check_codec(module)
+        except Exception as exc:  # a build without them, or one that raises: keep codec_torch
+            reason = f"failed its check ({type(exc).__name__}: {str(exc).strip()[:300]})"
+        if reason is not None:
+            warnings.warn(f"discrnn: the CPU codec {reason}; the layers use codec_torch's",
+                          RuntimeWarning, stacklevel=2)
+        _state["codec"] = module if reason is None else None
+    return _state["codec"]
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`codec_torch.torch_pack` (the same bytes), in one C++ pass over CPU codes."""
+    module = codec_ops() if codes.device.type == "cpu" else None
+    if module is None:
+        return torch_pack(codes, bits)
+    flat = codes.reshape(-1)
+    return module.pack_codes(flat.to(torch.uint8).contiguous(), bits)
+
+
+def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """:func:`codec_torch.torch_unpack` (the same codes), in one C++ pass over a CPU stream."""
+    module = codec_ops() if packed.device.type == "cpu" else None
+    if module is None or packed.dim() != 1 or packed.dtype != torch.uint8:
+        return torch_unpack(packed, bits, numel)
+    return module.unpack_codes(packed.contiguous(), bits, numel)
 
 
 def _built():
