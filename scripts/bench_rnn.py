@@ -42,14 +42,16 @@ H=input_size=32), where peaks are heap noise. ``--dtype bf16-autocast`` runs flo
 their forward under ``torch.autocast(device, torch.bfloat16)`` (torch.nn.LSTM under CPU autocast
 runs oneDNN's LSTM in bf16; see the README's "Mixed precision" for discrnn's rules).
 ``--products both`` adds a row per discrnn configuration whose recurrent products run torch.addmm
-instead of prepacked oneDNN weights (``discrnn.rnn_function.StepProduct``), in the same rounds.
+instead of the library's default (discrnn's panel products on AVX-512 CPUs, else prepacked oneDNN
+weights where they pay; ``discrnn.rnn_function.StepProduct``), in the same rounds; ``--products
+all`` adds a row with the panels off (oneDNN where it pays) as well.
 Writes ``results/bench_rnn_<device>.csv`` (``_quick`` appended for --quick runs) and a PNG beside it
 when matplotlib imports.
 
     python scripts/bench_rnn.py             # the default configuration of this device
     python scripts/bench_rnn.py --quick     # smoke run, a few seconds
     python scripts/bench_rnn.py --threads 1 --input-size 64 --levels 64 --cells lstm \
-        --dtype float32 bf16-autocast --products both   # the CPU speed targets' setting
+        --dtype float32 bf16-autocast --products all    # the CPU speed targets' setting
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ CELLS = {"lstm": (nn.LSTM, DiscreteLSTM), "gru": (nn.GRU, DiscreteGRU)}
 CODES_PER_UNIT = {"lstm": 4, "gru": 4}  # i, f, g, o (tanh(c) is rebuilt from c) / r, z, n, h
 # Steps of the untimed warm-up call in the memory process. Short on purpose: blocks below the mmap
 # threshold that it frees stay in the heap, and the measured call would reuse them unseen. Long
-# enough for discrnn to prepack its weights for oneDNN (rnn_function._MIN_PACKED_PRODUCTS), so
+# enough for discrnn to pack its weights (rnn_function._MIN_PACKED_PRODUCTS; oneDNN's too), so
 # that oneDNN's one-time state (its JIT-compiled kernels, about 6 MiB) lands in the baseline for
 # discrnn as it does for torch.nn.LSTM, whose every call runs oneDNN.
 WARMUP_STEPS = 16
@@ -120,9 +122,10 @@ class Case:
     seed: int = 0
     threads: int = 1
     backend: str | None = None  # discrnn backend: None picks by device (Triton on CUDA)
-    # discrnn's per-step products: "onednn" (the default: prepacked weights where they pay, see
-    # discrnn.rnn_function.StepProduct) or "addmm" (torch.addmm always, for comparison)
-    products: str = "onednn"
+    # discrnn's per-step products (discrnn.rnn_function.StepProduct): "default" (the library's:
+    # panels on AVX-512 CPUs, else prepacked oneDNN weights where they pay), "onednn" (the panels
+    # off) or "addmm" (torch.addmm always), for comparison
+    products: str = "default"
 
     @property
     def label(self) -> str:
@@ -135,7 +138,7 @@ class Case:
             backend = resolve_backend(self.backend, torch.device(self.device))
         except ValueError:
             backend = f"{self.backend}?"
-        products = ", addmm" if self.products == "addmm" else ""
+        products = {"default": "", "onednn": ", oneDNN", "addmm": ", addmm"}[self.products]
         return f"Discrete{self.cell.upper()} L={self.levels} [{backend}{products}]"
 
     def codes_bytes_per_unit(self) -> float:
@@ -190,12 +193,13 @@ def backward(module: nn.Module, x: torch.Tensor, y: torch.Tensor, states) -> lis
 @contextlib.contextmanager
 def products_of(case: Case):
     """discrnn's per-step products as ``case.products`` asks, restored afterwards."""
-    previous = rnn_function.ONEDNN_STEP_PRODUCTS
+    previous = rnn_function.ONEDNN_STEP_PRODUCTS, rnn_function.PANEL_STEP_PRODUCTS
     rnn_function.ONEDNN_STEP_PRODUCTS = case.products != "addmm"
+    rnn_function.PANEL_STEP_PRODUCTS = case.products == "default"
     try:
         yield
     finally:
-        rnn_function.ONEDNN_STEP_PRODUCTS = previous
+        rnn_function.ONEDNN_STEP_PRODUCTS, rnn_function.PANEL_STEP_PRODUCTS = previous
 
 
 def run_forward(module: nn.Module, x: torch.Tensor, case: Case | None = None):
@@ -462,9 +466,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=tuple(DTYPES), nargs="+", default=None,
                    help="default: float32 and bfloat16 on CUDA, float32 on CPU; bf16-autocast: "
                         "float32 parameters, the forward under torch.autocast(bfloat16)")
-    p.add_argument("--products", choices=("onednn", "addmm", "both"), default="onednn",
-                   help="discrnn's recurrent products: prepacked oneDNN weights where they pay "
-                        "(the library's default), torch.addmm always, or a row of each")
+    p.add_argument("--products", choices=("default", "onednn", "addmm", "both", "all"),
+                   default="default",
+                   help="discrnn's recurrent products: the library's default (panels on AVX-512 "
+                        "CPUs, else prepacked oneDNN weights where they pay), oneDNN where it "
+                        "pays (panels off), torch.addmm always; both = default and addmm rows, "
+                        "all = the three")
     p.add_argument("--chunk-size", type=int, default=32, help="discrnn chunk_size")
     p.add_argument("--backends", choices=("auto", "torch", "triton"), nargs="+", default=["auto"],
                    help="discrnn backends to run; auto = by device (Triton on CUDA, torch on CPU)")
@@ -531,12 +538,13 @@ def main(argv=None) -> int:
               "absolute times are inflated, compare the ratios (rounds are interleaved)")
 
     backends = list(dict.fromkeys(resolved_backend(b, device) for b in args.backends))
-    products = ["onednn", "addmm"] if args.products == "both" else [args.products]
+    products = {"both": ["default", "addmm"],
+                "all": ["default", "onednn", "addmm"]}.get(args.products, [args.products])
     cases = [
         Case(cell, levels, H, B, T, I, dtype, str(device), args.chunk_size, args.seed,
              torch.get_num_threads(), backend, prods)
         for dtype in dtypes for cell in args.cells
-        for levels, backend, prods in [(None, None, "onednn")]
+        for levels, backend, prods in [(None, None, "default")]
         + [(L, b, p) for L in args.levels for b in backends for p in products]
     ]
     rows = [Row(c.label, c.cell, c.levels, c.dtype, H, B, T, I, args.chunk_size,

@@ -1,6 +1,6 @@
 """Smoke run of scripts/bench_rnn.py (``--quick``): every row it promises is timed and written,
-the bf16-autocast rows run their forward under autocast, and ``--products both`` adds a torch.addmm
-row beside each discrnn row."""
+the bf16-autocast rows run their forward under autocast, and ``--products all`` adds a oneDNN row
+(panels off) and a torch.addmm row beside each discrnn row."""
 
 import csv
 import os
@@ -11,11 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "bench_rnn.py")
 
 
-def test_quick_run_with_autocast_and_both_products(tmp_path):
+def test_quick_run_with_autocast_and_all_products(tmp_path):
     out = tmp_path / "bench.csv"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, SCRIPT, "--quick", "--device", "cpu", "--threads", "1", "--no-memory",
-           "--no-plot", "--levels", "64", "--dtype", "float32", "bf16-autocast", "--products", "both",
+           "--no-plot", "--levels", "64", "--dtype", "float32", "bf16-autocast", "--products", "all",
            "--repeats", "1", "--warmup", "0", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -25,8 +25,9 @@ def test_quick_run_with_autocast_and_both_products(tmp_path):
         for cell in ("LSTM", "GRU"):
             assert (dtype, f"torch.nn.{cell}") in labels
             assert (dtype, f"Discrete{cell} L=64 [torch]") in labels
+            assert (dtype, f"Discrete{cell} L=64 [torch, oneDNN]") in labels
             assert (dtype, f"Discrete{cell} L=64 [torch, addmm]") in labels
-    assert len(rows) == 12 and all(float(r["ms"]) > 0 and not r["error"] for r in rows)
+    assert len(rows) == 16 and all(float(r["ms"]) > 0 and not r["error"] for r in rows)
 
 
 def test_autocast_case_runs_its_forward_in_bfloat16():

@@ -58,8 +58,9 @@ from .variants import (StackConfig, StageKept, build, optimizer_state_bytes, par
                        parse_variant, token_stream, train_step)
 
 # Tokens per row of the warm-up step in a memory process (see step 2 above): enough for discrnn to
-# prepack its weights for oneDNN (rnn_function._MIN_PACKED_PRODUCTS), so that oneDNN's one-time
-# state (JIT-compiled kernels, about 6 MiB) is in the baseline for discrnn as for torch.nn.LSTM.
+# pack its weights (rnn_function._MIN_PACKED_PRODUCTS: panels for the per-step products, oneDNN's
+# layout for the chunk-wide ones), so that oneDNN's one-time state (JIT-compiled kernels, about
+# 6 MiB) is in the baseline for discrnn as for torch.nn.LSTM.
 WARMUP_TOKENS = 16
 POLL_S = 0.02  # how often the parent reads a watched child's high-water mark
 
