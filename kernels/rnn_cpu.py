@@ -12,7 +12,8 @@ warns once saying why, and the layers keep the aten calls: same results, slower.
 
 ``ENABLED`` (or the environment variable ``DISCRNN_FUSED_CPU=0``) turns the kernels off. The build
 lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``)
-and takes about 25 s the first time on a 2-core CPU.
+and takes about 45 s the first time on a 2-core CPU (built with OpenMP where the compiler has it,
+so that at::parallel_for splits rows across torch's threads).
 """
 
 from __future__ import annotations
@@ -55,8 +56,19 @@ def _build():
     # One build per torch version and capability: a cached build for another torch would load
     # against the wrong ABI.
     tag = re.sub(r"\W", "_", f"{torch.__version__}_{capability}")
-    return cpp_extension.load(name=f"discrnn_rnn_cpu_{tag}", sources=[str(_SOURCE), str(_PANEL_SOURCE), str(_CODEC_SOURCE)],
-                              extra_cflags=flags, verbose=False)
+    sources = [str(_SOURCE), str(_PANEL_SOURCE), str(_CODEC_SOURCE)]
+    if torch.backends.openmp.is_available():
+        # at::parallel_for splits work across torch's threads only in code compiled with OpenMP
+        # (without it, it runs serially); the extension then shares torch's libgomp, which the
+        # process has already loaded under the same soname.
+        try:
+            return cpp_extension.load(name=f"discrnn_rnn_cpu_{tag}_omp", sources=sources,
+                                      extra_cflags=flags + ["-fopenmp"],
+                                      extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception:  # a compiler without OpenMP: the serial build below
+            pass
+    return cpp_extension.load(name=f"discrnn_rnn_cpu_{tag}", sources=sources, extra_cflags=flags,
+                              verbose=False)
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

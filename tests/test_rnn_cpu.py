@@ -264,6 +264,33 @@ def test_gru_layers_bit_identical_with_and_without_fused_step(monkeypatch, fused
                                  lambda: _run_gru(module, x, h0, lengths, autocast), expected)
 
 
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_fused_kernels_split_across_threads_keep_the_bits(monkeypatch, fused, cls):
+    """With two threads the kernels split a chunk's rows (and a step's, at H=1024) across them
+    (the extension is built with OpenMP): still the aten path's bits. H a multiple of 32, so that
+    aten's own splits keep its vector loops whole."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        module = cls(8, 1024, levels=64)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(3, 16, 8, generator=g).requires_grad_()
+
+        def run():
+            out, _ = module(x)
+            loss = (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum()
+            return [out.detach(), *torch.autograd.grad(loss, [x, *module.parameters()])]
+
+        with_fused = run()
+        monkeypatch.setattr(rnn_cpu, "fused_ops", lambda: None)
+        without = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(with_fused, without):
+        assert _same_bits(a, b)
+
+
 def test_fused_step_off_by_switch(monkeypatch):
     monkeypatch.setattr(rnn_cpu, "ENABLED", False)
     assert rnn_cpu.fused_ops() is None
