@@ -79,7 +79,9 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) int64_t pack_blocks(const
                                                                             int64_t g0,
                                                                             int64_t g1) {
   alignas(64) uint8_t compact[64];
-  for (int k = 0; k < 64; ++k) compact[k] = static_cast<uint8_t>(k < 8 * Bits ? (k / Bits) * 8 + k % Bits : 0);
+  for (int k = 0; k < 64; ++k) {
+    compact[k] = static_cast<uint8_t>(k < 8 * Bits ? (k / Bits) * 8 + k % Bits : 0);
+  }
   const __m512i compact_idx = _mm512_load_si512(compact);
   __m512i keep[3], move[3];
   int shift[3];
@@ -125,7 +127,8 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) int64_t unpack_blocks(con
   for (; g + 8 <= g1; g += 8) {
     const __m512i in = _mm512_maskz_loadu_epi8(in_mask, src + g * Bits);
     const __m512i words = _mm512_permutexvar_epi8(spread_idx, in);
-    const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(offset_ctl, words), code_mask);
+    const __m512i fields = _mm512_multishift_epi64_epi8(offset_ctl, words);
+    const __m512i codes = _mm512_and_si512(fields, code_mask);
     _mm512_storeu_si512(dst + 8 * g, codes);
   }
   return g;
@@ -220,7 +223,8 @@ at::Tensor unpack_codes(const at::Tensor& stream, int64_t bits, int64_t numel) {
   });
   if (numel % 8) {
     uint64_t word = 0;
-    std::memcpy(&word, src + full * bits, static_cast<size_t>((numel * bits + 7) / 8 - full * bits));
+    const int64_t tail_bytes = (numel * bits + 7) / 8 - full * bits;
+    std::memcpy(&word, src + full * bits, static_cast<size_t>(tail_bytes));
     unpack_group(word, dst + 8 * full, numel % 8, bits);
   }
   return codes;

@@ -73,8 +73,9 @@ __mmask16 column_mask(int64_t left) {
 
 // noinline: inlined into panel_linear's loop, GCC keeps the accumulators in memory (2.6x slower).
 template <int Rows>
-__attribute__((noinline)) void float_tile(const float* a, int64_t lda, const float* panel, int64_t K, const float* c,
-                       int64_t ldc, float* y, int64_t ldy, int64_t cols) {
+__attribute__((noinline)) void float_tile(const float* a, int64_t lda, const float* panel,
+                                          int64_t K, const float* c, int64_t ldc, float* y,
+                                          int64_t ldy, int64_t cols) {
   __m512 acc[Rows][kPanelVectors];
   for (int i = 0; i < Rows; ++i)
     for (int v = 0; v < kPanelVectors; ++v) acc[i][v] = _mm512_setzero_ps();
@@ -315,7 +316,8 @@ at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n
   const int64_t panel_size = panels.numel() / P;
   const int64_t ldc = c ? c->stride(0) : 0;
   // A panel is M K 48 multiply-adds; below ~64k per thread's share the threads cost more.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, M * K * kPanelCols));
+  const int64_t work = std::max<int64_t>(1, M * K * kPanelCols);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / work);
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, n - n0);

@@ -339,8 +339,9 @@ def panel_products(dtype: torch.dtype):
             supported = module.panel_products_supported(dtype)
             reason = _check_panel_products(module, dtype) if supported else None
         except Exception as exc:  # a kernel that raises on this build: keep torch's products
-            supported, reason = True, f"panel_linear failed its check ({type(exc).__name__}: " \
-                                      f"{str(exc).strip()[:300]})"
+            supported = True
+            reason = (f"panel_linear failed its check ({type(exc).__name__}: "
+                      f"{str(exc).strip()[:300]})")
         if reason is not None:
             warnings.warn(f"discrnn: {reason}; the layers use torch's products instead",
                           RuntimeWarning, stacklevel=2)
@@ -407,9 +408,10 @@ def _built():
         try:
             module = _build()
         except Exception as exc:  # no compiler, a failed build: the aten step still works
-            warnings.warn(f"discrnn: the fused CPU kernels could not be built ({type(exc).__name__}:"
-                          f" {str(exc).strip()[:300]}); the layers use the aten calls instead "
-                          "(same results, slower)", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"discrnn: the fused CPU kernels could not be built "
+                          f"({type(exc).__name__}: {str(exc).strip()[:300]}); the layers use the "
+                          "aten calls instead (same results, slower)", RuntimeWarning,
+                          stacklevel=3)
         _state["built"] = module
     return _state["built"]
 

@@ -43,7 +43,8 @@ def test_pack_and_unpack_equal_torch_codec(codec, bits):
         out = torch.full_like(stream, 0xA5)
         assert codec.pack_codes(codes, bits, out) is out and torch.equal(out, stream)
         if n:  # the first codes of a longer stream
-            assert torch.equal(codec.unpack_codes(stream, bits, n - 1), codes[:n - 1] & ((1 << bits) - 1))
+            mask = (1 << bits) - 1
+            assert torch.equal(codec.unpack_codes(stream, bits, n - 1), codes[:n - 1] & mask)
 
 
 @pytest.mark.parametrize("bits", [3, 6, 7])

@@ -515,7 +515,8 @@ def test_step_product_on_panels(monkeypatch, dtype):
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
 def test_layers_on_panels_match_layers_on_torch_products(monkeypatch, cls):
     """A float32 layer whose recurrent products run on the panels gives the outputs and gradients
-    of the layer on torch.addmm to float32 rounding (the sums' order differs), and really ran them."""
+    of the layer on torch.addmm to float32 rounding (the sums' order differs), and really ran
+    them."""
     from discrnn import rnn_function
 
     _panels(torch.float32)
