@@ -33,6 +33,7 @@ from .rnn_function import (
     chunk_product,
     addmm_,
     backward_buffers,
+    contiguous_grad,
     backward_gemm_dtype,
     chunk_rows,
     create_graph_backward,
@@ -595,17 +596,14 @@ class LSTMLayerFunction(torch.autograd.Function):
         )
         dx, dh_state, dc_state, d_w_ih, d_w_hh, d_b, d_w_hr = grads
 
-        def cast(g, like):
-            return None if g is None else g.to(like.dtype)
-
         return (
             dx,
             dh_state.to(h0.dtype),
             dc_state.to(c0.dtype),
-            cast(d_w_ih, w_ih),
-            cast(d_w_hh, w_hh),
+            contiguous_grad(d_w_ih, w_ih),
+            contiguous_grad(d_w_hh, w_hh),
             None if d_b is None else d_b.to(ctx.x_dtype),
-            cast(d_w_hr, w_hr) if w_hr is not None else None,
+            contiguous_grad(d_w_hr, w_hr) if w_hr is not None else None,
             None,
         )
 
