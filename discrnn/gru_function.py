@@ -17,7 +17,6 @@ from .rnn_function import (
     addmm_,
     StepProduct,
     backward_buffers,
-    contiguous_grad,
     backward_gemm_dtype,
     chunk_rows,
     create_graph_backward,
@@ -333,8 +332,8 @@ class GRULayerFunction(torch.autograd.Function):
         return (
             dx,
             dh_state.to(dtype),
-            contiguous_grad(d_w_ih, w_ih),
-            contiguous_grad(d_w_hh, w_hh),
+            d_w_ih.to(w_ih.dtype),
+            d_w_hh.to(w_hh.dtype),
             None if d_b_ih is None else d_b_ih.to(dtype),
             None if d_b_hh is None else d_b_hh.to(dtype),
             None,

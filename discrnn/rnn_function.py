@@ -349,13 +349,9 @@ def backward_gemm_dtype(dtype: torch.dtype):
 
 
 def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gemm=None) -> torch.Tensor:
-    """acc += a @ b, the product in ``gemm`` when given (the sum stays in acc's dtype). A
-    column-major ``acc`` (see :func:`backward_buffers`) takes the product as acc^T += b^T a^T."""
+    """acc += a @ b, the product in ``gemm`` when given (the sum stays in acc's dtype)."""
     if gemm is None:
-        return acc.addmm_(a, b)  # aten swaps the operands itself for a column-major acc
-    if acc.dim() == 2 and acc.stride(0) == 1 and acc.stride(1) != 1:
-        acc.t().add_(b.t().to(gemm) @ a.t().to(gemm))
-        return acc
+        return acc.addmm_(a, b)
     return acc.add_(a.to(gemm) @ b.to(gemm))
 
 
@@ -514,27 +510,10 @@ def backward_buffers(ctx, acc, states, state_grads, weights, bias_rows):
         torch.zeros_like(s, dtype=acc) if g is None else g.to(acc).clone()
         for s, g in zip(states, state_grads)
     ]
-    # Weight gradients d W = dgates^T rows, [out, in], are summed column-major on the CPU: the
-    # product then runs as d W^T += rows^T dgates, which MKL does in 0.88x the time (H=256, 512
-    # rows of a chunk, one thread: d W_hh and d W_ih 3.40 against 3.84 ms, bit-identical).
-    # ``contiguous_grad`` makes the returned gradient row-major again.
-    def zeros_for(w):
-        if w is None:
-            return None
-        if device.type == "cpu" and w.dim() == 2:
-            return torch.zeros(w.shape[1], w.shape[0], dtype=acc, device=device).t()
-        return torch.zeros_like(w, dtype=acc)
-
-    d_weights = [zeros_for(w) for w in weights]
+    d_weights = [None if w is None else torch.zeros_like(w, dtype=acc) for w in weights]
     d_biases = [torch.zeros(n, dtype=acc, device=device) if ctx.has_bias else None for n in bias_rows]
     dx = torch.empty(ctx.x_shape, dtype=ctx.x_dtype, device=device) if ctx.needs_input_grad[0] else None
     return d_states, d_weights, d_biases, dx
-
-
-def contiguous_grad(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    """A weight gradient from :func:`backward_buffers`' accumulator, in ``like``'s dtype, row-major
-    (one copy where the accumulator was column-major)."""
-    return None if grad is None else grad.to(like.dtype).contiguous()
 
 
 def create_graph_backward(ctx, cell: str, inputs: list, grad_outputs: list) -> tuple:
