@@ -363,9 +363,10 @@ def _assert_product_close(got, a, w, c, dtype):
 
 
 # (M, K, N): rows below, at and past a tile of 8 and the layers' limit of 64; K odd (a bfloat16
-# pair with zero); N below, at and past a panel of 48 columns and a vector of 16.
+# pair with zero); N below, at and past a panel of 48 columns and a vector of 16, and last panels
+# of 1-3 vectors (the tiles that compute 16 or 32 columns: 49, 97, 1024, 256; 65, 80; 130).
 PANEL_SHAPES = [(1, 1, 1), (3, 5, 47), (7, 33, 48), (8, 64, 49), (16, 256, 1024), (17, 100, 97),
-                (64, 31, 130)]
+                (64, 31, 130), (5, 9, 65), (9, 40, 80), (16, 300, 256)]
 
 
 @pytest.mark.parametrize("dtype", PANEL_DTYPES, ids=["float32", "bfloat16"])
