@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -187,17 +188,25 @@ void panel_rows(const T* a, int64_t lda, const T* panel, int64_t K, const T* c, 
   }
 }
 
+// Calls tile(std::integral_constant<int, V>) with the fewest vectors V that hold `cols` columns.
+template <typename Tile>
+void with_vectors(int64_t cols, Tile&& tile) {
+  if (cols > 32) {
+    tile(std::integral_constant<int, 3>{});
+  } else if (cols > 16) {
+    tile(std::integral_constant<int, 2>{});
+  } else {
+    tile(std::integral_constant<int, 1>{});
+  }
+}
+
 template <int Rows>
 struct FloatTile {
   static void run(const float* a, int64_t lda, const float* panel, int64_t K, const float* c,
                   int64_t ldc, float* y, int64_t ldy, int64_t cols) {
-    if (cols > 32) {
-      float_tile<Rows, 3>(a, lda, panel, K, c, ldc, y, ldy, cols);
-    } else if (cols > 16) {
-      float_tile<Rows, 2>(a, lda, panel, K, c, ldc, y, ldy, cols);
-    } else {
-      float_tile<Rows, 1>(a, lda, panel, K, c, ldc, y, ldy, cols);
-    }
+    with_vectors(cols, [&](auto v) {
+      float_tile<Rows, decltype(v)::value>(a, lda, panel, K, c, ldc, y, ldy, cols);
+    });
   }
 };
 
@@ -205,13 +214,9 @@ template <int Rows>
 struct BFloat16Tile {
   static void run(const uint16_t* a, int64_t lda, const uint16_t* panel, int64_t K,
                   const uint16_t* c, int64_t ldc, uint16_t* y, int64_t ldy, int64_t cols) {
-    if (cols > 32) {
-      bf16_tile<Rows, 3>(a, lda, panel, K, c, ldc, y, ldy, cols);
-    } else if (cols > 16) {
-      bf16_tile<Rows, 2>(a, lda, panel, K, c, ldc, y, ldy, cols);
-    } else {
-      bf16_tile<Rows, 1>(a, lda, panel, K, c, ldc, y, ldy, cols);
-    }
+    with_vectors(cols, [&](auto v) {
+      bf16_tile<Rows, decltype(v)::value>(a, lda, panel, K, c, ldc, y, ldy, cols);
+    });
   }
 };
 
