@@ -261,7 +261,7 @@ def _rebuild_ctxs(x, states, weights, masks, saved, spec, needs):
                 cfg.store = CodeStore(cfg.layout, rnn_torch.LSTM_CODES, hidden, spec.bits, device,
                                       spec.ops)
                 cfg.output_rows = (
-                    _lstm_output_rows_fn_tables(cfg, cfg.store, cfg.tables(dtype, device), w_hr)
+                    _lstm_output_rows_fn_tables(cfg, cfg.store, dtype, w_hr)
                     if cfg.chunked else
                     _lstm_output_rows_fn(cfg, cfg.store, spec.ops, spec.levels, dtype, w_hr))
                 cfg.output_tensors = [codes, inputs[1].detach(), *checkpoints]
@@ -269,7 +269,7 @@ def _rebuild_ctxs(x, states, weights, masks, saved, spec, needs):
                 cfg.store = CodeStore(cfg.layout, rnn_torch.GRU_CODES, w_hh.shape[1], spec.bits,
                                       device, spec.ops)
                 cfg.output_rows = (
-                    _gru_output_rows_fn_tables(cfg.store, cfg.tables(dtype, device))
+                    _gru_output_rows_fn_tables(cfg.store, cfg.table_cache, dtype)
                     if cfg.chunked else
                     _gru_output_rows_fn(cfg.store, spec.ops, spec.levels, dtype))
                 cfg.output_tensors = [codes]

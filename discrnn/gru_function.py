@@ -20,6 +20,7 @@ from .rnn_function import (
     backward_gemm_dtype,
     chunk_rows,
     create_graph_backward,
+    release_backward_tables,
     finish_rows,
     input_rows,
     keep_input,
@@ -39,10 +40,11 @@ def _gru_output_rows_fn(store, ops, levels, dtype):
 
 
 
-def _gru_output_rows_fn_tables(store, tables):
-    def output_rows(tensors, first, last):
+def _gru_output_rows_fn_tables(store, table_cache, dtype):
+    def output_rows(tensors, first, last):  # table_cache: the layer's (not cfg: see lstm_function)
         codes = store.read_rows(tensors[0], first, last)
-        return tables.lookup("value", TANH, codes[:, 3, : store.hidden]).to(tables.dtype)
+        tables = table_cache.tables(dtype, codes.device)
+        return tables.lookup("value", TANH, codes[:, 3, : store.hidden]).to(dtype)
 
     return output_rows
 
@@ -266,7 +268,7 @@ class GRULayerFunction(torch.autograd.Function):
             y, h, final_codes = _gru_forward_chunked(
                 x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes, preact
             )
-            cfg.output_rows = _gru_output_rows_fn_tables(store, cfg.tables(dtype, x.device))
+            cfg.output_rows = _gru_output_rows_fn_tables(store, cfg.table_cache, dtype)
         else:
             y, h, final_codes = GRULayerFunction._forward_steps(
                 x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, keep_codes, preact
@@ -327,6 +329,7 @@ class GRULayerFunction(torch.autograd.Function):
                                          [dy, dh_n])
         backward = _gru_backward_chunked if ctx.cfg.chunked else GRULayerFunction._backward_steps
         grads = backward(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, dy, dh_n)
+        release_backward_tables(ctx.cfg)
         dx, dh_state, d_w_ih, d_w_hh, d_b_ih, d_b_hh = grads
         dtype = ctx.x_dtype
         return (

@@ -36,6 +36,7 @@ from .rnn_function import (
     backward_gemm_dtype,
     chunk_rows,
     create_graph_backward,
+    release_backward_tables,
     finish_rows,
     input_rows,
     keep_input,
@@ -85,14 +86,16 @@ def _lstm_output_rows_fn(cfg, store, ops, levels, dtype, w_hr):
     return output_rows
 
 
-def _lstm_output_rows_fn_tables(cfg, store, tables, w_hr):
+def _lstm_output_rows_fn_tables(cfg, store, dtype, w_hr):
     """As :func:`_lstm_output_rows_fn` for the torch path, decoding by the layer's lookup tables
     and rebuilding c with the forward step's arithmetic (bit-identical)."""
     layout, chunk, cell_clip = cfg.layout, cfg.chunk, cfg.cell_clip  # not cfg: see above
-    H, acc = store.hidden, tables.acc
+    table_cache = cfg.table_cache
+    H, acc = store.hidden, compute_dtype(dtype)
 
     def output_rows(tensors, first, last):
         data, c_init, s0, c = _rebuild_start(layout, chunk, tensors, first, acc)
+        tables = table_cache.tables(dtype, data.device)
         sizes = layout.proc_sizes(s0, last)
         R = sum(sizes)
         idx = tables.indices(store.read_rows(data, s0, last)[:, :, :H])  # [4, R * H]
@@ -517,8 +520,7 @@ class LSTMLayerFunction(torch.autograd.Function):
             y, h, c, final_codes, checkpoints = _lstm_forward_chunked(
                 x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes, preact
             )
-            cfg.output_rows = _lstm_output_rows_fn_tables(cfg, store, cfg.tables(dtype, x.device),
-                                                          w_hr)
+            cfg.output_rows = _lstm_output_rows_fn_tables(cfg, store, dtype, w_hr)
         else:
             y, h, c, final_codes, checkpoints = LSTMLayerFunction._forward_steps(
                 x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes, preact
@@ -596,6 +598,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         grads = backward(
             ctx, kept, h0, c0, w_ih, w_hh, w_hr, codes_data, checkpoints, preact, dy, dh_n, dc_n
         )
+        release_backward_tables(ctx.cfg)
         dx, dh_state, dc_state, d_w_ih, d_w_hh, d_b, d_w_hr = grads
 
         def cast(g, like):

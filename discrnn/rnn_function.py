@@ -52,14 +52,21 @@ class SequenceLayout:
 
     def __init__(self, batch_sizes: list[int], reverse: bool):
         self.batch_sizes = batch_sizes
-        self.offsets = [0] * len(batch_sizes)
-        for t in range(1, len(batch_sizes)):
-            self.offsets[t] = self.offsets[t - 1] + batch_sizes[t - 1]
+        T = len(batch_sizes)
+        # A layer's autograd node keeps its layout until the whole graph is freed: one per layer
+        # per segment under torch.utils.checkpoint. With one batch size (every unpacked input) the
+        # offsets are a range, not T int objects (at T = 8192, sqrt(T) segments, two layers, the
+        # lists here and in CodeStore held about 2 MiB until backward).
+        self.uniform = T > 0 and batch_sizes[0] > 0 and batch_sizes.count(batch_sizes[0]) == T
+        if self.uniform:
+            self.offsets = range(0, T * batch_sizes[0], batch_sizes[0])
+        else:
+            self.offsets = [0] * T
+            for t in range(1, T):
+                self.offsets[t] = self.offsets[t - 1] + batch_sizes[t - 1]
         self.total_rows = self.offsets[-1] + batch_sizes[-1] if batch_sizes else 0
         self.reverse = reverse
-        self.order = list(range(len(batch_sizes)))
-        if reverse:
-            self.order.reverse()
+        self.order = range(T - 1, -1, -1) if reverse else range(T)
 
     def rows(self, t: int) -> slice:
         return slice(self.offsets[t], self.offsets[t] + self.batch_sizes[t])
@@ -102,12 +109,18 @@ class CodeStore:
         self.layout, self.n_codes, self.hidden, self.bits = layout, n_codes, hidden, bits
         self.pack, self.unpack = ops.pack, ops.unpack  # the codec of the layer's backend
         self.padded = rnn_torch.padded_units(hidden)
-        self.step_bytes = [
-            n_codes * layout.batch_sizes[t] * self.padded * bits // 8 for t in layout.order
-        ]
-        self.step_offsets = [0] * len(self.step_bytes)
-        for s in range(1, len(self.step_bytes)):
-            self.step_offsets[s] = self.step_offsets[s - 1] + self.step_bytes[s - 1]
+        T = len(layout.batch_sizes)
+        step = n_codes * layout.batch_sizes[0] * self.padded * bits // 8 if T else 0
+        if layout.uniform and step > 0:  # as SequenceLayout.offsets: no T ints per layer call
+            self.step_bytes = [step] * T
+            self.step_offsets = range(0, T * step, step)
+        else:
+            self.step_bytes = [
+                n_codes * layout.batch_sizes[t] * self.padded * bits // 8 for t in layout.order
+            ]
+            self.step_offsets = [0] * T
+            for s in range(1, T):
+                self.step_offsets[s] = self.step_offsets[s - 1] + self.step_bytes[s - 1]
         self.nbytes = self.step_offsets[-1] + self.step_bytes[-1] if self.step_bytes else 0
         self.device = device
 
@@ -145,6 +158,29 @@ class CodeStore:
         )
 
 
+class TableCache(dict):
+    """A layer call's ``rnn_torch.StepTables`` by (dtype, device), built on first use.
+
+    Held by the call's ``LayerConfig`` and by its ``output_rows`` closure (which must not hold the
+    cfg itself, see ``lstm_function._lstm_output_rows_fn``). Autograd keeps a layer's cfg (as
+    ``ctx.cfg``) until the whole graph is freed, so the cache is emptied once the stack's forward has
+    run and after each backward that filled it (``release_output_tensors``,
+    ``release_backward_tables``): under torch.utils.checkpoint, which runs a layer once per
+    segment, kept tables cost about 22 KiB per layer per segment after forward and 96 KiB more
+    after backward at 64 levels (the pair tables are L * L values).
+    """
+
+    def __init__(self, levels: int):
+        super().__init__()
+        self.levels = levels
+
+    def tables(self, dtype, device) -> rnn_torch.StepTables:
+        key = (dtype, torch.device(device))
+        if key not in self:
+            self[key] = rnn_torch.StepTables(self.levels, dtype, device)
+        return self[key]
+
+
 class LayerConfig:
     """Static arguments of one layer call (not tensors, so autograd ignores them).
 
@@ -171,14 +207,15 @@ class LayerConfig:
         self.read_by_next_layer = False
         self.output_rows = None
         self.chunked = _is_torch_ops(ops)  # the chunked torch path (see the module docstring)
-        self._tables = {}
+        self.table_cache = TableCache(levels)
 
     def tables(self, dtype, device) -> rnn_torch.StepTables:
         """Constants and level lookup tables of the torch path, built once per layer call."""
-        key = (dtype, torch.device(device))
-        if key not in self._tables:
-            self._tables[key] = rnn_torch.StepTables(self.levels, dtype, device)
-        return self._tables[key]
+        return self.table_cache.tables(dtype, device)
+
+    def release_tables(self) -> None:
+        """Drop this call's tables (rebuilt if needed again, e.g. by a second backward)."""
+        self.table_cache.clear()
 
     def chunks(self):
         order = self.layout.order
@@ -558,3 +595,13 @@ def release_output_tensors(cfgs) -> None:
     them in memory where ``torch.utils.checkpoint`` discards saved tensors to recompute them."""
     for cfg in cfgs:
         cfg.output_tensors = None
+        cfg.release_tables()
+
+
+def release_backward_tables(cfg) -> None:
+    """After a layer's backward: drop the tables it built, its own and those of the layers whose
+    codes rebuilt its input (see :class:`TableCache`)."""
+    cfg.release_tables()
+    if cfg.input_source is not None:
+        for prev in cfg.input_source.prev_cfgs:
+            prev.release_tables()

@@ -1076,6 +1076,49 @@ def test_no_reference_cycle_keeps_codes_alive(cls, checkpointed):
     assert not codes, f"{len(codes)} code buffers in reference cycles: {[tuple(t.shape) for t in codes]}"
 
 
+def _layer_configs(root) -> list:
+    """The LayerConfigs of every discrnn layer node in the graph below ``root`` (a grad_fn)."""
+    seen, todo, cfgs = set(), [root], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "cfg", None) is not None:
+            cfgs.append(node.cfg)
+        todo.extend(f for f, _ in node.next_functions)
+    return cfgs
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_graph_keeps_no_lookup_tables(cls, checkpointed):
+    # Autograd keeps every layer call's LayerConfig (ctx.cfg) until the whole graph is freed. Its
+    # lookup tables (the pair tables are L * L values: 256 KiB each at 256 levels) once stayed
+    # there, built in forward and again in backward: under torch.utils.checkpoint one set per
+    # layer per segment (at T=2048, 64 levels, 2 layers, sqrt(T) segments, 5.8 MiB).
+    torch.manual_seed(0)
+    m = cls(3, 8, num_layers=2, levels=64, bidirectional=True)
+    x = torch.randn(12, 2, 3, requires_grad=True)
+    if checkpointed:
+        y = torch.cat([torch.utils.checkpoint.checkpoint(lambda s: m(s)[0], x[i:i + 4],
+                                                         use_reentrant=False) for i in (0, 4, 8)])
+    else:
+        y = m(x)[0]
+    cfgs = _layer_configs(y.grad_fn)
+    assert len(cfgs) == (12 if checkpointed else 4)
+    assert not [len(cfg.table_cache) for cfg in cfgs if cfg.table_cache], "after forward"
+    y.square().sum().backward(retain_graph=True)
+    assert not [len(cfg.table_cache) for cfg in cfgs if cfg.table_cache], "after backward"
+    # Tables are rebuilt where needed: a second backward on the kept graph gives the same grads.
+    first = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    x.grad = None
+    m.zero_grad(set_to_none=True)
+    y.square().sum().backward()
+    for a, b in zip(first, [x.grad] + [p.grad for p in m.parameters()]):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
 @pytest.mark.parametrize("frozen, bidirectional", [(("l0",), False), (("l0", "l1"), False),
                                                    (("l0",), True)])
