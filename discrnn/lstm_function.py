@@ -126,17 +126,6 @@ def _lstm_output_rows_fn_tables(cfg, store, dtype, w_hr):
     return output_rows
 
 
-class StepRows:
-    """The rows of step j of a chunk (processing order), ``rows.narrow(dim, offsets[j], bs)``, made
-    when asked for: :func:`split_steps` without a view per step up front."""
-
-    def __init__(self, rows, offsets, bs, dim=0):
-        self.rows, self.offsets, self.bs, self.dim = rows, offsets, bs, dim
-
-    def __getitem__(self, j):
-        return self.rows.narrow(self.dim, self.offsets[j], self.bs)
-
-
 def _lstm_u_codes(tables, t, chunk_rows=False):
     """u's int32 codes [R, H] from t = tanh(c_t) [R, H] (overwritten). For the forward's codes bit
     for bit, t must come from one ``torch.tanh`` call per step on that step's contiguous [bs, H]
@@ -320,6 +309,14 @@ def _lstm_backward_chunked(
         recurrent_t.mm(pend_dg, out=dh_state[:pend_bs])
         dc_state[:pend_bs] = pend_dcf
 
+    def step_state_grads(bs, dy_rows, dh_out):
+        """dh (into dh_out where given) and dc of the step processed before the pending one."""
+        if pend_dg is not None and pend_bs == bs:
+            return recurrent_t.addmm(dy_rows, pend_dg, out=dh_out), pend_dcf
+        if pend_dg is not None:
+            flush()
+        return torch.add(dy_rows, dh_state[:bs], out=dh_out), dc_state[:bs]
+
     chunks = list(cfg.chunks())
     for k in range(len(chunks) - 1, -1, -1):
         first, steps = chunks[k]
@@ -328,15 +325,12 @@ def _lstm_backward_chunked(
         R = hi - lo
         psizes = [sizes[t] for t in steps]
         codes, before = chunk_rows(store, codes_data, first, last)
-        # A chunk whose steps have one batch size runs its step loops in one call each (C++);
-        # Python then touches one step's rows, so they are views on demand.
+        # A chunk whose steps have one batch size runs in two calls (C++); the others step by step.
         offsets = [layout.offsets[t] - lo for t in steps]
         one_call = (fused is not None and rnn_cpu.CHUNK_CALLS
                     and all(bs == psizes[0] for bs in psizes))
 
         def split(rows, dim=0):
-            if one_call:
-                return StepRows(rows, offsets, psizes[0], dim)
             return split_steps(rows, cfg, steps, lo, dim)
 
         def as_output(m):  # h_t exactly as the forward pass fed it to the next step, in acc
@@ -355,62 +349,82 @@ def _lstm_backward_chunked(
             o_b = tables.lookup("value", SIG, before[:, 3])
             m_before = as_output(o_b * tables.lookup("value", TANH, u_b))
             del c_b, u_b, o_b
-        # What the gate gradients need, for the whole chunk, gathered from tables of the codes'
-        # values, derivatives and products of two codes' (i and g; o and u):
-        # p = [g d_i, c_prev d_f, i d_g] plane by plane, o d_u, u d_o, m = o u, i g. With
-        # grad="exact" the gate derivatives are f' at the kept pre-activations instead.
-        # Tried and left: these arrays carved from one buffer per call instead of allocated per
-        # chunk. In a loop of one layer (H=256, T=91) that saved ~2090 page faults and 2.2 ms of
-        # 43.7 per forward + backward, where glibc handed the pages back between chunks; in the
-        # profiler's training step (where larger allocations have raised glibc's thresholds) 1.5 %
-        # (interleaved, T=2048, sqrt(T) checkpointing), and the buffer's dead planes beside the
-        # next layer's input rebuild raised the 2-layer step's peak by 2.5 MiB (T=512, 48.0 MiB).
-        p = torch.empty(3, R, H, dtype=acc, device=device)
-        d_o = None
-        if fused is not None:
-            f_v = torch.empty(R, H, dtype=acc, device=device)  # lives through the recursion
-            d_f, ig, o_v = torch.empty(3, R, H, dtype=acc, device=device)  # freed after the rebuild
-            fused.lstm_backward_gather(
-                codes, tables.table("value", SIG), tables.table("deriv", SIG),
-                tables.pair_table("b_da"), tables.pair_table("a_db"), tables.pair_table("ab"),
-                f_v, d_f, p[0], p[2], ig, o_v, cfg.levels)
-            del before  # codes: o's, read again after the rebuild
+        dys = torch.zeros(R, P, dtype=acc, device=device) if dy is None else dy[lo:hi].to(acc)
+        dhs = torch.empty(R, P, dtype=acc, device=device) if w_hr is not None else None
+        if one_call:
+            # The rebuild and the recursion in one call each (C++). They compute the table terms
+            # of the path below (chunks whose batch size changes; the aten path) inside the
+            # recursion, step by step, from the codes and c_t before its clamp: the chunk keeps two
+            # float planes and u's codes where that path writes eleven planes and reads them back.
+            bs = psizes[0]
+            c_first = (c_init if k == 0 else checkpoints[k - 1])[:bs]
+            c_raw = torch.empty(R, H, dtype=acc, device=device)
+            m_all = torch.empty(R, H, dtype=acc, device=device)
+            k_u = torch.empty(R, H, dtype=torch.uint8, device=device)
+            fused.lstm_rebuild_chunk(codes, c_first, offsets, bs, c_raw, m_all, k_u, cfg.levels,
+                                     clip)
+            dgates = torch.empty(R, 4 * H, dtype=acc, device=device)
+            o = offsets[-1]
+            dh, dc = step_state_grads(bs, dys[o:o + bs], None if dhs is None else dhs[o:o + bs])
+            dm = dh if w_hr_a is None else dh @ w_hr_a
+            pend_dcf = fused.lstm_backward_chunk(
+                codes, k_u, c_raw, c_first, offsets, bs, dys, dm, dc, dgates,
+                tables.table("deriv", SIG), tables.table("deriv", TANH), recurrent_t.weight_t,
+                recurrent_t.packed, recurrent_t.panels, dhs, w_hr_a, cfg.levels, clip)
+            pend_dg, pend_bs = dgates[offsets[0]:offsets[0] + bs].clone(), bs
+            del codes, before, c_raw, k_u, dh, dc, dm, dys
         else:
-            idx = tables.indices(codes)  # [4, R * H]: i, f, g, o
-            del codes, before
-            i_g = tables.pair_index(idx[0], idx[2])
-            f_v = tables.gather(tables.table("value", SIG), idx[1], (R, H))
-            o_v = tables.gather(tables.table("value", SIG), idx[3], (R, H))
-            if preact is None:
-                d_f = tables.gather(tables.table("deriv", SIG), idx[1], (R, H))
-                torch.index_select(tables.pair_table("b_da"), 0, i_g, out=p[0].view(-1))
-                torch.index_select(tables.pair_table("a_db"), 0, i_g, out=p[2].view(-1))
+            # What the gate gradients need, for the whole chunk, gathered from tables of the codes'
+            # values, derivatives and products of two codes' (i and g; o and u):
+            # p = [g d_i, c_prev d_f, i d_g] plane by plane, o d_u, u d_o, m = o u, i g. With
+            # grad="exact" the gate derivatives are f' at the kept pre-activations instead.
+            p = torch.empty(3, R, H, dtype=acc, device=device)
+            d_o = None
+            if fused is not None:
+                f_v = torch.empty(R, H, dtype=acc, device=device)  # lives through the recursion
+                # freed after the rebuild
+                d_f, ig, o_v = torch.empty(3, R, H, dtype=acc, device=device)
+                fused.lstm_backward_gather(
+                    codes, tables.table("value", SIG), tables.table("deriv", SIG),
+                    tables.pair_table("b_da"), tables.pair_table("a_db"), tables.pair_table("ab"),
+                    f_v, d_f, p[0], p[2], ig, o_v, cfg.levels)
+                del before  # codes: o's, read again after the rebuild
             else:
-                d_i, d_f, d_g, d_o = rnn_torch.exact_derivatives(
-                    preact[lo:hi], rnn_torch.LSTM_GATE_KINDS, acc
-                ).unbind(1)
-                torch.mul(tables.gather(tables.table("value", TANH), idx[2], (R, H)), d_i, out=p[0])
-                torch.mul(tables.gather(tables.table("value", SIG), idx[0], (R, H)), d_g, out=p[2])
-                del d_i, d_g
-            ig = tables.gather(tables.pair_table("ab"), i_g, (R, H))
-            del i_g
+                idx = tables.indices(codes)  # [4, R * H]: i, f, g, o
+                del codes, before
+                i_g = tables.pair_index(idx[0], idx[2])
+                f_v = tables.gather(tables.table("value", SIG), idx[1], (R, H))
+                o_v = tables.gather(tables.table("value", SIG), idx[3], (R, H))
+                if preact is None:
+                    d_f = tables.gather(tables.table("deriv", SIG), idx[1], (R, H))
+                    torch.index_select(tables.pair_table("b_da"), 0, i_g, out=p[0].view(-1))
+                    torch.index_select(tables.pair_table("a_db"), 0, i_g, out=p[2].view(-1))
+                else:
+                    d_i, d_f, d_g, d_o = rnn_torch.exact_derivatives(
+                        preact[lo:hi], rnn_torch.LSTM_GATE_KINDS, acc
+                    ).unbind(1)
+                    g_v = tables.gather(tables.table("value", TANH), idx[2], (R, H))
+                    torch.mul(g_v, d_i, out=p[0])
+                    i_v = tables.gather(tables.table("value", SIG), idx[0], (R, H))
+                    torch.mul(i_v, d_g, out=p[2])
+                    del g_v, i_v
+                    del d_i, d_g
+                ig = tables.gather(tables.pair_table("ab"), i_g, (R, H))
+                del i_g
 
-        # c_{t-1} of every step, rebuilt from the checkpoint with the forward's arithmetic (a mul,
-        # an add, the clamp: bit-identical), into p[1]; c_t of every step before its clamp into
-        # c_raw and after it into c_all. u's code is the encoding of tanh(c_t) (the aten path
-        # calls tanh step by step, the forward's call on c_t [bs, H]; the fused kernels take
-        # tanh's code thresholds), its straight-through derivative tanh'(c_t)
-        # (rnn_torch.tanh_derivative): o d_u. Where the clamp was active no gradient reaches the
-        # gates or c_{t-1}: p and f (as dc_{t-1} = dc f) are zeroed there.
-        c_raw = torch.empty(R, H, dtype=acc, device=device)
-        c_all = torch.empty(R, H, dtype=acc, device=device)
-        t_c = torch.empty(R, H, dtype=acc, device=device) if fused is None else None
-        f_s, ig_s, cp_s = split(f_v), split(ig), split(p[1])
-        raw_s, call_s = split(c_raw), split(c_all)
-        cp_s[0].copy_(c_init[: psizes[0]] if k == 0 else checkpoints[k - 1][: psizes[0]])
-        if one_call:  # the loop below, in C++
-            fused.lstm_rebuild_steps(f_v, ig, p[1], c_raw, c_all, offsets, psizes[0], clip)
-        else:
+            # c_{t-1} of every step, rebuilt from the checkpoint with the forward's arithmetic (a
+            # mul, an add, the clamp: bit-identical), into p[1]; c_t of every step before its clamp
+            # into c_raw and after it into c_all. u's code is the encoding of tanh(c_t) (the aten
+            # path calls tanh step by step, the forward's call on c_t [bs, H]; the fused kernels
+            # take tanh's code thresholds), its straight-through derivative tanh'(c_t)
+            # (rnn_torch.tanh_derivative): o d_u. Where the clamp was active no gradient reaches
+            # the gates or c_{t-1}: p and f (as dc_{t-1} = dc f) are zeroed there.
+            c_raw = torch.empty(R, H, dtype=acc, device=device)
+            c_all = torch.empty(R, H, dtype=acc, device=device)
+            t_c = torch.empty(R, H, dtype=acc, device=device) if fused is None else None
+            f_s, ig_s, cp_s = split(f_v), split(ig), split(p[1])
+            raw_s, call_s = split(c_raw), split(c_all)
+            cp_s[0].copy_(c_init[: psizes[0]] if k == 0 else checkpoints[k - 1][: psizes[0]])
             t_s = split(t_c) if t_c is not None else None
             for j in range(len(steps)):
                 bs = psizes[j]
@@ -433,78 +447,66 @@ def _lstm_backward_chunked(
                     if bs_next > bs:
                         cp_s[j + 1][bs:] = c_init[bs:bs_next]
             del t_s
-        if fused is not None:
-            u_do = torch.empty(R, H, dtype=acc, device=device)
-            m_all = torch.empty(R, H, dtype=acc, device=device)
-            o_du = c_raw  # reused: o tanh'(c_t)
-            fused.lstm_backward_finish(codes, c_raw, c_all, o_v, d_f, p, f_v,
-                                       tables.pair_table("b_da"), tables.pair_table("ab"),
-                                       o_du, u_do, m_all, cfg.levels, clip)
-            del codes, c_all, ig, ig_s, cp_s, raw_s, call_s, o_v, c_raw, d_f
-        else:
-            passed = c_raw.abs() <= clip  # where the clamp passes the gradient
-            o_du = c_raw  # reused: o tanh'(c_t)
-            u_idx = _lstm_u_codes(tables, t_c, chunk_rows=True)
-            rnn_torch.tanh_derivative(c_all, out=o_du).mul_(o_v)
-            del t_c, c_all, call_s
-            o_u = tables.pair_index(idx[3], u_idx.view(-1))
-            if d_o is None:
-                u_do = tables.gather(tables.pair_table("b_da"), o_u, (R, H))
-            else:
-                u_do = tables.gather(tables.table("value", TANH), u_idx.view(-1), (R, H)).mul_(d_o)
-            m_all = tables.gather(tables.pair_table("ab"), o_u, (R, H))
-            del idx, o_u, u_idx, d_o, ig, ig_s, cp_s, raw_s, o_v, c_raw
-            p[1].mul_(d_f)
-            del d_f
-            p.mul_(passed)
-            f_v.mul_(passed)
-            del passed
-
-        # The sequential recursion: per step dh (one matmul), dc, dgates, dc * f.
-        dgates = torch.empty(R, 4 * H, dtype=acc, device=device)
-        dg4 = dgates.view(R, 4, H)
-        dys = torch.zeros(R, P, dtype=acc, device=device) if dy is None else dy[lo:hi].to(acc)
-        dhs = torch.empty(R, P, dtype=acc, device=device) if w_hr is not None else None
-        dy_s, odu_s, udo_s = split(dys), split(o_du), split(u_do)
-        p_s, dgifg_s = split(p, dim=1), split(dg4[:, :3].transpose(0, 1), dim=1)  # [3, bs, H]
-        dg_s, dgo_s = split(dgates), split(dg4[:, 3])
-        dh_s = split(dhs) if dhs is not None else [None] * len(steps)
-        for j in range(len(steps) - 1, -1, -1):
-            bs = psizes[j]
-            if pend_dg is not None and pend_bs == bs:
-                dh = recurrent_t.addmm(dy_s[j], pend_dg, out=dh_s[j])
-                dc = pend_dcf
-            else:
-                if pend_dg is not None:
-                    flush()
-                dh = torch.add(dy_s[j], dh_state[:bs], out=dh_s[j])
-                dc = dc_state[:bs]
-            dm = dh if w_hr_a is None else dh @ w_hr_a
             if fused is not None:
-                dcf = torch.empty(bs, H, dtype=acc, device=device)
-                fused.lstm_backward_step(dm, dc, odu_s[j], udo_s[j], p_s[j], f_s[j], dg_s[j], dcf)
+                u_do = torch.empty(R, H, dtype=acc, device=device)
+                m_all = torch.empty(R, H, dtype=acc, device=device)
+                o_du = c_raw  # reused: o tanh'(c_t)
+                fused.lstm_backward_finish(codes, c_raw, c_all, o_v, d_f, p, f_v,
+                                           tables.pair_table("b_da"), tables.pair_table("ab"),
+                                           o_du, u_do, m_all, cfg.levels, clip)
+                del codes, c_all, ig, ig_s, cp_s, raw_s, call_s, o_v, c_raw, d_f
             else:
-                dc = torch.addcmul(dc, dm, odu_s[j])
-                torch.mul(dc, p_s[j], out=dgifg_s[j])
-                torch.mul(dm, udo_s[j], out=dgo_s[j])
-                dcf = dc.mul_(f_s[j])
-            pend_dg, pend_dcf, pend_bs = dg_s[j], dcf, bs
-            if one_call and j == len(steps) - 1 and j:
-                # the chunk's other steps in one call: this loop in C++
-                pend_dcf = fused.lstm_backward_steps(
-                    dys, dgates, dcf, o_du, u_do, p, f_v, offsets, bs, recurrent_t.weight_t,
-                    recurrent_t.packed, recurrent_t.panels, dhs, w_hr_a)
-                pend_dg = dg_s[0]
-                break
-        pend_dg = pend_dg.clone()  # not a view into this chunk's buffer
-        del p, o_du, u_do, f_v, f_s, p_s, odu_s, udo_s, dy_s, dys
+                passed = c_raw.abs() <= clip  # where the clamp passes the gradient
+                o_du = c_raw  # reused: o tanh'(c_t)
+                u_idx = _lstm_u_codes(tables, t_c, chunk_rows=True)
+                rnn_torch.tanh_derivative(c_all, out=o_du).mul_(o_v)
+                del t_c, c_all, call_s
+                o_u = tables.pair_index(idx[3], u_idx.view(-1))
+                if d_o is None:
+                    u_do = tables.gather(tables.pair_table("b_da"), o_u, (R, H))
+                else:
+                    u_v = tables.gather(tables.table("value", TANH), u_idx.view(-1), (R, H))
+                    u_do = u_v.mul_(d_o)
+                    del u_v
+                m_all = tables.gather(tables.pair_table("ab"), o_u, (R, H))
+                del idx, o_u, u_idx, d_o, ig, ig_s, cp_s, raw_s, o_v, c_raw
+                p[1].mul_(d_f)
+                del d_f
+                p.mul_(passed)
+                f_v.mul_(passed)
+                del passed
+
+            # The sequential recursion: per step dh (one matmul), dc, dgates, dc * f.
+            dgates = torch.empty(R, 4 * H, dtype=acc, device=device)
+            dg4 = dgates.view(R, 4, H)
+            dy_s, odu_s, udo_s = split(dys), split(o_du), split(u_do)
+            p_s, dgifg_s = split(p, dim=1), split(dg4[:, :3].transpose(0, 1), dim=1)  # [3, bs, H]
+            dg_s, dgo_s = split(dgates), split(dg4[:, 3])
+            dh_s = split(dhs) if dhs is not None else [None] * len(steps)
+            for j in range(len(steps) - 1, -1, -1):
+                bs = psizes[j]
+                dh, dc = step_state_grads(bs, dy_s[j], dh_s[j])
+                dm = dh if w_hr_a is None else dh @ w_hr_a
+                if fused is not None:
+                    dcf = torch.empty(bs, H, dtype=acc, device=device)
+                    fused.lstm_backward_step(dm, dc, odu_s[j], udo_s[j], p_s[j], f_s[j], dg_s[j],
+                                             dcf)
+                else:
+                    dc = torch.addcmul(dc, dm, odu_s[j])
+                    torch.mul(dc, p_s[j], out=dgifg_s[j])
+                    torch.mul(dm, udo_s[j], out=dgo_s[j])
+                    dcf = dc.mul_(f_s[j])
+                pend_dg, pend_dcf, pend_bs = dg_s[j], dcf, bs
+            pend_dg = pend_dg.clone()  # not a view into this chunk's buffer
+            del p, o_du, u_do, f_v, f_s, p_s, odu_s, udo_s, dy_s, dys, dg4, dg_s, dgifg_s
+            del dgo_s, dh_s
 
         # Chunk-wide: h_{t-1} rows, weight gradients, dx.
         h_prev = previous_rows(as_output(m_all), m_before, h_init, cfg, steps, lo, acc)
         _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m_all, input_t, lo, hi,
                             d_w_ih, d_w_hh, d_b, d_w_hr, dx, gemm)
         del h_prev
-        del dgates, dg4, dg_s, dgifg_s, dgo_s, dh_s, dhs, m_all, m_before  # before the next chunk's
+        del dgates, dhs, m_all, m_before  # before the next chunk's
     if pend_dg is not None:
         flush()
     return dx, dh_state, dc_state, d_w_ih, d_w_hh, d_b, d_w_hr

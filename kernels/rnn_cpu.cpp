@@ -3,8 +3,9 @@
 // lstm_forward_step does the element-wise work of one forward step, which the torch path spreads
 // over about twenty aten calls (kernels/rnn_torch.py, LSTMForwardStep): gate activations, their
 // codes and level values, the clamped cell update, u's code and m = o u. The backward kernels
-// (below) do the same for the aten calls of one backward chunk, and the *_steps functions run a
-// chunk's steps in one call. They reproduce the aten path bit for bit, NaN payloads aside
+// (below) do the same for the aten calls of one backward chunk; lstm_forward_steps runs a forward
+// chunk's steps in one call, lstm_rebuild_chunk and lstm_backward_chunk a backward chunk's in two.
+// They reproduce the aten path bit for bit, NaN payloads aside
 // (rnn_cpu.py checks that on load and refuses the kernels otherwise):
 //
 // * sigmoid is aten's cpu_kernel_vec on one inner loop of length H per (row, gate plane): the
@@ -557,7 +558,7 @@ void lstm_backward_step(const torch::Tensor& dm, const torch::Tensor& dc_in,
 // Whole chunks of steps in one call (discrnn/lstm_function.py): the sequential loops over a
 // chunk's steps, where every step has the same bs rows. From Python each step cost about as much
 // in interpreter and dispatch overhead as in arithmetic; here the loops make the same aten calls
-// for the matrix products (so the same results, bit for bit) and call the step kernels above.
+// for the matrix products (so the same results, bit for bit) and the step kernels' arithmetic.
 
 namespace {
 
@@ -799,61 +800,220 @@ at::Tensor lstm_forward_steps(const at::Tensor& xproj, const std::vector<int64_t
   return c;
 }
 
-// The cell rebuild of one backward chunk (lstm_rebuild_step per step): c_{t-1} of step j in
-// c_prev's rows offsets[j] (the first step's filled by the caller), each step's c_t clamped
-// straight into the next step's rows; f_v, i_g, raw_out, c_copy [R, H] as lstm_rebuild_step's.
-void lstm_rebuild_steps(const at::Tensor& f_v, const at::Tensor& i_g, const at::Tensor& c_prev,
-                        const at::Tensor& raw_out, const at::Tensor& c_copy,
-                        const std::vector<int64_t>& offsets, int64_t bs, double cell_clip) {
-  const int64_t R = c_prev.size(0), H = c_prev.size(1);
-  check_offsets(offsets, bs, R);
-  const at::Tensor last = at::empty({bs, H}, c_prev.options());
-  const int64_t S = static_cast<int64_t>(offsets.size());
-  for (int64_t j = 0; j < S; ++j) {
-    const int64_t o = offsets[j];
-    const at::Tensor c_t = j + 1 < S ? c_prev.narrow(0, offsets[j + 1], bs) : last;
-    lstm_rebuild_step(f_v.narrow(0, o, bs), i_g.narrow(0, o, bs), c_prev.narrow(0, o, bs),
-                      raw_out.narrow(0, o, bs), c_t, c_copy.narrow(0, o, bs), cell_clip);
+// A backward chunk whose steps have one batch size, in two calls: lstm_rebuild_chunk runs the cell
+// rebuild forward in time, lstm_backward_chunk the recursion backward. They give the bits of
+// lstm_backward_gather, lstm_rebuild_step, lstm_backward_finish and lstm_backward_step (the path of
+// chunks whose batch size changes), but compute each step's table terms (f, g d_i, i d_g, o tanh'(c),
+// u d_o, the clamp's mask) inside the recursion from the codes and the rebuilt cell, instead of
+// writing eleven [R, H] planes per chunk and reading them back: the chunk keeps c before its clamp,
+// m = o u and u's code. All [R, ...] arrays are in time order, step j's bs rows at row offsets[j];
+// c_first [bs, H]: c_{t-1} of step 0 (the chunk's checkpoint, or c_0). Tables as StepTables':
+// val_sig, der_sig [L]; pair tables [L * L] at a L + b.
+
+namespace {
+
+// sigmoid of x[0 .. n), elements first .. first + n of one aten loop over a longer array whose
+// vector body ends at vector_end (the array's length less its remainder of two vectors, see
+// sigmoid_loop): the vector arithmetic below it, lane by lane (a lane's result does not depend on
+// its neighbours), std::exp at and above it.
+void sigmoid_span(const float* x, float* y, int64_t n, int64_t first, int64_t vector_end) {
+  const int64_t nv = std::min(std::max<int64_t>(vector_end - first, 0), n);
+  const Vec one(1.0f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= nv; i += Vec::size()) {
+    (one + Vec::loadu(x + i).neg().exp()).reciprocal().store(y + i);
   }
+  if (i < nv) {
+    const int64_t rest = nv - i;
+    (one + Vec::loadu(x + i, rest).neg().exp()).reciprocal().store(y + i, rest);
+  }
+  for (i = nv; i < n; ++i) y[i] = 1.0f / (1.0f + std::exp(-x[i]));
 }
 
-// Steps offsets[S-2] .. offsets[0] of one backward chunk's recursion (the caller ran step S - 1,
-// where the state gradients may come from another batch size): per step dh = dy + dgates_next
-// W_hh (the StepProduct of W_hh^T: weight_t, packed, panels; into dh_out's rows where given),
-// dm = dh (or dh W_hr), then lstm_backward_step. dcf_last: dc f of step S - 1. Returns dc f of
-// the first step (a tensor of its own: the next chunk's).
-//   dys [R, P] float32; dgates [R, 4H] float32 (step S - 1's rows filled); o_du, u_do, f_v
-//   [R, H]; p [3, R, H]; dh_out [R, P] or None; w_hr [P, H] float32 or None
-at::Tensor lstm_backward_steps(const at::Tensor& dys, const at::Tensor& dgates,
-                               const at::Tensor& dcf_last, const at::Tensor& o_du,
-                               const at::Tensor& u_do, const at::Tensor& p,
-                               const at::Tensor& f_v, const std::vector<int64_t>& offsets,
-                               int64_t bs, const at::Tensor& weight_t,
-                               const std::optional<at::Tensor>& packed,
-                               const std::optional<at::Tensor>& panels,
-                               const std::optional<at::Tensor>& dh_out,
-                               const std::optional<at::Tensor>& w_hr) {
-  const int64_t R = dgates.size(0), H = f_v.size(1);
+struct ChunkRows {
+  const uint8_t* codes;
+  int64_t k_rs, k_qs;
+};
+
+ChunkRows chunk_codes(const at::Tensor& codes, int64_t R, int64_t H) {
+  check_codes(codes, R, H);
+  return {codes.data_ptr<uint8_t>(), codes.stride(0), codes.stride(1)};
+}
+
+}  // namespace
+
+// The cell rebuild: per step raw = f c_prev + i g (two roundings) into raw_out, c_t = clamp(raw),
+// u's code (tanh_codes of c_t, row by row as lstm_backward_finish) into k_u_out and m = o u ("ab"
+// at o L + u) into m_out. Rows are independent: each thread takes whole rows through every step.
+void lstm_rebuild_chunk(const at::Tensor& codes, const at::Tensor& c_first,
+                        const std::vector<int64_t>& offsets, int64_t bs, const at::Tensor& raw_out,
+                        const at::Tensor& m_out, const at::Tensor& k_u_out, int64_t levels,
+                        double cell_clip) {
+  const int64_t R = raw_out.size(0), H = c_first.size(1);
+  TORCH_CHECK(levels >= 2 && levels <= 256, "levels must be in [2, 256], got ", levels);
   TORCH_CHECK(!offsets.empty(), "offsets must name at least one step");
   check_offsets(offsets, bs, R);
-  TORCH_CHECK(p.dim() == 3 && p.size(0) == 3 && p.size(1) == R, "p must be [3, ", R, ", H], got ",
-              p.sizes());
-  const StepProduct recurrent{weight_t, packed, panels};
-  at::Tensor dcf_bufs[2] = {at::empty({bs, H}, f_v.options()), at::empty({bs, H}, f_v.options())};
-  at::Tensor dcf = dcf_last;
+  const ChunkRows k = chunk_codes(codes, R, H);
+  const Rows cf = rows_of(c_first, "c_first", bs, H);
+  const Rows rw = rows_of(raw_out, "raw_out", R, H), mo = rows_of(m_out, "m_out", R, H);
+  check_rows(k_u_out, "k_u_out", R, H, at::kByte);
+  uint8_t* ku_ptr = k_u_out.data_ptr<uint8_t>();
+  const int64_t ku_rs = k_u_out.stride(0);
+  const float clip = static_cast<float>(cell_clip);
+  const float span = static_cast<float>(levels - 1);
+  const int32_t top = static_cast<int32_t>(levels - 1);
+  const float half_span = static_cast<float>(levels - 1) / 2.0f;
+  const float* tau = TANH_THRESHOLDS ? tanh_thresholds(levels) : nullptr;
   const int64_t S = static_cast<int64_t>(offsets.size());
-  for (int64_t j = S - 2; j >= 0; --j) {
+  if (bs == 0 || H == 0) return;
+  at::parallel_for(0, bs, row_grain(4 * H * S), [&](int64_t r0, int64_t r1) {
+    float* c = scratch_buffer<float>(2 * H);  // c_t of the row's latest step (also read as c_prev)
+    float* __restrict t = c + H;               // tanh(c_t), fallback
+    int32_t* __restrict ku = scratch_buffer<int32_t>(H);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t j = 0; j < S; ++j) {
+        const int64_t row = offsets[j] + r;
+        const uint8_t* ki = k.codes + row * k.k_rs;
+        const uint8_t* kf = ki + k.k_qs;
+        const uint8_t* kg = ki + 2 * k.k_qs;
+        const uint8_t* ko = ki + 3 * k.k_qs;
+        const float* cp = j == 0 ? cf.row(r) : c;  // read before written, element by element
+        float* __restrict raw = rw.row(row);
+        // values by decode's division, i g as the "ab" table's product (see lstm_backward_chunk)
+        VECTORIZE
+        for (int64_t e = 0; e < H; ++e) {
+          const float f_v = static_cast<float>(kf[e]) / span;
+          const float i_g = (static_cast<float>(ki[e]) / span) *
+                            (static_cast<float>(2 * kg[e] - top) / span);
+          const float x = f_v * cp[e] + i_g;
+          raw[e] = x;
+          c[e] = clamp_cell(x, clip);
+        }
+        if (tau != nullptr) {
+          tanh_codes(c, ku, H, tau, levels);
+        } else {
+          tanh_array(c, t, H);
+          for (int64_t e = 0; e < H; ++e) ku[e] = tanh_code_of(t[e], half_span);
+        }
+        float* __restrict m = mo.row(row);
+        uint8_t* __restrict ku_out = ku_ptr + row * ku_rs;
+        VECTORIZE
+        for (int64_t e = 0; e < H; ++e) {
+          m[e] = (static_cast<float>(ko[e]) / span) * (static_cast<float>(2 * ku[e] - top) / span);
+        }
+        narrow(ku, ku_out, H);
+      }
+    }
+  });
+}
+
+// The recursion, steps S-1 .. 0: per step (below S-1, whose dm and dc the caller passes in, as
+// the state gradients may come from another batch size) dh = dy + dgates_next W_hh (the
+// StepProduct of W_hh^T: weight_t, packed, panels; into dh_out's rows where given), dm = dh (or
+// dh W_hr), dc = the previous step's dc f; then, element by element, what lstm_backward_finish and
+// lstm_backward_step compute: the clamp's mask (|raw| <= clip, as 1 or 0), o tanh'(c_t) with
+// s = sigmoid(-2 |c_t|) at the element's place in aten's one loop over the chunk's c_t, dc =
+// dc + dm o tanh'(c_t) (std::fma, as lstm_backward_step), the gate gradients dc [g d_i,
+// c_{t-1} d_f, i d_g] (each term times the mask) and dm u d_o into dgates [R, 4H], dc f (f times
+// the mask). Returns dc f of step 0 (a tensor of its own: the next chunk's).
+//   codes [R, >= 4, H] uint8; k_u [R, H] uint8; raw [R, H] float32 (lstm_rebuild_chunk's)
+//   dys [R, P] float32; dm_last, dc_last [bs, H]; dh_out [R, P] or None; w_hr [P, H] or None
+at::Tensor lstm_backward_chunk(const at::Tensor& codes, const at::Tensor& k_u,
+                               const at::Tensor& raw, const at::Tensor& c_first,
+                               const std::vector<int64_t>& offsets, int64_t bs,
+                               const at::Tensor& dys, const at::Tensor& dm_last,
+                               const at::Tensor& dc_last, const at::Tensor& dgates,
+                               const at::Tensor& deriv_sig, const at::Tensor& deriv_tanh,
+                               const at::Tensor& weight_t, const std::optional<at::Tensor>& packed,
+                               const std::optional<at::Tensor>& panels,
+                               const std::optional<at::Tensor>& dh_out,
+                               const std::optional<at::Tensor>& w_hr, int64_t levels,
+                               double cell_clip) {
+  const int64_t R = raw.size(0), H = c_first.size(1);
+  TORCH_CHECK(levels >= 2 && levels <= 256, "levels must be in [2, 256], got ", levels);
+  TORCH_CHECK(!offsets.empty(), "offsets must name at least one step");
+  check_offsets(offsets, bs, R);
+  const ChunkRows k = chunk_codes(codes, R, H);
+  check_rows(k_u, "k_u", R, H, at::kByte);
+  const Rows rw = rows_of(raw, "raw", R, H), cf = rows_of(c_first, "c_first", bs, H);
+  const Rows dg = rows_of(dgates, "dgates", R, 4 * H);
+  rows_of(dm_last, "dm_last", bs, H);
+  rows_of(dc_last, "dc_last", bs, H);
+  const uint8_t* ku_ptr = k_u.data_ptr<uint8_t>();
+  const int64_t ku_rs = k_u.stride(0);
+  const float* der_sig = table_of(deriv_sig, "deriv_sig", levels);
+  const float* der_tanh = table_of(deriv_tanh, "deriv_tanh", levels);
+  const float clip = static_cast<float>(cell_clip);
+  const float span = static_cast<float>(levels - 1);
+  const int32_t top = static_cast<int32_t>(levels - 1);
+  // lstm_backward_finish's sigmoid runs one loop over the chunk's R H values of c_t
+  const int64_t vector_end = R * H - (R * H) % (2 * Vec::size());
+  const StepProduct recurrent{weight_t, packed, panels};
+  const auto f32 = c_first.options();
+  at::Tensor dcf_bufs[2] = {at::empty({bs, H}, f32), at::empty({bs, H}, f32)};
+  at::Tensor dcf_in = dc_last;
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  for (int64_t j = S - 1; j >= 0; --j) {
     const int64_t o = offsets[j];
-    const at::Tensor dh =
-        recurrent.addmm(dys.narrow(0, o, bs), dgates.narrow(0, offsets[j + 1], bs),
-                        dh_out ? dh_out->narrow(0, o, bs) : at::Tensor());
-    const at::Tensor dm = w_hr ? at::mm(dh, *w_hr) : dh;
-    const at::Tensor& dcf_new = dcf_bufs[j % 2];
-    lstm_backward_step(dm, dcf, o_du.narrow(0, o, bs), u_do.narrow(0, o, bs), p.narrow(1, o, bs),
-                       f_v.narrow(0, o, bs), dgates.narrow(0, o, bs), dcf_new);
-    dcf = dcf_new;
+    at::Tensor dm = dm_last;
+    if (j < S - 1) {
+      const at::Tensor dh =
+          recurrent.addmm(dys.narrow(0, o, bs), dgates.narrow(0, offsets[j + 1], bs),
+                          dh_out ? dh_out->narrow(0, o, bs) : at::Tensor());
+      dm = w_hr ? at::mm(dh, *w_hr) : dh;
+    }
+    const Rows dmr = rows_of(dm, "dm", bs, H), dc = rows_of(dcf_in, "dc", bs, H);
+    const at::Tensor& dcf_out = dcf_bufs[j % 2];
+    const Rows dcf = rows_of(dcf_out, "dcf", bs, H);
+    const float* cp_rows = j == 0 ? nullptr : rw.row(offsets[j - 1]);
+    at::parallel_for(0, bs, row_grain(4 * H), [&](int64_t r0, int64_t r1) {
+      float* __restrict s = scratch_buffer<float>(2 * H);
+      float* __restrict c_prev = s + H;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t row = o + r;
+        const float* rw_r = rw.row(row);
+        for (int64_t e = 0; e < H; ++e) s[e] = -2.0f * std::abs(clamp_cell(rw_r[e], clip));
+        sigmoid_span(s, s, H, row * H, vector_end);
+        const uint8_t* ki = k.codes + row * k.k_rs;
+        const uint8_t* kf = ki + k.k_qs;
+        const uint8_t* kg = ki + 2 * k.k_qs;
+        const uint8_t* ko = ki + 3 * k.k_qs;
+        const uint8_t* ku = ku_ptr + row * ku_rs;
+        const float* cp_raw = cp_rows == nullptr ? nullptr : cp_rows + r * rw.stride;
+        const float* c0 = cf.row(r);
+        const float* dm_r = dmr.row(r);
+        const float* dc_r = dc.row(r);
+        float* __restrict dg_r = dg.row(row);
+        float* __restrict dcf_r = dcf.row(r);
+        const float* cp = c0;
+        if (cp_raw != nullptr) {  // c_{t-1}: the previous step's c_t
+          for (int64_t e = 0; e < H; ++e) c_prev[e] = clamp_cell(cp_raw[e], clip);
+          cp = c_prev;
+        }
+        // The level values by decode's division (codec_torch.torch_decode: one rounding, as the
+        // value tables), the pair tables' entries as their one product: no lookups but the
+        // derivatives'.
+        VECTORIZE
+        for (int64_t e = 0; e < H; ++e) {
+          const float passed = std::abs(rw_r[e]) <= clip ? 1.0f : 0.0f;
+          const float i_v = static_cast<float>(ki[e]) / span;
+          const float f_v = static_cast<float>(kf[e]) / span;
+          const float g_v = static_cast<float>(2 * kg[e] - top) / span;
+          const float o_v = static_cast<float>(ko[e]) / span;
+          const float u_v = static_cast<float>(2 * ku[e] - top) / span;
+          const float o_du = (((-s[e]) + 1.0f) * s[e]) * 4.0f * o_v;
+          const float d = std::fma(dm_r[e], o_du, dc_r[e]);
+          dg_r[e] = d * ((g_v * der_sig[ki[e]]) * passed);
+          dg_r[H + e] = d * ((cp[e] * der_sig[kf[e]]) * passed);
+          dg_r[2 * H + e] = d * ((i_v * der_tanh[kg[e]]) * passed);
+          dg_r[3 * H + e] = dm_r[e] * (u_v * der_sig[ko[e]]);
+          dcf_r[e] = d * (f_v * passed);
+        }
+      }
+    });
+    dcf_in = dcf_out;
   }
-  return dcf;
+  return dcf_in;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1071,8 +1231,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward_finish", &lstm_backward_finish, "A backward chunk's u terms and masks (CPU)");
   m.def("lstm_backward_step", &lstm_backward_step, "One step of the backward recursion (CPU)");
   m.def("lstm_forward_steps", &lstm_forward_steps, "The steps of a forward chunk (CPU)");
-  m.def("lstm_rebuild_steps", &lstm_rebuild_steps, "The cell rebuild of a backward chunk (CPU)");
-  m.def("lstm_backward_steps", &lstm_backward_steps, "The recursion of a backward chunk (CPU)");
+  m.def("lstm_rebuild_chunk", &lstm_rebuild_chunk, "The cell rebuild of a backward chunk (CPU)");
+  m.def("lstm_backward_chunk", &lstm_backward_chunk, "The recursion of a backward chunk (CPU)");
   m.def("set_tanh_thresholds", &set_tanh_thresholds, "Code tanh by thresholds (CPU)");
   m.def("tanh_code_thresholds", &tanh_code_thresholds, "tanh's code thresholds of L levels");
   m.def("tanh_code", &tanh_code, "The codes of tanh(x) as the forward step gives them (CPU)");

@@ -149,7 +149,9 @@ def _self_check(module) -> str | None:
         for name, (got, want) in pairs.items():
             if not _same_bits(got, want):
                 return f"{name} differ from the aten step at bs={bs}, H={H}, levels={levels}"
-        reason = _check_backward_steps(module, bs, H, clip, g) or _check_gru_step(module, bs, H, levels, g)
+        reason = (_check_backward_steps(module, bs, H, clip, g)
+                  or check_backward_chunk(module, levels, bs, H, 3, clip, g)
+                  or _check_gru_step(module, bs, H, levels, g))
         if reason is not None:
             return reason
     return _check_tanh_codes(module, g) or _check_bfloat16_rows(module, g)
@@ -304,6 +306,68 @@ def _check_backward_steps(module, bs, H, clip, g) -> str | None:
     module.lstm_backward_step(dm, dc, odu, udo, p, f, got_dg, got_dcf)
     if not (_same_bits(got_dg, want_dg) and _same_bits(got_dcf, d * f)):
         return f"the backward recursion differs from the aten calls at bs={bs}, H={H}"
+    return None
+
+
+def check_backward_chunk(module, levels, bs, H, steps, clip, g, reverse=True) -> str | None:
+    """``lstm_rebuild_chunk`` and ``lstm_backward_chunk`` against the per-step kernels they replace
+    (lstm_backward_gather, lstm_rebuild_step, lstm_backward_finish, lstm_backward_step: checked
+    against the aten calls above) on one chunk of ``steps`` steps of [bs, H] rows: c_t before its
+    clamp, m = o u, the gate gradients and dc f. Random codes, c_first with NaN and infinities,
+    the reverse direction's row offsets by default; the recurrent product through aten's addmm."""
+    from .rnn_torch import StepTables
+
+    R = bs * steps
+    tables = StepTables(levels, torch.float32, "cpu")
+    val, der = tables.table("value", "sigmoid"), tables.table("deriv", "sigmoid")
+    b_da, a_db, ab = (tables.pair_table(name) for name in ("b_da", "a_db", "ab"))
+    codes = torch.randint(0, levels, (R, 4, H), generator=g, dtype=torch.uint8)
+    c_first = 3 * torch.randn(bs, H, generator=g)
+    c_first[0, 0], c_first[-1, -1], c_first[0, -1] = float("nan"), float("inf"), -float("inf")
+    offsets = [bs * (steps - 1 - j if reverse else j) for j in range(steps)]
+    w_t = 0.3 * torch.randn(4 * H, H, generator=g)  # W_hh: dh = dgates W_hh
+    dys = torch.randn(R, H, generator=g)
+    dm_last, dc_last = torch.randn(bs, H, generator=g), torch.randn(bs, H, generator=g)
+
+    f_v, d_f, ig, o_v, c_raw, c_all, o_du, u_do, m = (torch.empty(R, H) for _ in range(9))
+    p = torch.empty(3, R, H)
+    module.lstm_backward_gather(codes, val, der, b_da, a_db, ab, f_v, d_f, p[0], p[2], ig, o_v,
+                                levels)
+    c_prev = c_first
+    for o in offsets:
+        p[1, o:o + bs] = c_prev
+        c_t = torch.empty(bs, H)
+        module.lstm_rebuild_step(f_v[o:o + bs], ig[o:o + bs], p[1, o:o + bs], c_raw[o:o + bs], c_t,
+                                 c_all[o:o + bs], clip)
+        c_prev = c_t
+    want_raw = c_raw.clone()
+    module.lstm_backward_finish(codes, c_raw, c_all, o_v, d_f, p, f_v, b_da, ab, o_du, u_do, m,
+                                levels, clip)
+    want_dg = torch.empty(R, 4 * H)
+    dm, dc = dm_last, dc_last
+    for j in range(steps - 1, -1, -1):
+        o = offsets[j]
+        if j < steps - 1:
+            n = offsets[j + 1]
+            dm = torch.addmm(dys[o:o + bs], want_dg[n:n + bs], w_t)
+        dcf = torch.empty(bs, H)
+        module.lstm_backward_step(dm, dc, o_du[o:o + bs], u_do[o:o + bs], p[:, o:o + bs],
+                                  f_v[o:o + bs], want_dg[o:o + bs], dcf)
+        dc = dcf
+
+    got_raw, got_m = torch.empty(R, H), torch.empty(R, H)
+    k_u = torch.empty(R, H, dtype=torch.uint8)
+    module.lstm_rebuild_chunk(codes, c_first, offsets, bs, got_raw, got_m, k_u, levels, clip)
+    got_dg = torch.empty(R, 4 * H)
+    got_dcf = module.lstm_backward_chunk(
+        codes, k_u, got_raw, c_first, offsets, bs, dys, dm_last, dc_last, got_dg,
+        der, tables.table("deriv", "tanh"), w_t, None, None, None, None, levels, clip)
+    pairs = {"c before the clamp": (got_raw, want_raw), "m": (got_m, m),
+             "the gate gradients": (got_dg, want_dg), "dc f": (got_dcf, dc)}
+    for name, (got, want) in pairs.items():
+        if not _same_bits(got, want):
+            return (f"{name} of the chunk kernels differ from the step kernels' at levels={levels}, "
+                    f"bs={bs}, H={H}, steps={steps}, clip={clip}")
     return None
 
 

@@ -65,6 +65,20 @@ def test_fused_lstm_step_bit_identical_to_aten_step(fused, levels):
         assert (rows[:, :, H:] == 0xA5).all()  # padding untouched
 
 
+@pytest.mark.parametrize("levels", [2, 3, 64, 255, 256])
+def test_backward_chunk_kernels_bit_identical_to_step_kernels(fused, levels):
+    """lstm_rebuild_chunk and lstm_backward_chunk (the table terms computed inside the recursion)
+    give the per-step kernels' bits: c before its clamp, m, the gate gradients and dc f, in both
+    directions' row orders, with an active clamp (clip 0 too), NaN and infinities in the cell
+    state, and H and bs H that leave vector tails (the sigmoid's place in aten's one loop)."""
+    g = torch.Generator().manual_seed(levels)
+    for bs, H, steps, clip in [(1, 1, 1, math.inf), (3, 37, 3, 0.9), (16, 256, 5, math.inf),
+                               (4, 33, 4, 0.0), (5, 100, 2, 2.0)]:
+        for reverse in (True, False):
+            reason = rnn_cpu.check_backward_chunk(fused, levels, bs, H, steps, clip, g, reverse)
+            assert reason is None, reason
+
+
 @pytest.mark.parametrize("levels", [2, 3, 64, 256])
 def test_fused_gru_step_bit_identical_to_aten_step(fused, levels):
     """Codes, h_t and the kept pre-activations of the GRU step equal the aten step's, with r, z
@@ -118,9 +132,9 @@ def test_bfloat16_conversions_bit_identical_to_aten(fused, rows, n):
 
 @pytest.mark.parametrize("proj_size, autocast", [(0, False), (4, False), (0, True), (4, True)])
 def test_chunk_calls_bit_identical_to_step_calls(monkeypatch, fused, proj_size, autocast):
-    """A chunk's steps in one call (lstm_forward_steps, lstm_rebuild_steps, lstm_backward_steps)
-    give the bits of one call per step, with the reverse direction, a projection, bf16 products
-    and carried states."""
+    """A chunk's steps in one call (lstm_forward_steps) or two (lstm_rebuild_chunk and
+    lstm_backward_chunk, which compute the table terms inside the recursion) give the bits of one
+    call per step, with the reverse direction, a projection, bf16 products and carried states."""
     torch.manual_seed(0)
     module = DiscreteLSTM(6, 10, levels=64, bidirectional=True, chunk_size=3, proj_size=proj_size)
     P = proj_size or 10
@@ -153,6 +167,14 @@ def test_fused_lstm_step_checks_its_arguments(fused):
                                    1.0)
     with pytest.raises(RuntimeError, match="levels must be in"):
         fused.tanh_code(torch.zeros(4), 1)
+    with pytest.raises(RuntimeError, match="levels must be in"):
+        fused.lstm_rebuild_chunk(codes, c, [0], 2, c.clone(), c.clone(), k_u, 300, 1.0)
+    with pytest.raises(RuntimeError, match="outside the chunk"):
+        fused.lstm_rebuild_chunk(codes, c, [1], 2, c.clone(), c.clone(), k_u, 64, 1.0)
+    with pytest.raises(RuntimeError, match="deriv_tanh must be"):
+        fused.lstm_backward_chunk(codes, k_u, c, c, [0], 2, c, c, c, torch.empty(2, 32),
+                                  torch.zeros(64), torch.zeros(63), torch.zeros(32, 8), None, None,
+                                  None, None, 64, 1.0)
 
 
 def _run(module, x, hx, lengths, autocast=False):
@@ -195,13 +217,14 @@ def test_layers_bit_identical_with_and_without_fused_step(monkeypatch, fused, kw
           torch.randn(layers, 4, 10, generator=g).to(dtype).requires_grad_())
     lengths = torch.tensor(lengths) if lengths is not None else None
 
-    # Chunks whose steps have one batch size run in one call (*_steps); with lengths, the chunks
-    # where the batch shrinks run step by step.
+    # Chunks whose steps have one batch size run in one call (forward) or two (backward: the
+    # *_chunk kernels); with lengths, the chunks where the batch shrinks run step by step.
     expected = {"lstm_forward_steps"} | ({"lstm_forward_step"} if lengths is not None else set())
     if kwargs.get("grad", "code") == "code":  # grad="exact" keeps the aten backward
-        expected |= {"lstm_backward_gather", "lstm_rebuild_steps", "lstm_backward_finish",
-                     "lstm_backward_step", "lstm_backward_steps"}
-        expected |= {"lstm_rebuild_step"} if lengths is not None else set()
+        expected |= {"lstm_rebuild_chunk", "lstm_backward_chunk"}
+        if lengths is not None:
+            expected |= {"lstm_backward_gather", "lstm_rebuild_step", "lstm_backward_finish",
+                         "lstm_backward_step"}
     _assert_fused_changes_no_bit(monkeypatch, fused, lambda: _run(module, x, hx, lengths, autocast),
                                  expected)
 
