@@ -155,7 +155,7 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     acc = compute_dtype(dtype)
     B, P = h0.shape
     H = c0.shape[1]
-    step = rnn_torch.LSTMForwardStep(cfg.tables(dtype, device), B, H, device, cfg.cell_clip)
+    step = None  # the aten step (and its buffers), built where a chunk runs step by step
     y = torch.empty(layout.total_rows, P, dtype=dtype, device=device)
     h_n = torch.empty(B, P, dtype=dtype, device=device)
     c_n = torch.empty(B, H, dtype=acc, device=device)
@@ -218,6 +218,9 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
                 c_in = step_input(c_prev, prev_bs, bs, c_init)
                 if j == 0 and first:
                     checkpoints.append(c_in if c_in is c_prev else c_in.clone())
+                if step is None:
+                    step = rnn_torch.LSTMForwardStep(cfg.tables(dtype, device), B, H, device,
+                                                     cfg.cell_clip)
                 v = step.rows(bs)
                 gates = v.gates if pres is None else pres[j]  # the same [bs, 4H] layout
                 if dtype == acc:
@@ -278,7 +281,6 @@ def _lstm_backward_chunked(
     cfg = ctx.cfg
     store, layout, sizes = cfg.store, cfg.layout, cfg.layout.batch_sizes
     dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
-    tables = cfg.tables(dtype, device)
     H, P = c0.shape[1], h0.shape[1]
     # A bf16/fp16 layer (under autocast, or with such parameters) runs backward's matrix products
     # in its dtype, as torch's backward does; the recursion and the sums stay in acc.
@@ -345,6 +347,7 @@ def _lstm_backward_chunked(
             c_b = torch.zeros(n_b, H, dtype=acc, device=device)
             n = min(n_b, psizes[0])
             c_b[:n] = checkpoints[k - 1][:n]
+            tables = cfg.tables(dtype, device)
             u_b = _lstm_u_codes(tables, torch.tanh(c_b))
             o_b = tables.lookup("value", SIG, before[:, 3])
             m_before = as_output(o_b * tables.lookup("value", TANH, u_b))
@@ -369,11 +372,12 @@ def _lstm_backward_chunked(
             dm = dh if w_hr_a is None else dh @ w_hr_a
             pend_dcf = fused.lstm_backward_chunk(
                 codes, k_u, c_raw, c_first, offsets, bs, dys, dm, dc, dgates,
-                tables.table("deriv", SIG), tables.table("deriv", TANH), recurrent_t.weight_t,
+                *rnn_cpu.derivative_tables(cfg.levels), recurrent_t.weight_t,
                 recurrent_t.packed, recurrent_t.panels, dhs, w_hr_a, cfg.levels, clip)
             pend_dg, pend_bs = dgates[offsets[0]:offsets[0] + bs].clone(), bs
             del codes, before, c_raw, k_u, dh, dc, dm, dys
         else:
+            tables = cfg.tables(dtype, device)
             # What the gate gradients need, for the whole chunk, gathered from tables of the codes'
             # values, derivatives and products of two codes' (i and g; o and u):
             # p = [g d_i, c_prev d_f, i d_g] plane by plane, o d_u, u d_o, m = o u, i g. With

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .codec_torch import torch_pack, torch_unpack
+from .codec_torch import torch_code_derivative, torch_pack, torch_unpack
 
 ENABLED = os.environ.get("DISCRNN_FUSED_CPU", "1") != "0"
 # The layers run a chunk's steps in one call (lstm_forward_steps, ...) where its steps have one
@@ -309,6 +309,27 @@ def _check_backward_steps(module, bs, H, clip, g) -> str | None:
     return None
 
 
+_DERIVATIVE_TABLES: dict = {}
+
+
+def derivative_tables(levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The straight-through derivative tables [L] (sigmoid, tanh) of float32 layers on the CPU,
+    as ``StepTables.table("deriv", ...)`` builds them, built once per level count: the fused
+    backward's only tables (it decodes values by division), which per layer call cost about as
+    much as a short chunk's element-wise work. Real tensors whatever mode the caller is in (the
+    fused kernels only ever read real CPU tensors)."""
+    tables = _DERIVATIVE_TABLES.get(levels)
+    if tables is None:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), torch.inference_mode(False), torch.no_grad():
+            k = torch.arange(levels, device="cpu").to(torch.uint8)
+            tables = tuple(torch_code_derivative(k, levels, kind, torch.float32)
+                           for kind in ("sigmoid", "tanh"))
+        _DERIVATIVE_TABLES[levels] = tables
+    return tables
+
+
 def check_backward_chunk(module, levels, bs, H, steps, clip, g, reverse=True) -> str | None:
     """``lstm_rebuild_chunk`` and ``lstm_backward_chunk`` against the per-step kernels they replace
     (lstm_backward_gather, lstm_rebuild_step, lstm_backward_finish, lstm_backward_step: checked
@@ -361,7 +382,7 @@ def check_backward_chunk(module, levels, bs, H, steps, clip, g, reverse=True) ->
     got_dg = torch.empty(R, 4 * H)
     got_dcf = module.lstm_backward_chunk(
         codes, k_u, got_raw, c_first, offsets, bs, dys, dm_last, dc_last, got_dg,
-        der, tables.table("deriv", "tanh"), w_t, None, None, None, None, levels, clip)
+        *derivative_tables(levels), w_t, None, None, None, None, levels, clip)
     pairs = {"c before the clamp": (got_raw, want_raw), "m": (got_m, m),
              "the gate gradients": (got_dg, want_dg), "dc f": (got_dcf, dc)}
     for name, (got, want) in pairs.items():

@@ -79,6 +79,25 @@ def test_backward_chunk_kernels_bit_identical_to_step_kernels(fused, levels):
             assert reason is None, reason
 
 
+def test_derivative_tables_are_the_step_tables_and_real(monkeypatch):
+    """The fused backward's process-wide derivative tables are StepTables' bit for bit, and stay
+    real tensors when first built under FakeTensorMode or inference mode (they are kept)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    monkeypatch.setattr(rnn_cpu, "_DERIVATIVE_TABLES", {})
+    for levels, mode in [(2, FakeTensorMode()), (64, torch.inference_mode()), (256, None)]:
+        if mode is None:
+            got = rnn_cpu.derivative_tables(levels)
+        else:
+            with mode:
+                got = rnn_cpu.derivative_tables(levels)
+        tables = rnn_torch.StepTables(levels, torch.float32, "cpu")
+        for table, kind in zip(got, ("sigmoid", "tanh")):
+            assert not is_fake(table) and not table.is_inference()
+            assert _same_bits(table, tables.table("deriv", kind)), (levels, kind)
+        assert rnn_cpu.derivative_tables(levels) is got
+
+
 @pytest.mark.parametrize("levels", [2, 3, 64, 256])
 def test_fused_gru_step_bit_identical_to_aten_step(fused, levels):
     """Codes, h_t and the kept pre-activations of the GRU step equal the aten step's, with r, z
