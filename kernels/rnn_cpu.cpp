@@ -807,8 +807,10 @@ at::Tensor lstm_forward_steps(const at::Tensor& xproj, const std::vector<int64_t
 // u d_o, the clamp's mask) inside the recursion from the codes and the rebuilt cell, instead of
 // writing eleven [R, H] planes per chunk and reading them back: the chunk keeps c before its clamp,
 // m = o u and u's code. All [R, ...] arrays are in time order, step j's bs rows at row offsets[j];
-// c_first [bs, H]: c_{t-1} of step 0 (the chunk's checkpoint, or c_0). Tables as StepTables':
-// val_sig, der_sig [L]; pair tables [L * L] at a L + b.
+// c_first [bs, H]: c_{t-1} of step 0 (the chunk's checkpoint, or c_0). Level values come from
+// decode's division (codec_torch.torch_decode: one rounding, as StepTables' value tables) and a
+// pair table's entry is the product of two of them; only the derivative tables are looked up
+// (deriv_sig, deriv_tanh [L]: StepTables' "deriv").
 
 namespace {
 
@@ -843,8 +845,8 @@ ChunkRows chunk_codes(const at::Tensor& codes, int64_t R, int64_t H) {
 }  // namespace
 
 // The cell rebuild: per step raw = f c_prev + i g (two roundings) into raw_out, c_t = clamp(raw),
-// u's code (tanh_codes of c_t, row by row as lstm_backward_finish) into k_u_out and m = o u ("ab"
-// at o L + u) into m_out. Rows are independent: each thread takes whole rows through every step.
+// u's code (tanh_codes of c_t, row by row as lstm_backward_finish) into k_u_out and m = o u into
+// m_out. Rows are independent: each thread takes whole rows through every step.
 void lstm_rebuild_chunk(const at::Tensor& codes, const at::Tensor& c_first,
                         const std::vector<int64_t>& offsets, int64_t bs, const at::Tensor& raw_out,
                         const at::Tensor& m_out, const at::Tensor& k_u_out, int64_t levels,
@@ -879,7 +881,7 @@ void lstm_rebuild_chunk(const at::Tensor& codes, const at::Tensor& c_first,
         const uint8_t* ko = ki + 3 * k.k_qs;
         const float* cp = j == 0 ? cf.row(r) : c;  // read before written, element by element
         float* __restrict raw = rw.row(row);
-        // values by decode's division, i g as the "ab" table's product (see lstm_backward_chunk)
+        // i g: the "ab" table's entry, the product of the two values
         VECTORIZE
         for (int64_t e = 0; e < H; ++e) {
           const float f_v = static_cast<float>(kf[e]) / span;
@@ -990,9 +992,7 @@ at::Tensor lstm_backward_chunk(const at::Tensor& codes, const at::Tensor& k_u,
           for (int64_t e = 0; e < H; ++e) c_prev[e] = clamp_cell(cp_raw[e], clip);
           cp = c_prev;
         }
-        // The level values by decode's division (codec_torch.torch_decode: one rounding, as the
-        // value tables), the pair tables' entries as their one product: no lookups but the
-        // derivatives'.
+        // the pair tables' entries "b_da" (g d_i, u d_o) and "a_db" (i d_g) as their one product
         VECTORIZE
         for (int64_t e = 0; e < H; ++e) {
           const float passed = std::abs(rw_r[e]) <= clip ? 1.0f : 0.0f;
