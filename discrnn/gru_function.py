@@ -257,7 +257,7 @@ class GRULayerFunction(torch.autograd.Function):
         dtype = x.dtype
         hidden = w_hh.shape[1]
         store = CodeStore(layout, rnn_torch.GRU_CODES, hidden, cfg.bits, x.device, ops)
-        keep_codes = any(ctx.needs_input_grad) or cfg.read_by_next_layer
+        keep_codes = (cfg.records_graph and any(ctx.needs_input_grad)) or cfg.read_by_next_layer
         codes_data = store.new_buffer() if keep_codes else torch.empty(0, dtype=torch.uint8, device=x.device)
         # grad="exact" also keeps the pre-activations of r, z, n: [rows, 3H] in the compute dtype.
         preact = None

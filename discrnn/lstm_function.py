@@ -526,8 +526,9 @@ class LSTMLayerFunction(torch.autograd.Function):
         dtype = x.dtype
         hidden = w_hh.shape[1] if w_hr is None else w_hr.shape[1]
         store = CodeStore(layout, rnn_torch.LSTM_CODES, hidden, cfg.bits, x.device, ops)
-        # Nothing is kept when no input needs a gradient (inference, e.g. streaming).
-        keep_codes = any(ctx.needs_input_grad) or cfg.read_by_next_layer
+        # Nothing is kept when no input needs a gradient or autograd records no graph (inference,
+        # e.g. streaming, under torch.no_grad or inference_mode).
+        keep_codes = (cfg.records_graph and any(ctx.needs_input_grad)) or cfg.read_by_next_layer
         codes_data = store.new_buffer() if keep_codes else torch.empty(0, dtype=torch.uint8, device=x.device)
         # grad="exact" also keeps the gate pre-activations, [rows, 4H] in the compute dtype.
         preact = None

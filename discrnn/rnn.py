@@ -605,6 +605,7 @@ class _DiscreteRNNBase(nn.RNNBase):
                                   bool(direction), ops, input_source=source, grad=grad,
                                   cell_clip=cell_clip)
                 cfg.read_by_next_layer = read_by_next
+                cfg.records_graph = torch.is_grad_enabled()
                 if self._n_states == 2:
                     b = b_ih + b_hh if self.bias else None
                     y, h_n, c_n, layer_codes, last_codes, c_state = LSTMLayerFunction.apply(

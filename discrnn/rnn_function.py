@@ -206,6 +206,10 @@ class LayerConfig:
         # Set by the stack: the next layer's backward rebuilds its input from this layer's codes,
         # so they are kept even where this layer's own inputs need no gradient.
         self.read_by_next_layer = False
+        # Set by the stack: False where autograd records no graph of the call (the module run under
+        # torch.no_grad or inference_mode), so that no backward reads its codes; a Function's
+        # needs_input_grad says only which inputs require grad, whatever the grad mode.
+        self.records_graph = True
         self.output_rows = None
         self.chunked = _is_torch_ops(ops)  # the chunked torch path (see the module docstring)
         self.table_cache = TableCache(levels)

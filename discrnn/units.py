@@ -39,9 +39,11 @@ class DiscreteActivationFunction(torch.autograd.Function):
     """y = level value of f(x), f in {tanh, sigmoid}; dy/dx = f'(x) (exact) or bin-mean f' (code)."""
 
     @staticmethod
-    def forward(ctx, x, levels, kind, grad, backend):
+    def forward(ctx, x, levels, kind, grad, backend, records_graph=True):
+        # records_graph: whether autograd records this call (the caller's grad mode: inside
+        # forward it is always off, and needs_input_grad ignores it); no codes where it does not.
         bits = V.default_bits(levels)
-        keep_codes = grad == "code" and ctx.needs_input_grad[0]
+        keep_codes = grad == "code" and ctx.needs_input_grad[0] and records_graph
         if backend == "triton":
             packed, y = triton_codec.triton_quantize_pack(
                 _flat(x), levels, kind, bits, activation=True, values_dtype=x.dtype,
@@ -67,7 +69,7 @@ class DiscreteActivationFunction(torch.autograd.Function):
         if ctx.grad == "exact":
             acc = ref.compute_dtype(saved.dtype)
             dx = (dy.to(acc) * ref.torch_exact_derivative(saved, ctx.kind)).to(saved.dtype)
-            return dx, None, None, None, None
+            return dx, None, None, None, None, None
         n = ctx.shape.numel()
         if ctx.backend == "triton":
             dx = triton_codec.triton_code_grad(
@@ -78,7 +80,7 @@ class DiscreteActivationFunction(torch.autograd.Function):
             acc = ref.compute_dtype(dy.dtype)
             dx = dy.reshape(-1).to(acc) * ref.torch_code_derivative(codes, ctx.levels, ctx.kind, acc)
             dx = dx.to(dy.dtype)
-        return dx.view(ctx.shape), None, None, None, None
+        return dx.view(ctx.shape), None, None, None, None, None
 
 
 def discrete_activation(
@@ -94,7 +96,7 @@ def discrete_activation(
     levels, kind = V.check_levels(levels), V.check_kind(kind)
     grad = V.check_grad_mode(grad)
     backend = resolve_backend(backend, x.device)
-    return DiscreteActivationFunction.apply(x, levels, kind, grad, backend)
+    return DiscreteActivationFunction.apply(x, levels, kind, grad, backend, torch.is_grad_enabled())
 
 
 def discrete_tanh(x: torch.Tensor, levels: int, *, grad: str = "exact", backend: str | None = None):

@@ -494,13 +494,25 @@ def test_truncated_bptt_with_packed_state(cls):
 
 
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
-def test_inference_keeps_no_codes(cls):
-    module = cls(4, 8, levels=64)
+def test_inference_keeps_no_codes(cls, monkeypatch):
+    """Under torch.no_grad and inference_mode nothing is saved and no code buffer is even made
+    (the layer Functions' needs_input_grad says True there: the parameters require grad)."""
+    from discrnn.rnn_function import CodeStore
+
+    module = cls(4, 8, levels=64, num_layers=2)
     x = torch.randn(50, 2, 4)
-    saved = []
-    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        module(x)
-    assert saved == []
+    buffers = []
+    new_buffer = CodeStore.new_buffer
+    monkeypatch.setattr(CodeStore, "new_buffer", lambda self: buffers.append(1) or new_buffer(self))
+    for mode in (torch.no_grad, torch.inference_mode):
+        saved = []
+        with mode(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                              lambda t: t):
+            module(x)
+        assert saved == []
+    assert buffers == []
+    module(x)[0].sum().backward()  # with a graph: one buffer per layer
+    assert len(buffers) == 2
 
 
 def test_packed_state_errors():

@@ -128,6 +128,28 @@ def test_code_mode_keeps_only_packed_codes(backend, levels, bits):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_code_mode_packs_nothing_without_a_graph(monkeypatch, backend):
+    """Under torch.no_grad / inference_mode, grad="code" packs no codes (no backward can read
+    them), though x requires grad; the values are the same."""
+    from discrnn import units
+
+    packed = []
+    torch_pack, quantize_pack = units.ref.torch_pack, units.triton_codec.triton_quantize_pack
+    monkeypatch.setattr(units.ref, "torch_pack", lambda *a: packed.append(1) or torch_pack(*a))
+    monkeypatch.setattr(units.triton_codec, "triton_quantize_pack",
+                        lambda *a, **k: packed.append(k["want_packed"]) or quantize_pack(*a, **k))
+    x = torch.randn(37, 29, requires_grad=True)
+    want = discrete_tanh(x, 64, grad="code", backend=backend)
+    assert packed in ([1], [True])
+    for mode in (torch.no_grad, torch.inference_mode):
+        packed.clear()
+        with mode():
+            y = discrete_tanh(x, 64, grad="code", backend=backend)
+        assert packed in ([], [False]), mode
+        assert torch.equal(y, want.detach())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_nan_and_inf(backend):
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.3], requires_grad=True)
     y = discrete_tanh(x, 16, backend=backend)
