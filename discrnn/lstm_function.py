@@ -90,15 +90,31 @@ def _lstm_output_rows_fn_tables(cfg, store, dtype, w_hr):
     """As :func:`_lstm_output_rows_fn` for the torch path, decoding by the layer's lookup tables
     and rebuilding c with the forward step's arithmetic (bit-identical)."""
     layout, chunk, cell_clip = cfg.layout, cfg.chunk, cfg.cell_clip  # not cfg: see above
-    table_cache = cfg.table_cache
+    table_cache, levels = cfg.table_cache, cfg.levels
     H, acc = store.hidden, compute_dtype(dtype)
 
     def output_rows(tensors, first, last):
         data, c_init, s0, c = _rebuild_start(layout, chunk, tensors, first, acc)
-        tables = table_cache.tables(dtype, data.device)
         sizes = layout.proc_sizes(s0, last)
         R = sum(sizes)
         codes = store.read_rows(data, s0, last)[:, :, :H]  # [R, 4, H]: i, f, g, o
+        skip = sum(sizes[: first - s0])
+        fused = None
+        if (data.device.type == "cpu" and acc == torch.float32 and rnn_cpu.CHUNK_CALLS
+                and all(bs == sizes[0] for bs in sizes)):
+            fused = rnn_cpu.fused_ops()
+        if fused is not None:
+            # One batch size: the backward chunk's rebuild kernel (the same bits; its other
+            # outputs, c before the clamp and u's codes, are not wanted here).
+            m = torch.empty(R, H, dtype=acc, device=data.device)
+            fused.lstm_rebuild_chunk(codes, c, list(range(0, R, sizes[0])), sizes[0],
+                                     torch.empty(R, H, dtype=acc, device=data.device), m,
+                                     torch.empty(R, H, dtype=torch.uint8, device=data.device),
+                                     levels, cell_clip)
+            del codes
+            m = m[skip:].to(dtype)
+            return m if w_hr is None else m @ w_hr.t()
+        tables = table_cache.tables(dtype, data.device)
         # One int32 index plane at a time: an inner layer's backward runs this once per chunk
         # beside its own chunk arrays, and the four planes at once were its largest temporaries.
         f_s = split_proc(tables.lookup("value", SIG, codes[:, 1]), sizes)
@@ -106,7 +122,6 @@ def _lstm_output_rows_fn_tables(cfg, store, dtype, w_hr):
         ig = tables.gather(tables.pair_table("ab"), i_g.view(-1), (R, H))
         del i_g
         ig_s = split_proc(ig, sizes)
-        skip = sum(sizes[: first - s0])
         t = torch.empty(R - skip, H, dtype=acc, device=data.device)  # tanh(c_t), steps first..
         t_s = split_proc(t, sizes[first - s0 :])
         for j, bs in enumerate(sizes):

@@ -213,13 +213,15 @@ def _run(module, x, hx, lengths, autocast=False):
     "kwargs, dtype, autocast, lengths",
     [
         (dict(num_layers=2, bidirectional=True, chunk_size=3), torch.float32, False, [20, 13, 20, 3]),
+        (dict(num_layers=2, bidirectional=True, chunk_size=3, cell_clip=0.5), torch.float32, False,
+         None),
         (dict(cell_clip=0.5, levels=256), torch.float32, False, None),
         (dict(proj_size=4, grad="exact", chunk_size=5), torch.float32, False, [20, 7, 11, 20]),
         (dict(num_layers=2), torch.bfloat16, False, None),
         (dict(num_layers=2, bidirectional=True, chunk_size=4), torch.float32, True,
          [20, 13, 20, 3]),
     ],
-    ids=["stack-packed", "clip-256", "proj-exact", "bf16", "autocast"],
+    ids=["stack-packed", "stack", "clip-256", "proj-exact", "bf16", "autocast"],
 )
 def test_layers_bit_identical_with_and_without_fused_step(monkeypatch, fused, kwargs, dtype,
                                                           autocast, lengths):
