@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .codec_torch import torch_code_derivative, torch_pack, torch_unpack
+from .codec_torch import torch_pack, torch_unpack
 
 ENABLED = os.environ.get("DISCRNN_FUSED_CPU", "1") != "0"
 # The layers run a chunk's steps in one call (lstm_forward_steps, ...) where its steps have one
@@ -322,10 +322,11 @@ def derivative_tables(levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     if tables is None:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+        from .rnn_torch import StepTables
+
         with unset_fake_temporarily(), torch.inference_mode(False), torch.no_grad():
-            k = torch.arange(levels, device="cpu").to(torch.uint8)
-            tables = tuple(torch_code_derivative(k, levels, kind, torch.float32)
-                           for kind in ("sigmoid", "tanh"))
+            step_tables = StepTables(levels, torch.float32, "cpu")
+            tables = tuple(step_tables.table("deriv", kind) for kind in ("sigmoid", "tanh"))
         _DERIVATIVE_TABLES[levels] = tables
     return tables
 
