@@ -14,7 +14,7 @@ from .rnn_function import (
     TANH,
     LayerConfig,
     CodeStore,
-    addmm_,
+    weight_grad_,
     StepProduct,
     backward_buffers,
     backward_gemm_dtype,
@@ -233,12 +233,12 @@ def _gru_backward_chunked(ctx, kept, h0, w_ih, w_hh, b_hh, codes_data, preact, d
         pend_dh, pend_z, pend_dgh = pend_dh.clone(), pend_z.clone(), pend_dgh.clone()
         del kk, z_v, dy_s, z_s, kk_s, dys
 
-        addmm_(d_w_hh, dg.t(), h_prev, gemm)
+        weight_grad_(d_w_hh, dg, h_prev, gemm)
         del h_prev
         if d_b_hh is not None:
             d_b_hh += dg.sum(0)
         torch.mul(dhs, a_n, out=dg.view(R, 3, H)[:, 2])  # dg is now d_gx
-        addmm_(d_w_ih, dg.t(), input_rows(ctx, cfg, kept, lo, hi).to(acc), gemm)
+        weight_grad_(d_w_ih, dg, input_rows(ctx, cfg, kept, lo, hi).to(acc), gemm)
         if d_b_ih is not None:
             d_b_ih += dg.sum(0)
         if dx is not None:
@@ -401,8 +401,8 @@ class GRULayerFunction(torch.autograd.Function):
                 )
                 recurrent_t.addmm_(dh_state[:bs], d_gh_s[j])
             del gh_n, gh_n_s
-            addmm_(d_w_ih, d_gx.t(), input_rows(ctx, cfg, kept, lo, hi).to(acc), gemm)
-            addmm_(d_w_hh, d_gh.t(), h_prev, gemm)
+            weight_grad_(d_w_ih, d_gx, input_rows(ctx, cfg, kept, lo, hi).to(acc), gemm)
+            weight_grad_(d_w_hh, d_gh, h_prev, gemm)
             if d_b_ih is not None:
                 d_b_ih += d_gx.sum(0)
                 d_b_hh += d_gh.sum(0)

@@ -31,7 +31,7 @@ from .rnn_function import (
     CodeStore,
     StepProduct,
     chunk_product,
-    addmm_,
+    weight_grad_,
     backward_buffers,
     backward_gemm_dtype,
     chunk_rows,
@@ -282,10 +282,10 @@ def _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m, input_t, lo, hi, d_w_
     # Tried and left: summing d W column-major (d W^T += rows^T dgates) made these products 12 %
     # faster alone (H=256, 512 rows, MKL) but not the layer (interleaved A/B, T=512: 236.0 against
     # 235.9 ms), and it raised bench_rnn's peak by 1.1 MiB.
-    addmm_(d_w_hh, dg.t(), h_prev, gemm)
-    addmm_(d_w_ih, dg.t(), input_rows(ctx, ctx.cfg, kept, lo, hi).to(dg.dtype), gemm)
+    weight_grad_(d_w_hh, dg, h_prev, gemm)
+    weight_grad_(d_w_ih, dg, input_rows(ctx, ctx.cfg, kept, lo, hi).to(dg.dtype), gemm)
     if d_w_hr is not None:
-        addmm_(d_w_hr, dhs.t(), m, gemm)
+        weight_grad_(d_w_hr, dhs, m, gemm)
     if dx is not None:
         input_t.mm(dg, out=dx[lo:hi])
 

@@ -34,6 +34,7 @@
 #include <cstring>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -76,7 +77,10 @@ __mmask16 column_mask(int64_t left) {
 // V: the vectors of the panel the tile computes, 3 but in the last panel of an N that is not a
 // multiple of 48, whose 16 or 32 columns would otherwise cost a whole panel's multiply-adds
 // (N = H = 256 in the LSTM's backward product: 6 panels' work for 5.33, 84 against 73 us).
-template <int Rows, int V = kPanelVectors>
+// KMajor: a's element (i, k) lies at a[k * lda + i] (a transposed operand, e.g. the gate
+// gradients of a weight gradient dgates^T @ rows, read where they lie instead of copied), else at
+// a[i * lda + k].
+template <int Rows, int V = kPanelVectors, bool KMajor = false>
 __attribute__((noinline)) void float_tile(const float* a, int64_t lda, const float* panel,
                                           int64_t K, const float* c, int64_t ldc, float* y,
                                           int64_t ldy, int64_t cols) {
@@ -87,7 +91,7 @@ __attribute__((noinline)) void float_tile(const float* a, int64_t lda, const flo
     __m512 b[V];
     for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(panel + k * kPanelCols + 16 * v);
     for (int i = 0; i < Rows; ++i) {
-      const __m512 ai = _mm512_set1_ps(a[i * lda + k]);
+      const __m512 ai = _mm512_set1_ps(KMajor ? a[k * lda + i] : a[i * lda + k]);
       for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(ai, b[v], acc[i][v]);
     }
   }
@@ -158,22 +162,14 @@ __attribute__((target("avx512bf16"), noinline)) void bf16_tile(const uint16_t* a
   }
 }
 
-// One panel's columns for all M rows: tiles of kTileRows rows, then one of the rest.
+// One tile of `rows` (1 .. kTileRows) rows.
 template <typename T, template <int> class Tile>
-void panel_rows(const T* a, int64_t lda, const T* panel, int64_t K, const T* c, int64_t ldc, T* y,
-                int64_t ldy, int64_t cols, int64_t M) {
-  int64_t m = 0;
-  for (; m + kTileRows <= M; m += kTileRows) {
-    Tile<kTileRows>::run(a + m * lda, lda, panel, K, c ? c + m * ldc : nullptr, ldc, y + m * ldy,
-                         ldy, cols);
-  }
-  const T* a_m = a + m * lda;
-  const T* c_m = c ? c + m * ldc : nullptr;
-  T* y_m = y + m * ldy;
-  switch (M - m) {
+void tile_of(int64_t rows, const T* a, int64_t lda, const T* panel, int64_t K, const T* c,
+             int64_t ldc, T* y, int64_t ldy, int64_t cols) {
+  switch (rows) {
 #define DISCRNN_TILE_CASE(R) \
   case R:                    \
-    Tile<R>::run(a_m, lda, panel, K, c_m, ldc, y_m, ldy, cols); \
+    Tile<R>::run(a, lda, panel, K, c, ldc, y, ldy, cols); \
     break;
     DISCRNN_TILE_CASE(1)
     DISCRNN_TILE_CASE(2)
@@ -182,9 +178,26 @@ void panel_rows(const T* a, int64_t lda, const T* panel, int64_t K, const T* c, 
     DISCRNN_TILE_CASE(5)
     DISCRNN_TILE_CASE(6)
     DISCRNN_TILE_CASE(7)
+    DISCRNN_TILE_CASE(8)
 #undef DISCRNN_TILE_CASE
     default:
       break;
+  }
+}
+
+// One panel's columns for all M rows: tiles of kTileRows rows, then one of the rest. Row m of a
+// starts at a + m * a_row (lda for a row-major a, 1 for a k-major one).
+template <typename T, template <int> class Tile>
+void panel_rows(const T* a, int64_t lda, int64_t a_row, const T* panel, int64_t K, const T* c,
+                int64_t ldc, T* y, int64_t ldy, int64_t cols, int64_t M) {
+  int64_t m = 0;
+  for (; m + kTileRows <= M; m += kTileRows) {
+    Tile<kTileRows>::run(a + m * a_row, lda, panel, K, c ? c + m * ldc : nullptr, ldc,
+                         y + m * ldy, ldy, cols);
+  }
+  if (m < M) {
+    tile_of<T, Tile>(M - m, a + m * a_row, lda, panel, K, c ? c + m * ldc : nullptr, ldc,
+                     y + m * ldy, ldy, cols);
   }
 }
 
@@ -211,6 +224,16 @@ struct FloatTile {
 };
 
 template <int Rows>
+struct KMajorFloatTile {
+  static void run(const float* a, int64_t lda, const float* panel, int64_t K, const float* c,
+                  int64_t ldc, float* y, int64_t ldy, int64_t cols) {
+    with_vectors(cols, [&](auto v) {
+      float_tile<Rows, decltype(v)::value, true>(a, lda, panel, K, c, ldc, y, ldy, cols);
+    });
+  }
+};
+
+template <int Rows>
 struct BFloat16Tile {
   static void run(const uint16_t* a, int64_t lda, const uint16_t* panel, int64_t K,
                   const uint16_t* c, int64_t ldc, uint16_t* y, int64_t ldy, int64_t cols) {
@@ -219,6 +242,51 @@ struct BFloat16Tile {
     });
   }
 };
+
+// Rows [g0, g1) kGroupRows at a time, all panels, of a product with a k-major a (float32): a weight gradient, whose K (the rows
+// it sums over, T B) runs to thousands. The sum runs in blocks of kKBlock k, each block's sum added
+// to the output (c, then y): a block's panel rows stay in L2 (a pass over all of K took 1.9x
+// MKL's time at K=4096) and the rounding error stays near MKL's (a running sum grows it with K).
+// a is copied a block of kGroupRows rows at a time into tiles' order: read where it lies, each
+// tile's k rows are lda apart (4H floats, a multiple of 4 KiB at H=256), too far for the
+// prefetcher, and share a handful of L1 sets.
+constexpr int64_t kKBlock = 512;
+constexpr int64_t kGroupRows = 8 * kTileRows;
+
+void k_major_rows(const float* a, int64_t lda, const float* panels, int64_t panel_size,
+                    int64_t K, const float* c, int64_t ldc, float* y, int64_t ldy, int64_t n,
+                    int64_t M, int64_t g0, int64_t g1) {
+  const int64_t P = (n + kPanelCols - 1) / kPanelCols;
+  thread_local std::vector<float> block_buffer;
+  block_buffer.resize(kKBlock * kGroupRows + 16);
+  float* a_block = block_buffer.data();  // [tile][k][kTileRows]
+  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kKBlock) {  // K = 0: y = c (or 0) once
+    const int64_t kc = std::min(kKBlock, K - k0);
+    for (int64_t g = g0; g < g1; g += kGroupRows) {
+      const int64_t tiles = (std::min(kGroupRows, M - g) + kTileRows - 1) / kTileRows;
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = a + (k0 + k) * lda + g;
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t rows = std::min<int64_t>(kTileRows, M - g - t * kTileRows);
+          const __mmask8 row_mask = static_cast<__mmask8>((1u << rows) - 1);
+          _mm256_storeu_ps(a_block + (t * kc + k) * kTileRows,
+                           _mm256_maskz_loadu_ps(row_mask, src + t * kTileRows));
+        }
+      }
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t m = g + t * kTileRows, rows = std::min<int64_t>(kTileRows, M - m);
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, n - n0);
+          float* y_mn = y + m * ldy + n0;
+          const float* c_mn = k0 > 0 ? y_mn : c ? c + m * ldc + n0 : nullptr;
+          tile_of<float, KMajorFloatTile>(rows, a_block + t * kc * kTileRows, kTileRows,
+                                          panels + p * panel_size + k0 * kPanelCols, kc, c_mn,
+                                          k0 > 0 ? ldy : ldc, y_mn, ldy, cols);
+        }
+      }
+    }
+  }
+}
 
 #endif  // CPU_CAPABILITY_AVX512
 
@@ -302,7 +370,9 @@ at::Tensor pack_panels(const at::Tensor& weight) {
 
 // a @ W^T (+ c) in W's dtype, W given by its panels and its N output columns; into out where
 // given (c may be out itself: each element is read before it is written). a [M, K], c and out
-// [M, N], all of W's dtype, unit stride along their last dimension.
+// [M, N], all of W's dtype, c and out of unit stride along their last dimension, a along its last
+// dimension or (float32 only) its first: a = g.t() for a row-major g [K, M] is read in place, so
+// a weight gradient acc += g^T @ rows is panel_linear(g.t(), pack_panels(rows.t()), .., acc, acc).
 at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n,
                         const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& out) {
   const at::ScalarType dtype = panels.scalar_type();
@@ -312,10 +382,14 @@ at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n
   TORCH_CHECK(panels.dim() == (is_float ? 3 : 4) && panels.size(2) == kPanelCols &&
                   panels.is_contiguous() && panels.size(0) == panel_count(n) && n > 0,
               "panel_linear: panels ", panels.sizes(), " are not pack_panels' of ", n, " columns");
-  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == dtype && (a.size(1) <= 1 || a.stride(1) == 1),
-              "panel_linear: a must be [M, K] ", dtype, " rows of unit stride, got ", a.sizes(),
-              " ", a.scalar_type());
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == dtype, "panel_linear: a must be [M, K] ", dtype,
+              ", got ", a.sizes(), " ", a.scalar_type());
   const int64_t M = a.size(0), K = a.size(1);
+  const bool k_major = !(K <= 1 || a.stride(1) == 1) && (M <= 1 || a.stride(0) == 1);
+  TORCH_CHECK(K <= 1 || a.stride(1) == 1 || (k_major && is_float),
+              "panel_linear: a must have unit stride along K", is_float ? " or M" : "",
+              ", got strides ", a.strides(), " for ", a.sizes());
+  const int64_t lda = k_major ? a.stride(1) : a.stride(0), a_row = k_major ? 1 : lda;
   TORCH_CHECK(is_float ? panels.size(1) == K : panels.size(1) == (K + 1) / 2,
               "panel_linear: a has ", K, " columns, the panels another K");
   auto check_rows = [&](const at::Tensor& t, const char* name) {
@@ -339,16 +413,28 @@ at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n
   // A panel is M K 48 multiply-adds; below ~64k per thread's share the threads cost more.
   const int64_t work = std::max<int64_t>(1, M * K * kPanelCols);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / work);
+  if (k_major) {  // threads split the rows (a weight's outputs: thousands), never a sum
+    const int64_t groups = (M + kGroupRows - 1) / kGroupRows;
+    const int64_t group_work = std::max<int64_t>(1, kGroupRows * K * n);
+    at::parallel_for(0, groups, std::max<int64_t>(1, (int64_t{1} << 16) / group_work),
+                     [&](int64_t i0, int64_t i1) {
+                       k_major_rows(a.data_ptr<float>(), lda, panels.data_ptr<float>(),
+                                    panel_size, K, c ? c->data_ptr<float>() : nullptr, ldc,
+                                    y.data_ptr<float>(), y.stride(0), n, M, i0 * kGroupRows,
+                                    std::min(M, i1 * kGroupRows));
+                     });
+    return y;
+  }
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, n - n0);
       if (is_float) {
-        panel_rows<float, FloatTile>(a.data_ptr<float>(), a.stride(0),
+        panel_rows<float, FloatTile>(a.data_ptr<float>(), lda, a_row,
                                      panels.data_ptr<float>() + p * panel_size, K,
                                      c ? c->data_ptr<float>() + n0 : nullptr, ldc,
                                      y.data_ptr<float>() + n0, y.stride(0), cols, M);
       } else {
-        panel_rows<uint16_t, BFloat16Tile>(bf16_data(a), a.stride(0),
+        panel_rows<uint16_t, BFloat16Tile>(bf16_data(a), lda, a_row,
                                            bf16_data(panels) + p * panel_size, K,
                                            c ? bf16_data(*c) + n0 : nullptr, ldc,
                                            bf16_data(y) + n0, y.stride(0), cols, M);

@@ -395,10 +395,16 @@ def check_backward_chunk(module, levels, bs, H, steps, clip, g, reverse=True) ->
 
 def _check_panel_products(module, dtype: torch.dtype) -> str | None:
     """None if ``panel_linear`` agrees with a float64 product here (to the rounding of its float32
-    sums, and of one bfloat16 rounding), else what differs. Shapes with row and column tails."""
+    sums, and of one bfloat16 rounding), else what differs. Shapes with row and column tails; in
+    float32 also a k-major a (a weight gradient's, summed in blocks) past one block and one group
+    of rows."""
     g = torch.Generator().manual_seed(0)
-    for M, K, N in ((16, 256, 100), (7, 33, 49), (1, 5, 1)):
-        a = torch.randn(M, K, generator=g).to(dtype)
+    shapes = [(16, 256, 100, False), (7, 33, 49, False), (1, 5, 1, False)]
+    if dtype == torch.float32:
+        shapes.append((70, 1030, 50, True))
+    for M, K, N, k_major in shapes:
+        a = torch.randn(K, M, generator=g).to(dtype).t() if k_major else \
+            torch.randn(M, K, generator=g).to(dtype)
         w = torch.randn(N, K, generator=g).to(dtype)
         c = torch.randn(M, N, generator=g).to(dtype)
         got = module.panel_linear(a, module.pack_panels(w), N, c).double()
@@ -407,7 +413,8 @@ def _check_panel_products(module, dtype: torch.dtype) -> str | None:
         if dtype == torch.bfloat16:
             bound = bound + exact.abs() * 2.0 ** -8
         if not bool(((got - exact).abs() <= bound + 1e-30).all()):
-            return f"panel_linear differs from the float64 product at M={M}, K={K}, N={N}"
+            return (f"panel_linear differs from the float64 product at M={M}, K={K}, N={N}"
+                    + (" (a k-major a)" if k_major else ""))
     return None
 
 

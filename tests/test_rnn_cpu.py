@@ -491,6 +491,81 @@ def test_panel_linear_same_bits_on_any_thread_count(dtype):
     assert torch.equal(one, two)
 
 
+# (M, K, N) of weight gradients g^T @ rows (M = out, K = the rows summed, N = in): M below, at and
+# past a tile of 8 and a group of 64 rows; K 0, 1 and below, at and past the blocks of 512; N with
+# last panels of 1-3 vectors.
+K_MAJOR_SHAPES = [(1, 1, 1), (7, 0, 5), (8, 511, 48), (13, 512, 49), (64, 513, 100),
+                  (70, 1100, 64), (1024, 368, 256), (129, 2049, 17)]
+
+
+@pytest.mark.parametrize("M, K, N", K_MAJOR_SHAPES)
+def test_panel_linear_k_major_a_weight_gradients(M, K, N):
+    """a = g.t() (a weight gradient's gate gradients, k-major) read in place: against the float64
+    product; up to one block of 512 k the bits of the row-major a (the same sum), past it block
+    sums; the same bits on any thread count; acc += g^T rows in place."""
+    ops = _panels(torch.float32)
+    gen = torch.Generator().manual_seed(M * 7 + K * 3 + N)
+    grads = torch.randn(K, M, generator=gen)
+    rows = torch.randn(K, N, generator=gen)
+    c = torch.randn(M, N, generator=gen)
+    panels = ops.pack_panels(rows.t())
+    a = grads.t()
+    assert a.stride(0) == 1 or M == 1
+    got = ops.panel_linear(a, panels, N, c)
+    _assert_product_close(got, a, rows.t(), c, torch.float32)
+    row_major = ops.panel_linear(a.contiguous(), panels, N, c)
+    if K <= 512:
+        assert torch.equal(got, row_major)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.panel_linear(a, panels, N, c)
+        torch.set_num_threads(2)
+        two = ops.panel_linear(a, panels, N, c)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, got) and torch.equal(two, got)
+    acc = c.clone()
+    assert ops.panel_linear(a, panels, N, acc, acc) is acc
+    assert torch.equal(acc, got)
+    _assert_product_close(ops.panel_linear(a, panels, N), a, rows.t(), None, torch.float32)
+
+
+def test_panel_linear_k_major_a_is_float32_only():
+    ops = _panels(torch.float32)
+    if not rnn_cpu._built().panel_products_supported(torch.bfloat16):
+        pytest.skip("no bfloat16 panel products on this CPU")
+    g = torch.randn(30, 8).bfloat16()
+    panels = ops.pack_panels(torch.randn(5, 30).bfloat16())
+    with pytest.raises(RuntimeError, match="a must have unit stride along K, got strides"):
+        ops.panel_linear(g.t(), panels, 5)
+
+
+def test_weight_grad_on_panels_and_elsewhere(monkeypatch):
+    """rnn_function.weight_grad_: acc += grads^T rows on the panels (float32, the same bits as
+    panel_linear), torch.addmm where they do not run (float64, a product dtype, switched off)."""
+    from discrnn import rnn_function
+
+    ops = _panels(torch.float32)
+    gen = torch.Generator().manual_seed(8)
+    grads, rows = torch.randn(600, 96, generator=gen), torch.randn(600, 40, generator=gen)
+    acc0 = torch.randn(96, 40, generator=gen)
+    acc = acc0.clone()
+    assert rnn_function.weight_grad_(acc, grads, rows) is acc
+    assert torch.equal(acc, ops.panel_linear(grads.t(), ops.pack_panels(rows.t()), 40, acc0))
+    _assert_product_close(acc, grads.t(), rows.t(), acc0, torch.float32)
+    acc64 = acc0.double()
+    rnn_function.weight_grad_(acc64, grads.double(), rows.double())
+    assert torch.equal(acc64, acc0.double().addmm(grads.double().t(), rows.double()))
+    acc = acc0.clone()
+    rnn_function.weight_grad_(acc, grads, rows, torch.bfloat16)
+    assert torch.equal(acc, acc0 + grads.t().bfloat16() @ rows.bfloat16())
+    monkeypatch.setattr(rnn_function, "PANEL_STEP_PRODUCTS", False)
+    acc = acc0.clone()
+    rnn_function.weight_grad_(acc, grads, rows)
+    assert torch.equal(acc, acc0.addmm(grads.t(), rows))
+
+
 def test_panel_linear_checks_its_arguments():
     ops = _panels(torch.float32)
     a = torch.randn(4, 10)
