@@ -44,6 +44,7 @@ from .rnn_function import (
     split_proc,
     split_steps,
     step_input,
+    uniform_runs,
 )
 
 
@@ -100,18 +101,25 @@ def _lstm_output_rows_fn_tables(cfg, store, dtype, w_hr):
         codes = store.read_rows(data, s0, last)[:, :, :H]  # [R, 4, H]: i, f, g, o
         skip = sum(sizes[: first - s0])
         fused = None
-        if (data.device.type == "cpu" and acc == torch.float32 and rnn_cpu.CHUNK_CALLS
-                and all(bs == sizes[0] for bs in sizes)):
+        if data.device.type == "cpu" and acc == torch.float32 and rnn_cpu.CHUNK_CALLS:
             fused = rnn_cpu.fused_ops()
         if fused is not None:
-            # One batch size: the backward chunk's rebuild kernel (the same bits; its other
-            # outputs, c before the clamp and u's codes, are not wanted here).
+            # Each run of steps with one batch size through the backward chunk's rebuild kernel
+            # (the same bits; of its other outputs only the run's last c before the clamp is read,
+            # as the next run's c_{t-1}).
             m = torch.empty(R, H, dtype=acc, device=data.device)
-            fused.lstm_rebuild_chunk(codes, c, list(range(0, R, sizes[0])), sizes[0],
-                                     torch.empty(R, H, dtype=acc, device=data.device), m,
-                                     torch.empty(R, H, dtype=torch.uint8, device=data.device),
-                                     levels, cell_clip)
-            del codes
+            raw = torch.empty(R, H, dtype=acc, device=data.device)
+            k_u = torch.empty(R, H, dtype=torch.uint8, device=data.device)
+            starts = [sum(sizes[:j]) for j in range(len(sizes))]  # processing order, as codes
+            last_bs = sizes[0]
+            for j0, j1 in uniform_runs(sizes):
+                bs = sizes[j0]
+                c = step_input(c, last_bs, bs, c_init)
+                fused.lstm_rebuild_chunk(codes, c, starts[j0:j1], bs, raw, m, k_u, levels,
+                                         cell_clip)
+                o = starts[j1 - 1]
+                c, last_bs = torch.clamp(raw[o:o + bs], -cell_clip, cell_clip), bs
+            del codes, raw, k_u
             m = m[skip:].to(dtype)
             return m if w_hr is None else m @ w_hr.t()
         tables = table_cache.tables(dtype, data.device)
@@ -204,24 +212,30 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
         if b is not None:
             xproj += b
         psizes = [sizes[t] for t in steps]
-        if fused is not None and rnn_cpu.CHUNK_CALLS and all(bs == psizes[0] for bs in psizes):
-            # The chunk's steps in one call: the loop below in C++ (the same calls, without the
+        if fused is not None and rnn_cpu.CHUNK_CALLS:
+            # Each run of steps with one batch size (the whole chunk but where a packed batch
+            # shrinks or grows) in one call: the loop below in C++ (the same calls, without the
             # interpreter's overhead per step).
-            bs = psizes[0]
-            h_in = step_input(h_prev, prev_bs, bs, h0)
-            c_in = step_input(c_prev, prev_bs, bs, c_init)
-            if first:
-                checkpoints.append(c_in if c_in is c_prev else c_in.clone())
-            c_new = fused.lstm_forward_steps(
-                xproj, [layout.offsets[t] - lo for t in steps], bs, h_in, c_in,
-                recurrent.weight_t, recurrent.packed, recurrent.panels, y[lo:hi], w_hr_t, k_gate_rows[: hi - lo],
-                k_u_rows[: hi - lo], None if preact is None else preact[lo:hi], cfg.levels,
-                cfg.cell_clip)
-            j = len(steps) - 1  # the last step's rows: in y by time, in the codes by processing
-            out = y[layout.rows(steps[j])]
-            _lstm_finish_rows(finish[first + j], bs, out, c_new, k_gate_rows[j * bs:(j + 1) * bs],
-                              k_u_rows[j * bs:(j + 1) * bs], h_n, c_n, final_codes)
-            h_prev, c_prev, prev_bs = out, c_new, bs
+            code_lo = 0  # the run's first code row (the codes are in processing order)
+            for j0, j1 in uniform_runs(psizes):
+                bs = psizes[j0]
+                h_in = step_input(h_prev, prev_bs, bs, h0)
+                c_in = step_input(c_prev, prev_bs, bs, c_init)
+                if j0 == 0 and first:
+                    checkpoints.append(c_in if c_in is c_prev else c_in.clone())
+                code_hi = code_lo + (j1 - j0) * bs
+                c_new = fused.lstm_forward_steps(
+                    xproj, [layout.offsets[t] - lo for t in steps[j0:j1]], bs, h_in, c_in,
+                    recurrent.weight_t, recurrent.packed, recurrent.panels, y[lo:hi], w_hr_t,
+                    k_gate_rows[code_lo:code_hi], k_u_rows[code_lo:code_hi],
+                    None if preact is None else preact[lo:hi], cfg.levels, cfg.cell_clip)
+                # the run's last step's rows: in y by time, in the codes by processing
+                out = y[layout.rows(steps[j1 - 1])]
+                _lstm_finish_rows(finish[first + j1 - 1], bs, out, c_new,
+                                  k_gate_rows[code_hi - bs:code_hi], k_u_rows[code_hi - bs:code_hi],
+                                  h_n, c_n, final_codes)
+                h_prev, c_prev, prev_bs = out, c_new, bs
+                code_lo = code_hi
         else:
             xps = split_steps(xproj, cfg, steps, lo)
             outs = split_steps(y[lo:hi], cfg, steps, lo)
@@ -342,10 +356,9 @@ def _lstm_backward_chunked(
         R = hi - lo
         psizes = [sizes[t] for t in steps]
         codes, before = chunk_rows(store, codes_data, first, last)
-        # A chunk whose steps have one batch size runs in two calls (C++); the others step by step.
+        # Each run of steps with one batch size in two calls (C++), or every step on its own.
         offsets = [layout.offsets[t] - lo for t in steps]
-        one_call = (fused is not None and rnn_cpu.CHUNK_CALLS
-                    and all(bs == psizes[0] for bs in psizes))
+        one_call = fused is not None and rnn_cpu.CHUNK_CALLS
 
         def split(rows, dim=0):
             return split_steps(rows, cfg, steps, lo, dim)
@@ -370,27 +383,37 @@ def _lstm_backward_chunked(
         dys = torch.zeros(R, P, dtype=acc, device=device) if dy is None else dy[lo:hi].to(acc)
         dhs = torch.empty(R, P, dtype=acc, device=device) if w_hr is not None else None
         if one_call:
-            # The rebuild and the recursion in one call each (C++). They compute the table terms
-            # of the path below (chunks whose batch size changes; the aten path) inside the
+            # The rebuild and the recursion of each run in one call each (C++). They compute the
+            # table terms of the path below (the per-step kernels; the aten path) inside the
             # recursion, step by step, from the codes and c_t before its clamp: the chunk keeps two
             # float planes and u's codes where that path writes eleven planes and reads them back.
-            bs = psizes[0]
-            c_first = (c_init if k == 0 else checkpoints[k - 1])[:bs]
+            runs = uniform_runs(psizes)
             c_raw = torch.empty(R, H, dtype=acc, device=device)
             m_all = torch.empty(R, H, dtype=acc, device=device)
             k_u = torch.empty(R, H, dtype=torch.uint8, device=device)
-            fused.lstm_rebuild_chunk(codes, c_first, offsets, bs, c_raw, m_all, k_u, cfg.levels,
-                                     clip)
+            c_firsts = []  # c_{t-1} of each run's first step
+            last_bs = psizes[0]
+            c_last = (c_init if k == 0 else checkpoints[k - 1])[:last_bs]
+            for j0, j1 in runs:
+                bs = psizes[j0]
+                c_firsts.append(step_input(c_last, last_bs, bs, c_init))
+                fused.lstm_rebuild_chunk(codes, c_firsts[-1], offsets[j0:j1], bs, c_raw, m_all,
+                                         k_u, cfg.levels, clip)
+                o = offsets[j1 - 1]
+                if j1 < len(psizes):  # the next run's c_{t-1}: c_t, the clamp of raw
+                    c_last, last_bs = torch.clamp(c_raw[o:o + bs], -clip, clip), bs
             dgates = torch.empty(R, 4 * H, dtype=acc, device=device)
-            o = offsets[-1]
-            dh, dc = step_state_grads(bs, dys[o:o + bs], None if dhs is None else dhs[o:o + bs])
-            dm = dh if w_hr_a is None else dh @ w_hr_a
-            pend_dcf = fused.lstm_backward_chunk(
-                codes, k_u, c_raw, c_first, offsets, bs, dys, dm, dc, dgates,
-                *rnn_cpu.derivative_tables(cfg.levels), recurrent_t.weight_t,
-                recurrent_t.packed, recurrent_t.panels, dhs, w_hr_a, cfg.levels, clip)
-            pend_dg, pend_bs = dgates[offsets[0]:offsets[0] + bs].clone(), bs
-            del codes, before, c_raw, k_u, dh, dc, dm, dys
+            for (j0, j1), c_first in zip(reversed(runs), reversed(c_firsts)):
+                bs, o = psizes[j0], offsets[j1 - 1]
+                dh, dc = step_state_grads(bs, dys[o:o + bs],
+                                          None if dhs is None else dhs[o:o + bs])
+                dm = dh if w_hr_a is None else dh @ w_hr_a
+                pend_dcf = fused.lstm_backward_chunk(
+                    codes, k_u, c_raw, c_first, offsets[j0:j1], bs, dys, dm, dc, dgates,
+                    *rnn_cpu.derivative_tables(cfg.levels), recurrent_t.weight_t,
+                    recurrent_t.packed, recurrent_t.panels, dhs, w_hr_a, cfg.levels, clip)
+                pend_dg, pend_bs = dgates[offsets[j0]:offsets[j0] + bs].clone(), bs
+            del codes, before, c_raw, k_u, dh, dc, dm, dys, c_firsts, c_last
         else:
             tables = cfg.tables(dtype, device)
             # What the gate gradients need, for the whole chunk, gathered from tables of the codes'

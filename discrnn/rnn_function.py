@@ -241,6 +241,17 @@ def chunk_rows(store, data, first, last):
     return layout.to_time_order(rows, first, last)[:, :, :H], before
 
 
+def uniform_runs(sizes: list[int]) -> list[tuple[int, int]]:
+    """[j0, j1) spans of consecutive equal batch sizes (a chunk's steps in processing order): the
+    runs the chunk kernels take in one call each (one for an unpacked batch)."""
+    runs, j0 = [], 0
+    for j in range(1, len(sizes) + 1):
+        if j == len(sizes) or sizes[j] != sizes[j0]:
+            runs.append((j0, j))
+            j0 = j
+    return runs
+
+
 def step_input(prev, prev_bs, bs, init):
     """The state rows a step reads: the previous step's (a prefix where the batch shrinks), then
     ``init`` rows for rows that start at this step (the batch grows: the reverse direction)."""

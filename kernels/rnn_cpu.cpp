@@ -738,16 +738,16 @@ void check_offsets(const std::vector<int64_t>& offsets, int64_t bs, int64_t R) {
 
 }  // namespace
 
-// The steps of one forward chunk (_lstm_forward_chunked's inner loop), step j's bs rows starting
-// at row offsets[j] of the chunk's rows (steps in processing order, rows in time order) and at row
-// j bs of the codes (rows in processing order, as the code store keeps them).
+// Steps of one forward chunk with one batch size (_lstm_forward_chunked's inner loop), step j's bs
+// rows starting at row offsets[j] of the chunk's rows (steps in processing order, rows in time
+// order) and at row j bs of the codes (rows in processing order, as the code store keeps them).
 //   xproj    [R, 4H]: x W_ih^T + b, in the products' dtype
 //   h_in     [bs, P] the layer's dtype, c_in [bs, H] float32: the state the first step reads
 //   weight_t, packed, panels: the recurrent StepProduct (W_hh^T; oneDNN's packed W_hh or None;
 //            W_hh's panels or None)
 //   y        [R, P] the layer's dtype: the chunk's output rows (h_t)
 //   w_hr_t   [H, P] or None: the projection (proj_size)
-//   k_gates  [R, 4, H] uint8, k_u [R, H] uint8: the codes (lstm_forward_step)
+//   k_gates  [S bs, 4, H] uint8, k_u [S bs, H] uint8: the codes of the S steps (lstm_forward_step)
 //   preact   [R, 4H] float32 or None: receives the gate pre-activations (grad="exact")
 // Returns c of the last step (a tensor of its own: the next chunk's checkpoint).
 at::Tensor lstm_forward_steps(const at::Tensor& xproj, const std::vector<int64_t>& offsets,
@@ -762,7 +762,10 @@ at::Tensor lstm_forward_steps(const at::Tensor& xproj, const std::vector<int64_t
   check_offsets(offsets, bs, R);
   TORCH_CHECK(xproj.dim() == 2 && xproj.size(0) == R && xproj.size(1) == 4 * H,
               "xproj must be [", R, ", ", 4 * H, "], got ", xproj.sizes());
-  TORCH_CHECK(k_gates.size(0) == R && k_u.size(0) == R, "codes must have ", R, " rows");
+  const int64_t code_rows = static_cast<int64_t>(offsets.size()) * bs;
+  TORCH_CHECK(k_gates.size(0) == code_rows && k_u.size(0) == code_rows, "codes must have ",
+              code_rows, " rows (the steps' in processing order), got ", k_gates.size(0), " and ",
+              k_u.size(0));
   const StepProduct recurrent{weight_t, packed, panels};
   const at::ScalarType dtype = y.scalar_type();
   const bool exact_dtype = dtype == at::kFloat;

@@ -149,21 +149,27 @@ def test_bfloat16_conversions_bit_identical_to_aten(fused, rows, n):
         assert _same_bits(fused.add_bfloat16(c, got), torch.add(c, got))
 
 
+@pytest.mark.parametrize("lengths", [None, [11, 7, 11, 2, 4]], ids=["full", "packed"])
 @pytest.mark.parametrize("proj_size, autocast", [(0, False), (4, False), (0, True), (4, True)])
-def test_chunk_calls_bit_identical_to_step_calls(monkeypatch, fused, proj_size, autocast):
-    """A chunk's steps in one call (lstm_forward_steps) or two (lstm_rebuild_chunk and
-    lstm_backward_chunk, which compute the table terms inside the recursion) give the bits of one
-    call per step, with the reverse direction, a projection, bf16 products and carried states."""
+def test_chunk_calls_bit_identical_to_step_calls(monkeypatch, fused, proj_size, autocast, lengths):
+    """Each run of a chunk's steps with one batch size in one call (lstm_forward_steps) or two
+    (lstm_rebuild_chunk and lstm_backward_chunk, which compute the table terms inside the
+    recursion) gives the bits of one call per step, with the reverse direction, a projection, bf16
+    products, carried states and packed sequences (runs of 1-3 steps; the batch shrinks and, in
+    the reverse direction, grows within chunks and across them)."""
     torch.manual_seed(0)
-    module = DiscreteLSTM(6, 10, levels=64, bidirectional=True, chunk_size=3, proj_size=proj_size)
+    module = DiscreteLSTM(6, 10, levels=64, bidirectional=True, chunk_size=3, proj_size=proj_size,
+                          cell_clip=0.75)
     P = proj_size or 10
+    B = 4 if lengths is None else len(lengths)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(11, 4, 6, generator=g).requires_grad_()
-    hx = ((0.5 * torch.randn(2, 4, P, generator=g)).clamp(-1, 1).requires_grad_(),
-          torch.randn(2, 4, 10, generator=g).requires_grad_())
-    one_call = _run(module, x, hx, None, autocast)
+    x = torch.randn(11, B, 6, generator=g).requires_grad_()
+    hx = ((0.5 * torch.randn(2, B, P, generator=g)).clamp(-1, 1).requires_grad_(),
+          torch.randn(2, B, 10, generator=g).requires_grad_())
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    one_call = _run(module, x, hx, lengths, autocast)
     monkeypatch.setattr(rnn_cpu, "CHUNK_CALLS", False)
-    per_step = _run(module, x, hx, None, autocast)
+    per_step = _run(module, x, hx, lengths, autocast)
     for a, b in zip(one_call, per_step):
         assert _same_bits(a, b)
 
@@ -212,7 +218,8 @@ def _run(module, x, hx, lengths, autocast=False):
 @pytest.mark.parametrize(
     "kwargs, dtype, autocast, lengths",
     [
-        (dict(num_layers=2, bidirectional=True, chunk_size=3), torch.float32, False, [20, 13, 20, 3]),
+        (dict(num_layers=2, bidirectional=True, chunk_size=3, cell_clip=0.5), torch.float32, False,
+         [20, 13, 20, 3]),
         (dict(num_layers=2, bidirectional=True, chunk_size=3, cell_clip=0.5), torch.float32, False,
          None),
         (dict(cell_clip=0.5, levels=256), torch.float32, False, None),
@@ -238,14 +245,11 @@ def test_layers_bit_identical_with_and_without_fused_step(monkeypatch, fused, kw
           torch.randn(layers, 4, 10, generator=g).to(dtype).requires_grad_())
     lengths = torch.tensor(lengths) if lengths is not None else None
 
-    # Chunks whose steps have one batch size run in one call (forward) or two (backward: the
-    # *_chunk kernels); with lengths, the chunks where the batch shrinks run step by step.
-    expected = {"lstm_forward_steps"} | ({"lstm_forward_step"} if lengths is not None else set())
+    # Each run of steps with one batch size runs in one call (forward) or two (backward: the
+    # *_chunk kernels), with lengths too (the batch shrinks and grows within chunks).
+    expected = {"lstm_forward_steps"}
     if kwargs.get("grad", "code") == "code":  # grad="exact" keeps the aten backward
         expected |= {"lstm_rebuild_chunk", "lstm_backward_chunk"}
-        if lengths is not None:
-            expected |= {"lstm_backward_gather", "lstm_rebuild_step", "lstm_backward_finish",
-                         "lstm_backward_step"}
     _assert_fused_changes_no_bit(monkeypatch, fused, lambda: _run(module, x, hx, lengths, autocast),
                                  expected)
 
