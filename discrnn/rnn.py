@@ -63,6 +63,9 @@ from .rnn_state import PackedRNNState
 __all__ = ["DiscreteLSTM", "DiscreteGRU", "PackedRNNState", "DEFAULT_CELL_CLIP"]
 
 DEFAULT_CELL_CLIP = 8.0  # DiscreteLSTM keeps |c_t| <= cell_clip; see DiscreteLSTM
+# Layer dtypes whose CPU calls load the fused kernels (float32 arithmetic): their value check
+# takes the extension's one-call scan too (a float64 layer does not build it for that).
+_FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _TorchSteps:
@@ -384,10 +387,23 @@ class _DiscreteRNNBase(nn.RNNBase):
             for n, t in named:
                 torch._assert_async(torch.isfinite(t).all(), finite_msg.format(name=name, bad=n))
             return
-        flags = [V.all_finite(t) for _, t in named]
-        if h0 is not None:
-            flags.append(torch.logical_not((h0.abs() > 1).any()))
-        ok = torch.stack(flags).tolist()  # one device sync for all of them
+        scan = None
+        if (x_data.device.type == "cpu" and x_data.dtype in _FUSED_CPU_DTYPES
+                and all(t.device.type == "cpu" for _, t in named)):
+            scan = rnn_cpu.finite_scan()  # one C++ call where the layer's kernels are built
+        if scan is not None:
+            ok = [True] * len(named)
+            first_bad = scan.first_nonfinite([t for _, t in named])
+            if first_bad >= 0:
+                ok = [i < first_bad or (i > first_bad and bool(V.all_finite(t)))
+                      for i, (_, t) in enumerate(named)]
+            if h0 is not None:
+                ok.append(not bool((h0.abs() > 1).any()))
+        else:
+            flags = [V.all_finite(t) for _, t in named]
+            if h0 is not None:
+                flags.append(torch.logical_not((h0.abs() > 1).any()))
+            ok = torch.stack(flags).tolist()  # one device sync for all of them
         bad = [n for (n, _), good in zip(named, ok) if not good]
         if bad:
             raise ValueError(finite_msg.format(name=name, bad=", ".join(bad)))

@@ -1220,6 +1220,36 @@ at::Tensor tanh_code(const at::Tensor& x, int64_t levels) {
   return k;
 }
 
+// The index of the first of `tensors` (CPU) holding a NaN or an infinity, or -1: a layer call's
+// value check (discrnn.rnn's _check_values, check_finite) in one call, where aten's takes four
+// dispatched calls per tensor (about 0.15 ms for an LSTM layer's seven). Contiguous float32 by a
+// scan of the exponent bits; other floating dtypes and layouts through aten; integers are finite.
+int64_t first_nonfinite(const std::vector<at::Tensor>& tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.device().is_cpu(), "first_nonfinite: tensor ", i, " is on ", t.device(),
+                ", not the CPU");
+    if (t.numel() == 0 || !at::isFloatingType(t.scalar_type())) continue;
+    bool finite;
+    if (t.scalar_type() == at::kFloat && t.is_contiguous()) {
+      const float* p = t.data_ptr<float>();
+      const int64_t n = t.numel();
+      uint32_t bad = 0;
+      VECTORIZE
+      for (int64_t j = 0; j < n; ++j) {
+        uint32_t bits;
+        std::memcpy(&bits, p + j, sizeof(bits));
+        bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+      }
+      finite = bad == 0;
+    } else {
+      finite = at::isfinite(t).all().item<bool>();
+    }
+    if (!finite) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
 // The chunk loops' float32 <-> bfloat16 conversions, for rnn_cpu.py's self-check and the tests.
 void convert_rows(const at::Tensor& src, const at::Tensor& dst) { copy_rows(src, dst); }
 
@@ -1239,6 +1269,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_tanh_thresholds", &set_tanh_thresholds, "Code tanh by thresholds (CPU)");
   m.def("tanh_code_thresholds", &tanh_code_thresholds, "tanh's code thresholds of L levels");
   m.def("tanh_code", &tanh_code, "The codes of tanh(x) as the forward step gives them (CPU)");
+  m.def("first_nonfinite", &first_nonfinite,
+        "Index of the first tensor holding NaN or an infinity, or -1 (CPU)");
   m.def("convert_rows", &convert_rows, "dst.copy_(src), float32 <-> bfloat16 rows (CPU)");
   m.def("add_bfloat16", &add_bfloat16, "float32 + bfloat16 rows, as torch.add (CPU)");
   m.def("panel_products_supported", &panel_products_supported,

@@ -442,6 +442,47 @@ def panel_products(dtype: torch.dtype):
     return _state[key]
 
 
+def _check_finite_scan(module) -> str | None:
+    """None if ``first_nonfinite`` finds what torch.isfinite finds here: NaN and infinities at the
+    start, in the middle and in a vector tail of float32, in bfloat16 / float64 / strided tensors,
+    none in finite ones (the largest float32 among them) or in integers."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 17, 1000):
+        for where in sorted({0, n // 2, n - 1}):
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                    t = torch.randn(n, generator=g).to(dtype)
+                    t[where] = bad
+                    ok = torch.full((3,), torch.finfo(torch.float32).max)
+                    for tensors, want in (([ok, t], 1), ([t[::2] if n > 1 else t], 0
+                                          if where % 2 == 0 or n == 1 else -1),
+                                          ([ok, torch.arange(5), t.clone().fill_(1)], -1)):
+                        got = module.first_nonfinite(tensors)
+                        if got != want:
+                            return (f"first_nonfinite gave {got} where {want} is right "
+                                    f"(n={n}, {bad} at {where}, {dtype})")
+    return None
+
+
+def finite_scan():
+    """The extension module where its one-call NaN/Inf scan (``first_nonfinite``, the layers' value
+    check on CPU) is built and passes its check, else None (then the layers check with aten
+    calls). Independent of :func:`fused_ops`'s check of the element-wise kernels."""
+    module = _built() if ENABLED else None
+    if module is None:
+        return None
+    if "finite_scan" not in _state:
+        try:
+            reason = _check_finite_scan(module)
+        except Exception as exc:  # an older build without it, or one that raises
+            reason = f"failed its check ({type(exc).__name__}: {str(exc).strip()[:300]})"
+        if reason is not None:
+            warnings.warn(f"discrnn: the CPU NaN/Inf scan {reason}; the layers check with aten "
+                          "calls instead", RuntimeWarning, stacklevel=2)
+        _state["finite_scan"] = module if reason is None else None
+    return _state["finite_scan"]
+
+
 def _check_codec(module) -> str | None:
     """None if ``pack_codes`` / ``unpack_codes`` give codec_torch's streams and codes here."""
     g = torch.Generator().manual_seed(0)

@@ -437,6 +437,55 @@ def test_nan_input(cls):
         module(torch.randn(5, 2, 4))
 
 
+@pytest.mark.parametrize("scan", [True, False], ids=["one-call-scan", "aten"])
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_value_check_names_every_bad_tensor(monkeypatch, cls, scan):
+    """check_finite names every tensor holding NaN or an infinity (input, states, weights of any
+    layer) and no other, through the extension's one-call scan (CPU float32 layers) and through
+    aten calls alike."""
+    from discrnn.kernels import rnn_cpu
+
+    if scan and rnn_cpu.finite_scan() is None:
+        pytest.skip("no fused CPU kernels here (no compiler, or switched off)")
+    if not scan:
+        monkeypatch.setattr(rnn_cpu, "finite_scan", lambda: None)
+    scanned = []
+    real_scan = rnn_cpu.finite_scan
+
+    def spy():
+        module = real_scan()
+        scanned.append(module is not None)
+        return module
+
+    monkeypatch.setattr(rnn_cpu, "finite_scan", spy)
+    torch.manual_seed(0)
+    module = cls(4, 6, levels=64, num_layers=2)
+    x = torch.randn(5, 2, 4)
+    x[1, 0, 2] = float("inf")
+    with torch.no_grad():
+        module.weight_hh_l0[2, 3] = float("nan")
+        module.bias_ih_l1[0] = float("-inf")
+    hx = torch.zeros(2, 2, 6)
+    if cls is DiscreteLSTM:
+        c0 = torch.zeros(2, 2, 6)
+        c0[1, 1, 5] = float("nan")
+        hx = (hx, c0)
+    with pytest.raises(ValueError, match="expected finite values") as info:
+        module(x, hx)
+    message = str(info.value)
+    bad = ["input", "weight_hh_l0", "bias_ih_l1"] + (["hx (c_0)"] if cls is DiscreteLSTM else [])
+    for name in bad:
+        assert name in message
+    for name in ("weight_ih_l0", "weight_hh_l1", "bias_hh_l0", "hx (h_0)"):
+        assert name not in message
+    assert scanned and all(s == scan for s in scanned)
+    with torch.no_grad():  # mended: the layer runs
+        module.weight_hh_l0[2, 3] = 0.0
+        module.bias_ih_l1[0] = 0.0
+    x[1, 0, 2] = 0.0
+    module(x)
+
+
 # ---------------------------------------------------------------------------------------------
 # Packed state: streaming and truncated BPTT
 

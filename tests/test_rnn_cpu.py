@@ -570,6 +570,30 @@ def test_weight_grad_on_panels_and_elsewhere(monkeypatch):
     assert torch.equal(acc, acc0.addmm(grads.t(), rows))
 
 
+def test_first_nonfinite_finds_what_isfinite_finds(fused):
+    """The layers' one-call NaN/Inf scan (finite_scan; its load check passes here) against
+    torch.isfinite: float32 vectors and tails, other dtypes, strided and empty tensors, integers;
+    the first bad tensor's index, -1 for none; CPU tensors only."""
+    scan = rnn_cpu.finite_scan()
+    assert scan is not None and rnn_cpu._check_finite_scan(scan) is None
+    g = torch.Generator().manual_seed(9)
+    big = torch.randn(1000, 33, generator=g)
+    tensors = [big, torch.empty(0), torch.arange(7), big.t(), big.double(), big.bfloat16(),
+               big[:, 1:]]
+    assert scan.first_nonfinite(tensors) == -1
+    for i in (0, 3, 4, 5, 6):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for where in ((0, 0), (-1, -1), (16, 17)):
+                ts = [t.clone() if k == i else t for k, t in enumerate(tensors)]
+                ts[i][where] = bad
+                want = i if ts[i].isfinite().all() == 0 else -1
+                assert scan.first_nonfinite(ts) == want, (i, bad, where)
+    huge = torch.full((100,), torch.finfo(torch.float32).max)
+    assert scan.first_nonfinite([huge, -huge]) == -1
+    with pytest.raises(RuntimeError, match="not the CPU"):
+        scan.first_nonfinite([torch.zeros(2, device="meta")])
+
+
 def test_panel_linear_checks_its_arguments():
     ops = _panels(torch.float32)
     a = torch.randn(4, 10)
