@@ -414,11 +414,11 @@ def weight_grad_(acc: torch.Tensor, grads: torch.Tensor, rows: torch.Tensor,
     ``grads`` [R, out] (the gate gradients) and ``rows`` [R, in] (the inputs the weight read), the
     product in ``gemm`` when given (see :func:`addmm_`).
 
-    A float32 product on a CPU with the panel products (see :class:`StepProduct`) runs there,
-    ``grads`` read in place and ``rows`` packed into panels: 0.71-0.95x torch.addmm's (MKL's)
-    time for the LSTM's gradients at H = 256-1024 and 368-2048 rows on one thread of the 2-core
-    AMD EPYC (kernels/panel_gemm.cpp), summed in blocks of 512 rows, so its rounding error is
-    MKL's order. Elsewhere torch.addmm."""
+    A float32 product on a CPU with the panel products (see :class:`StepProduct`) runs there
+    (``panel_weight_grad``, kernels/panel_gemm.cpp: ``grads`` read in place, ``rows`` packed 512
+    at a time, summed in blocks of 512 rows, so its rounding error is MKL's order): 0.71-0.95x
+    torch.addmm's (MKL's) time for the LSTM's gradients at H = 256-1024 and 368-2048 rows on one
+    thread of the 2-core AMD EPYC. Elsewhere torch.addmm."""
     if (gemm is None and PANEL_STEP_PRODUCTS and acc.device.type == "cpu"
             and acc.dtype == grads.dtype == rows.dtype == torch.float32
             and acc.stride(-1) == 1 and grads.stride(-1) == 1 and acc.dim() == 2):
@@ -426,8 +426,7 @@ def weight_grad_(acc: torch.Tensor, grads: torch.Tensor, rows: torch.Tensor,
 
         module = rnn_cpu.panel_products(torch.float32)
         if module is not None:
-            return module.panel_linear(grads.t(), module.pack_panels(rows.t()), acc.shape[1],
-                                       acc, acc)
+            return module.panel_weight_grad(acc, grads, rows)
     return addmm_(acc, grads.t(), rows, gemm)
 
 

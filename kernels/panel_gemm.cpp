@@ -185,18 +185,17 @@ void tile_of(int64_t rows, const T* a, int64_t lda, const T* panel, int64_t K, c
   }
 }
 
-// One panel's columns for all M rows: tiles of kTileRows rows, then one of the rest. Row m of a
-// starts at a + m * a_row (lda for a row-major a, 1 for a k-major one).
+// One panel's columns for all M rows: tiles of kTileRows rows, then one of the rest.
 template <typename T, template <int> class Tile>
-void panel_rows(const T* a, int64_t lda, int64_t a_row, const T* panel, int64_t K, const T* c,
-                int64_t ldc, T* y, int64_t ldy, int64_t cols, int64_t M) {
+void panel_rows(const T* a, int64_t lda, const T* panel, int64_t K, const T* c, int64_t ldc, T* y,
+                int64_t ldy, int64_t cols, int64_t M) {
   int64_t m = 0;
   for (; m + kTileRows <= M; m += kTileRows) {
-    Tile<kTileRows>::run(a + m * a_row, lda, panel, K, c ? c + m * ldc : nullptr, ldc,
-                         y + m * ldy, ldy, cols);
+    Tile<kTileRows>::run(a + m * lda, lda, panel, K, c ? c + m * ldc : nullptr, ldc, y + m * ldy,
+                         ldy, cols);
   }
   if (m < M) {
-    tile_of<T, Tile>(M - m, a + m * a_row, lda, panel, K, c ? c + m * ldc : nullptr, ldc,
+    tile_of<T, Tile>(M - m, a + m * lda, lda, panel, K, c ? c + m * ldc : nullptr, ldc,
                      y + m * ldy, ldy, cols);
   }
 }
@@ -243,46 +242,42 @@ struct BFloat16Tile {
   }
 };
 
-// Rows [g0, g1) kGroupRows at a time, all panels, of a product with a k-major a (float32): a weight gradient, whose K (the rows
-// it sums over, T B) runs to thousands. The sum runs in blocks of kKBlock k, each block's sum added
-// to the output (c, then y): a block's panel rows stay in L2 (a pass over all of K took 1.9x
-// MKL's time at K=4096) and the rounding error stays near MKL's (a running sum grows it with K).
-// a is copied a block of kGroupRows rows at a time into tiles' order: read where it lies, each
-// tile's k rows are lda apart (4H floats, a multiple of 4 KiB at H=256), too far for the
-// prefetcher, and share a handful of L1 sets.
+// A weight gradient's sum over K rows (T B: thousands) runs in blocks of kKBlock k, each block's
+// sum added to the gradient: a block's panels stay in L2 (one pass over all of K took 1.9x MKL's
+// time at K=4096) and the rounding error stays near MKL's (a running sum grows it with K).
 constexpr int64_t kKBlock = 512;
 constexpr int64_t kGroupRows = 8 * kTileRows;
 
-void k_major_rows(const float* a, int64_t lda, const float* panels, int64_t panel_size,
-                    int64_t K, const float* c, int64_t ldc, float* y, int64_t ldy, int64_t n,
-                    int64_t M, int64_t g0, int64_t g1) {
-  const int64_t P = (n + kPanelCols - 1) / kPanelCols;
+// One block of kc k of y += a^T-block @ panels for y's rows [g0, g1), kGroupRows at a time, all
+// panels: a [kc, M] k-major (row k of the block at a + k lda), the block's panels [P][kc][48]. a is
+// copied a group of rows at a time into the tiles' order: read where it lies, a tile's k rows are
+// lda apart (4H floats, a multiple of 4 KiB at H=256), too far for the prefetcher, and share a
+// handful of L1 sets.
+void k_major_rows(const float* a, int64_t lda, const float* panels, int64_t kc, float* y,
+                  int64_t ldy, int64_t n, int64_t M, int64_t g0, int64_t g1) {
+  const int64_t P = panel_count(n);
   thread_local std::vector<float> block_buffer;
-  block_buffer.resize(kKBlock * kGroupRows + 16);
+  block_buffer.resize(kKBlock * kGroupRows);
   float* a_block = block_buffer.data();  // [tile][k][kTileRows]
-  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kKBlock) {  // K = 0: y = c (or 0) once
-    const int64_t kc = std::min(kKBlock, K - k0);
-    for (int64_t g = g0; g < g1; g += kGroupRows) {
-      const int64_t tiles = (std::min(kGroupRows, M - g) + kTileRows - 1) / kTileRows;
-      for (int64_t k = 0; k < kc; ++k) {
-        const float* src = a + (k0 + k) * lda + g;
-        for (int64_t t = 0; t < tiles; ++t) {
-          const int64_t rows = std::min<int64_t>(kTileRows, M - g - t * kTileRows);
-          const __mmask8 row_mask = static_cast<__mmask8>((1u << rows) - 1);
-          _mm256_storeu_ps(a_block + (t * kc + k) * kTileRows,
-                           _mm256_maskz_loadu_ps(row_mask, src + t * kTileRows));
-        }
-      }
+  for (int64_t g = g0; g < g1; g += kGroupRows) {
+    const int64_t tiles = (std::min(kGroupRows, M - g) + kTileRows - 1) / kTileRows;
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = a + k * lda + g;
       for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t m = g + t * kTileRows, rows = std::min<int64_t>(kTileRows, M - m);
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, n - n0);
-          float* y_mn = y + m * ldy + n0;
-          const float* c_mn = k0 > 0 ? y_mn : c ? c + m * ldc + n0 : nullptr;
-          tile_of<float, KMajorFloatTile>(rows, a_block + t * kc * kTileRows, kTileRows,
-                                          panels + p * panel_size + k0 * kPanelCols, kc, c_mn,
-                                          k0 > 0 ? ldy : ldc, y_mn, ldy, cols);
-        }
+        const int64_t rows = std::min<int64_t>(kTileRows, M - g - t * kTileRows);
+        const __mmask8 row_mask = static_cast<__mmask8>((1u << rows) - 1);
+        _mm256_storeu_ps(a_block + (t * kc + k) * kTileRows,
+                         _mm256_maskz_loadu_ps(row_mask, src + t * kTileRows));
+      }
+    }
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t m = g + t * kTileRows, rows = std::min<int64_t>(kTileRows, M - m);
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, n - n0);
+        float* y_mn = y + m * ldy + n0;
+        tile_of<float, KMajorFloatTile>(rows, a_block + t * kc * kTileRows, kTileRows,
+                                        panels + p * kc * kPanelCols, kc, y_mn, ldy, y_mn, ldy,
+                                        cols);
       }
     }
   }
@@ -370,9 +365,7 @@ at::Tensor pack_panels(const at::Tensor& weight) {
 
 // a @ W^T (+ c) in W's dtype, W given by its panels and its N output columns; into out where
 // given (c may be out itself: each element is read before it is written). a [M, K], c and out
-// [M, N], all of W's dtype, c and out of unit stride along their last dimension, a along its last
-// dimension or (float32 only) its first: a = g.t() for a row-major g [K, M] is read in place, so
-// a weight gradient acc += g^T @ rows is panel_linear(g.t(), pack_panels(rows.t()), .., acc, acc).
+// [M, N], all of W's dtype, unit stride along their last dimension.
 at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n,
                         const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& out) {
   const at::ScalarType dtype = panels.scalar_type();
@@ -382,14 +375,10 @@ at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n
   TORCH_CHECK(panels.dim() == (is_float ? 3 : 4) && panels.size(2) == kPanelCols &&
                   panels.is_contiguous() && panels.size(0) == panel_count(n) && n > 0,
               "panel_linear: panels ", panels.sizes(), " are not pack_panels' of ", n, " columns");
-  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == dtype, "panel_linear: a must be [M, K] ", dtype,
-              ", got ", a.sizes(), " ", a.scalar_type());
-  const int64_t M = a.size(0), K = a.size(1);
-  const bool k_major = !(K <= 1 || a.stride(1) == 1) && (M <= 1 || a.stride(0) == 1);
-  TORCH_CHECK(K <= 1 || a.stride(1) == 1 || (k_major && is_float),
-              "panel_linear: a must have unit stride along K", is_float ? " or M" : "",
-              ", got strides ", a.strides(), " for ", a.sizes());
-  const int64_t lda = k_major ? a.stride(1) : a.stride(0), a_row = k_major ? 1 : lda;
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == dtype && (a.size(1) <= 1 || a.stride(1) == 1),
+              "panel_linear: a must be [M, K] ", dtype, " rows of unit stride, got ", a.sizes(),
+              " ", a.scalar_type());
+  const int64_t M = a.size(0), K = a.size(1), lda = a.stride(0);
   TORCH_CHECK(is_float ? panels.size(1) == K : panels.size(1) == (K + 1) / 2,
               "panel_linear: a has ", K, " columns, the panels another K");
   auto check_rows = [&](const at::Tensor& t, const char* name) {
@@ -413,28 +402,16 @@ at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n
   // A panel is M K 48 multiply-adds; below ~64k per thread's share the threads cost more.
   const int64_t work = std::max<int64_t>(1, M * K * kPanelCols);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / work);
-  if (k_major) {  // threads split the rows (a weight's outputs: thousands), never a sum
-    const int64_t groups = (M + kGroupRows - 1) / kGroupRows;
-    const int64_t group_work = std::max<int64_t>(1, kGroupRows * K * n);
-    at::parallel_for(0, groups, std::max<int64_t>(1, (int64_t{1} << 16) / group_work),
-                     [&](int64_t i0, int64_t i1) {
-                       k_major_rows(a.data_ptr<float>(), lda, panels.data_ptr<float>(),
-                                    panel_size, K, c ? c->data_ptr<float>() : nullptr, ldc,
-                                    y.data_ptr<float>(), y.stride(0), n, M, i0 * kGroupRows,
-                                    std::min(M, i1 * kGroupRows));
-                     });
-    return y;
-  }
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, n - n0);
       if (is_float) {
-        panel_rows<float, FloatTile>(a.data_ptr<float>(), lda, a_row,
+        panel_rows<float, FloatTile>(a.data_ptr<float>(), lda,
                                      panels.data_ptr<float>() + p * panel_size, K,
                                      c ? c->data_ptr<float>() + n0 : nullptr, ldc,
                                      y.data_ptr<float>() + n0, y.stride(0), cols, M);
       } else {
-        panel_rows<uint16_t, BFloat16Tile>(bf16_data(a), lda, a_row,
+        panel_rows<uint16_t, BFloat16Tile>(bf16_data(a), lda,
                                            bf16_data(panels) + p * panel_size, K,
                                            c ? bf16_data(*c) + n0 : nullptr, ldc,
                                            bf16_data(y) + n0, y.stride(0), cols, M);
@@ -443,4 +420,70 @@ at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n
   });
 #endif
   return y;
+}
+
+// acc += grads^T @ rows in float32, in place: a weight's gradient summed over R rows (the layers'
+// d W per chunk: grads [R, M] the gate gradients, rows [R, N] what the weight read, acc [M, N]).
+// grads is read where it lies (unit stride along M); rows (any strides) is packed into panels one
+// block of kKBlock rows at a time (a block's panels, not a copy of all R rows); each block's sum is
+// added to acc. Threads split acc's rows, never a sum, so the bits do not depend on their number.
+at::Tensor panel_weight_grad(const at::Tensor& acc, const at::Tensor& grads,
+                             const at::Tensor& rows) {
+  TORCH_CHECK(panel_products_supported(at::kFloat),
+              "panel_weight_grad: no panel products on this CPU");
+  auto check = [](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kFloat && t.device().is_cpu(),
+                "panel_weight_grad: ", name, " must be a 2-D float32 CPU tensor, got ", t.sizes(),
+                " ", t.scalar_type(), " on ", t.device());
+  };
+  check(acc, "acc");
+  check(grads, "grads");
+  check(rows, "rows");
+  const int64_t R = grads.size(0), M = grads.size(1), N = rows.size(1);
+  TORCH_CHECK(rows.size(0) == R && acc.size(0) == M && acc.size(1) == N,
+              "panel_weight_grad: acc [M, N] += grads [R, M]^T @ rows [R, N], got acc ",
+              acc.sizes(), ", grads ", grads.sizes(), ", rows ", rows.sizes());
+  TORCH_CHECK((N <= 1 || acc.stride(1) == 1) && (M <= 1 || grads.stride(1) == 1),
+              "panel_weight_grad: acc and grads must have unit stride along their last dimension, "
+              "got strides ", acc.strides(), " and ", grads.strides());
+  TORCH_CHECK(!(acc.numel() > 0 && R > 0 && (shares_memory(acc, grads) || shares_memory(acc, rows))),
+              "panel_weight_grad: acc overlaps grads or rows");
+  if (M == 0 || N == 0 || R == 0) return acc;
+#if defined(CPU_CAPABILITY_AVX512)
+  const int64_t P = panel_count(N);
+  at::Tensor block = at::empty({P, std::min(kKBlock, R), kPanelCols}, rows.options());
+  const float* g = grads.data_ptr<float>();
+  const float* w = rows.data_ptr<float>();
+  float* panels = block.data_ptr<float>();
+  float* y = acc.data_ptr<float>();
+  const int64_t ldg = grads.stride(0), ldy = acc.stride(0);
+  const int64_t sr = rows.stride(0), sn = rows.stride(1);
+  const int64_t groups = (M + kGroupRows - 1) / kGroupRows;
+  for (int64_t k0 = 0; k0 < R; k0 += kKBlock) {
+    const int64_t kc = std::min(kKBlock, R - k0);
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        float* panel = panels + p * kc * kPanelCols;
+        const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, N - n0);
+        for (int64_t k = 0; k < kc; ++k) {
+          const float* src = w + (k0 + k) * sr + n0 * sn;
+          float* dst = panel + k * kPanelCols;
+          if (sn == 1) {
+            std::memcpy(dst, src, cols * sizeof(float));
+          } else {
+            for (int64_t j = 0; j < cols; ++j) dst[j] = src[j * sn];
+          }
+          for (int64_t j = cols; j < kPanelCols; ++j) dst[j] = 0.0f;
+        }
+      }
+    });
+    const int64_t group_work = std::max<int64_t>(1, kGroupRows * kc * N);
+    at::parallel_for(0, groups, std::max<int64_t>(1, (int64_t{1} << 16) / group_work),
+                     [&](int64_t i0, int64_t i1) {
+                       k_major_rows(g + k0 * ldg, ldg, panels, kc, y, ldy, N, M,
+                                    i0 * kGroupRows, std::min(M, i1 * kGroupRows));
+                     });
+  }
+#endif
+  return acc;
 }

@@ -638,6 +638,8 @@ bool panel_products_supported(at::ScalarType dtype);
 at::Tensor pack_panels(const at::Tensor& weight);
 at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n,
                         const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& out);
+at::Tensor panel_weight_grad(const at::Tensor& acc, const at::Tensor& grads,
+                             const at::Tensor& rows);
 
 // codec_cpu.cpp
 at::Tensor pack_codes(const at::Tensor& codes, int64_t bits, const std::optional<at::Tensor>& out);
@@ -1278,6 +1280,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_panels", &pack_panels, "A weight [N, K] packed for panel_linear (CPU)");
   m.def("panel_linear", &panel_linear, "a @ W^T (+ c) on W's panels (CPU)", py::arg("a"),
         py::arg("panels"), py::arg("n"), py::arg("c") = py::none(), py::arg("out") = py::none());
+  m.def("panel_weight_grad", &panel_weight_grad, "acc += grads^T @ rows on panels (CPU)");
   m.def("pack_codes", &pack_codes, "codec_torch.torch_pack's stream of uint8 codes (CPU)",
         py::arg("codes"), py::arg("bits"), py::arg("out") = py::none());
   m.def("unpack_codes", &unpack_codes, "codec_torch.torch_unpack (CPU)");

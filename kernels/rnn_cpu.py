@@ -396,25 +396,27 @@ def check_backward_chunk(module, levels, bs, H, steps, clip, g, reverse=True) ->
 def _check_panel_products(module, dtype: torch.dtype) -> str | None:
     """None if ``panel_linear`` agrees with a float64 product here (to the rounding of its float32
     sums, and of one bfloat16 rounding), else what differs. Shapes with row and column tails; in
-    float32 also a k-major a (a weight gradient's, summed in blocks) past one block and one group
-    of rows."""
+    float32 also ``panel_weight_grad`` (a = grads^T, W = rows^T, c = acc), past one block of rows
+    and one group of outputs."""
     g = torch.Generator().manual_seed(0)
     shapes = [(16, 256, 100, False), (7, 33, 49, False), (1, 5, 1, False)]
     if dtype == torch.float32:
         shapes.append((70, 1030, 50, True))
-    for M, K, N, k_major in shapes:
-        a = torch.randn(K, M, generator=g).to(dtype).t() if k_major else \
-            torch.randn(M, K, generator=g).to(dtype)
+    for M, K, N, weight_grad in shapes:
+        a = torch.randn(M, K, generator=g).to(dtype)
         w = torch.randn(N, K, generator=g).to(dtype)
         c = torch.randn(M, N, generator=g).to(dtype)
-        got = module.panel_linear(a, module.pack_panels(w), N, c).double()
+        if weight_grad:  # acc [M, N] += grads [K, M]^T @ rows [K, N]
+            got = module.panel_weight_grad(c.clone(), a.t().contiguous(), w.t()).double()
+        else:
+            got = module.panel_linear(a, module.pack_panels(w), N, c).double()
         exact = torch.addmm(c.double(), a.double(), w.double().t())
         bound = 1e-6 * K * torch.addmm(c.double().abs(), a.double().abs(), w.double().abs().t())
         if dtype == torch.bfloat16:
             bound = bound + exact.abs() * 2.0 ** -8
         if not bool(((got - exact).abs() <= bound + 1e-30).all()):
             return (f"panel_linear differs from the float64 product at M={M}, K={K}, N={N}"
-                    + (" (a k-major a)" if k_major else ""))
+                    + (" (panel_weight_grad)" if weight_grad else ""))
     return None
 
 

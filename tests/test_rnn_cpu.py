@@ -495,59 +495,61 @@ def test_panel_linear_same_bits_on_any_thread_count(dtype):
     assert torch.equal(one, two)
 
 
-# (M, K, N) of weight gradients g^T @ rows (M = out, K = the rows summed, N = in): M below, at and
-# past a tile of 8 and a group of 64 rows; K 0, 1 and below, at and past the blocks of 512; N with
-# last panels of 1-3 vectors.
-K_MAJOR_SHAPES = [(1, 1, 1), (7, 0, 5), (8, 511, 48), (13, 512, 49), (64, 513, 100),
-                  (70, 1100, 64), (1024, 368, 256), (129, 2049, 17)]
+# (M, R, N) of weight gradients acc [M, N] += grads [R, M]^T @ rows [R, N]: M below, at and past
+# a tile of 8 and a group of 64 outputs; R 0, 1 and below, at and past the blocks of 512 rows; N
+# with last panels of 1-3 vectors.
+WEIGHT_GRAD_SHAPES = [(1, 1, 1), (7, 0, 5), (8, 511, 48), (13, 512, 49), (64, 513, 100),
+                      (70, 1100, 64), (1024, 368, 256), (129, 2049, 17)]
 
 
-@pytest.mark.parametrize("M, K, N", K_MAJOR_SHAPES)
-def test_panel_linear_k_major_a_weight_gradients(M, K, N):
-    """a = g.t() (a weight gradient's gate gradients, k-major) read in place: against the float64
-    product; up to one block of 512 k the bits of the row-major a (the same sum), past it block
-    sums; the same bits on any thread count; acc += g^T rows in place."""
+@pytest.mark.parametrize("M, R, N", WEIGHT_GRAD_SHAPES)
+def test_panel_weight_grad_matches_float64_product(M, R, N):
+    """acc += grads^T @ rows in place, grads read where they lie: against the float64 product; up
+    to one block of 512 rows the bits of panel_linear on grads^T (the same sum), past it block sums;
+    the same bits on any thread count and for rows given transposed or as a column slice."""
     ops = _panels(torch.float32)
-    gen = torch.Generator().manual_seed(M * 7 + K * 3 + N)
-    grads = torch.randn(K, M, generator=gen)
-    rows = torch.randn(K, N, generator=gen)
-    c = torch.randn(M, N, generator=gen)
-    panels = ops.pack_panels(rows.t())
-    a = grads.t()
-    assert a.stride(0) == 1 or M == 1
-    got = ops.panel_linear(a, panels, N, c)
-    _assert_product_close(got, a, rows.t(), c, torch.float32)
-    row_major = ops.panel_linear(a.contiguous(), panels, N, c)
-    if K <= 512:
-        assert torch.equal(got, row_major)
+    gen = torch.Generator().manual_seed(M * 7 + R * 3 + N)
+    grads = torch.randn(R, M, generator=gen)
+    rows = torch.randn(R, N, generator=gen)
+    acc0 = torch.randn(M, N, generator=gen)
+    acc = acc0.clone()
+    assert ops.panel_weight_grad(acc, grads, rows) is acc
+    _assert_product_close(acc, grads.t(), rows.t(), acc0, torch.float32)
+    if R <= 512:
+        same_sum = ops.panel_linear(grads.t().contiguous(), ops.pack_panels(rows.t()), N, acc0)
+        assert torch.equal(acc, same_sum)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = ops.panel_linear(a, panels, N, c)
-        torch.set_num_threads(2)
-        two = ops.panel_linear(a, panels, N, c)
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            again = ops.panel_weight_grad(acc0.clone(), grads, rows)
+            assert torch.equal(again, acc)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, got) and torch.equal(two, got)
-    acc = c.clone()
-    assert ops.panel_linear(a, panels, N, acc, acc) is acc
-    assert torch.equal(acc, got)
-    _assert_product_close(ops.panel_linear(a, panels, N), a, rows.t(), None, torch.float32)
+    wide = torch.randn(R, N + 7, generator=gen)
+    wide[:, 3:3 + N] = rows
+    assert torch.equal(ops.panel_weight_grad(acc0.clone(), grads, wide[:, 3:3 + N]), acc)
+    assert torch.equal(ops.panel_weight_grad(acc0.clone(), grads, rows.t().contiguous().t()), acc)
 
 
-def test_panel_linear_k_major_a_is_float32_only():
+def test_panel_weight_grad_checks_its_arguments():
     ops = _panels(torch.float32)
-    if not rnn_cpu._built().panel_products_supported(torch.bfloat16):
-        pytest.skip("no bfloat16 panel products on this CPU")
-    g = torch.randn(30, 8).bfloat16()
-    panels = ops.pack_panels(torch.randn(5, 30).bfloat16())
-    with pytest.raises(RuntimeError, match="a must have unit stride along K, got strides"):
-        ops.panel_linear(g.t(), panels, 5)
+    acc, grads, rows = torch.zeros(6, 5), torch.randn(9, 6), torch.randn(9, 5)
+    with pytest.raises(RuntimeError, match="grads must be a 2-D float32 CPU tensor"):
+        ops.panel_weight_grad(acc, grads.double(), rows)
+    with pytest.raises(RuntimeError, match=r"acc \[M, N\] \+= grads \[R, M\]\^T @ rows"):
+        ops.panel_weight_grad(acc, grads, rows[:8])
+    with pytest.raises(RuntimeError, match="unit stride along their last dimension"):
+        ops.panel_weight_grad(acc, grads.t().contiguous().t(), rows)
+    shared = torch.zeros(9, 11)
+    with pytest.raises(RuntimeError, match="acc overlaps grads or rows"):
+        ops.panel_weight_grad(shared[:6, 6:], shared[:, :6], rows)
 
 
 def test_weight_grad_on_panels_and_elsewhere(monkeypatch):
     """rnn_function.weight_grad_: acc += grads^T rows on the panels (float32, the same bits as
-    panel_linear), torch.addmm where they do not run (float64, a product dtype, switched off)."""
+    panel_weight_grad), torch.addmm where they do not run (float64, a product dtype, switched
+    off)."""
     from discrnn import rnn_function
 
     ops = _panels(torch.float32)
@@ -556,7 +558,7 @@ def test_weight_grad_on_panels_and_elsewhere(monkeypatch):
     acc0 = torch.randn(96, 40, generator=gen)
     acc = acc0.clone()
     assert rnn_function.weight_grad_(acc, grads, rows) is acc
-    assert torch.equal(acc, ops.panel_linear(grads.t(), ops.pack_panels(rows.t()), 40, acc0))
+    assert torch.equal(acc, ops.panel_weight_grad(acc0.clone(), grads, rows))
     _assert_product_close(acc, grads.t(), rows.t(), acc0, torch.float32)
     acc64 = acc0.double()
     rnn_function.weight_grad_(acc64, grads.double(), rows.double())
