@@ -293,9 +293,9 @@ def _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m, input_t, lo, hi, d_w_
     # dgates in the products' dtype once, for its three products (the copy per product was a
     # transposing one, slower than the product itself at small H)
     dg = dgates if gemm is None else dgates.to(gemm)
-    # Tried and left: summing d W column-major (d W^T += rows^T dgates) made these products 12 %
-    # faster alone (H=256, 512 rows, MKL) but not the layer (interleaved A/B, T=512: 236.0 against
-    # 235.9 ms), and it raised bench_rnn's peak by 1.1 MiB.
+    # Tried and left, when these products ran on MKL: summing d W column-major (d W^T += rows^T
+    # dgates) made them 12 % faster alone (H=256, 512 rows) but not the layer (interleaved A/B,
+    # T=512: 236.0 against 235.9 ms), and it raised bench_rnn's peak by 1.1 MiB.
     weight_grad_(d_w_hh, dg, h_prev, gemm)
     weight_grad_(d_w_ih, dg, input_rows(ctx, ctx.cfg, kept, lo, hi).to(dg.dtype), gemm)
     if d_w_hr is not None:

@@ -416,7 +416,7 @@ def weight_grad_(acc: torch.Tensor, grads: torch.Tensor, rows: torch.Tensor,
 
     A float32 product on a CPU with the panel products (see :class:`StepProduct`) runs there
     (``panel_weight_grad``, kernels/panel_gemm.cpp: ``grads`` read in place, ``rows`` packed 512
-    at a time, summed in blocks of 512 rows, so its rounding error is MKL's order): 0.71-0.95x
+    at a time, summed in blocks of 512 rows, so its rounding error is MKL's order): 0.70-0.95x
     torch.addmm's (MKL's) time for the LSTM's gradients at H = 256-1024 and 368-2048 rows on one
     thread of the 2-core AMD EPYC. Elsewhere torch.addmm."""
     if (gemm is None and PANEL_STEP_PRODUCTS and acc.device.type == "cpu"

@@ -456,9 +456,10 @@ def _check_finite_scan(module) -> str | None:
                     t = torch.randn(n, generator=g).to(dtype)
                     t[where] = bad
                     ok = torch.full((3,), torch.finfo(torch.float32).max)
-                    for tensors, want in (([ok, t], 1), ([t[::2] if n > 1 else t], 0
-                                          if where % 2 == 0 or n == 1 else -1),
-                                          ([ok, torch.arange(5), t.clone().fill_(1)], -1)):
+                    every_other = t[::2]  # holds the bad value where its place is even
+                    cases = (([ok, t], 1), ([every_other], 0 if where % 2 == 0 else -1),
+                             ([ok, torch.arange(5), t.clone().fill_(1)], -1))
+                    for tensors, want in cases:
                         got = module.first_nonfinite(tensors)
                         if got != want:
                             return (f"first_nonfinite gave {got} where {want} is right "
