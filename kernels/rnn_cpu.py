@@ -471,19 +471,27 @@ def finite_scan():
     """The extension module where its one-call NaN/Inf scan (``first_nonfinite``, the layers' value
     check on CPU) is built and passes its check, else None (then the layers check with aten
     calls). Independent of :func:`fused_ops`'s check of the element-wise kernels."""
+    return _checked_part("finite_scan", _check_finite_scan, "CPU NaN/Inf scan",
+                         "the layers check with aten calls instead")
+
+
+def _checked_part(key: str, check, what: str, instead: str):
+    """The extension module where the part ``check`` tests passes it here (checked once per
+    process, cached under ``key``), else None with one warning naming ``what`` failed and what
+    runs ``instead``."""
     module = _built() if ENABLED else None
     if module is None:
         return None
-    if "finite_scan" not in _state:
+    if key not in _state:
         try:
-            reason = _check_finite_scan(module)
-        except Exception as exc:  # an older build without it, or one that raises
+            reason = check(module)
+        except Exception as exc:  # a build without the part, or one that raises
             reason = f"failed its check ({type(exc).__name__}: {str(exc).strip()[:300]})"
         if reason is not None:
-            warnings.warn(f"discrnn: the CPU NaN/Inf scan {reason}; the layers check with aten "
-                          "calls instead", RuntimeWarning, stacklevel=2)
-        _state["finite_scan"] = module if reason is None else None
-    return _state["finite_scan"]
+            warnings.warn(f"discrnn: the {what} {reason}; {instead}", RuntimeWarning,
+                          stacklevel=3)
+        _state[key] = module if reason is None else None
+    return _state[key]
 
 
 def _check_codec(module) -> str | None:
@@ -503,19 +511,7 @@ def _check_codec(module) -> str | None:
 def codec_ops():
     """The extension module where its ``pack_codes`` / ``unpack_codes`` (``codec_cpu.cpp``) give
     codec_torch's bits here, else None (with one warning where they differ)."""
-    module = _built() if ENABLED else None
-    if module is None:
-        return None
-    if "codec" not in _state:
-        try:
-            reason = _check_codec(module)
-        except Exception as exc:  # a build without them, or one that raises: keep codec_torch
-            reason = f"failed its check ({type(exc).__name__}: {str(exc).strip()[:300]})"
-        if reason is not None:
-            warnings.warn(f"discrnn: the CPU codec {reason}; the layers use codec_torch's",
-                          RuntimeWarning, stacklevel=2)
-        _state["codec"] = module if reason is None else None
-    return _state["codec"]
+    return _checked_part("codec", _check_codec, "CPU codec", "the layers use codec_torch's")
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
