@@ -1,5 +1,6 @@
 // Small-batch matrix products on a prepacked weight: the recurrences' per-step products a @ W^T,
-// a of a few rows (the batch) and W of up to a few million values, reused step after step.
+// a of a few rows (the batch) and W of up to a few million values, reused step after step; and,
+// on the same tiles, the layers' float32 weight gradients (panel_weight_grad, at the end).
 //
 // Why not aten's: at 16 rows torch.addmm (MKL) reaches about 72 of the core's ~100 GFLOP/s in
 // float32, and oneDNN's linear on a prepacked weight (torch.ops.mkldnn._linear_pointwise) loses
@@ -446,7 +447,8 @@ at::Tensor panel_weight_grad(const at::Tensor& acc, const at::Tensor& grads,
   TORCH_CHECK((N <= 1 || acc.stride(1) == 1) && (M <= 1 || grads.stride(1) == 1),
               "panel_weight_grad: acc and grads must have unit stride along their last dimension, "
               "got strides ", acc.strides(), " and ", grads.strides());
-  TORCH_CHECK(!(acc.numel() > 0 && R > 0 && (shares_memory(acc, grads) || shares_memory(acc, rows))),
+  TORCH_CHECK(!(acc.numel() > 0 && R > 0 &&
+                (shares_memory(acc, grads) || shares_memory(acc, rows))),
               "panel_weight_grad: acc overlaps grads or rows");
   if (M == 0 || N == 0 || R == 0) return acc;
 #if defined(CPU_CAPABILITY_AVX512)

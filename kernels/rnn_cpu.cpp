@@ -755,7 +755,8 @@ void check_offsets(const std::vector<int64_t>& offsets, int64_t bs, int64_t R) {
 at::Tensor lstm_forward_steps(const at::Tensor& xproj, const std::vector<int64_t>& offsets,
                               int64_t bs, const at::Tensor& h_in, const at::Tensor& c_in,
                               const at::Tensor& weight_t, const std::optional<at::Tensor>& packed,
-                              const std::optional<at::Tensor>& panels, const at::Tensor& y, const std::optional<at::Tensor>& w_hr_t,
+                              const std::optional<at::Tensor>& panels, const at::Tensor& y,
+                              const std::optional<at::Tensor>& w_hr_t,
                               const at::Tensor& k_gates, const at::Tensor& k_u,
                               const std::optional<at::Tensor>& preact, int64_t levels,
                               double cell_clip) {
