@@ -80,9 +80,7 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
     prev_bs = 0
     for first, steps in cfg.chunks():
         lo, hi = layout.row_span(steps)
-        gx = input_proj.mm(x[lo:hi])
-        if b_ih is not None:
-            gx += b_ih
+        gx = input_proj.linear(x[lo:hi], b_ih)
         gx3 = gx.to(acc).view(hi - lo, 3, H)
         psizes = [sizes[t] for t in steps]
         gx_rz = split_steps(gx3[:, :2], cfg, steps, lo)
@@ -299,9 +297,7 @@ class GRULayerFunction(torch.autograd.Function):
         h_prev, prev_bs = None, 0
         for first, steps in cfg.chunks():
             lo, hi = layout.row_span(steps)
-            gx = input_proj.mm(x[lo:hi])
-            if b_ih is not None:
-                gx += b_ih
+            gx = input_proj.linear(x[lo:hi], b_ih)
             for s, t in enumerate(steps, start=first):
                 bs, rows = layout.batch_sizes[t], layout.rows(t)
                 h_in = step_input(h_prev, prev_bs, bs, h0)

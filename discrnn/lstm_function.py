@@ -208,9 +208,7 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     xproj_buf = torch.empty(max_rows, w_ih.shape[0], dtype=input_proj.dtype, device=device)
     for first, steps in cfg.chunks():
         lo, hi = layout.row_span(steps)
-        xproj = input_proj.mm(x[lo:hi], out=xproj_buf[: hi - lo])
-        if b is not None:
-            xproj += b
+        xproj = input_proj.linear(x[lo:hi], b, out=xproj_buf[: hi - lo])
         psizes = [sizes[t] for t in steps]
         if fused is not None and rnn_cpu.CHUNK_CALLS:
             # Each run of steps with one batch size (the whole chunk but where a packed batch
@@ -616,9 +614,7 @@ class LSTMLayerFunction(torch.autograd.Function):
             if first:
                 checkpoints.append(c.clone())
             lo, hi = layout.row_span(steps)
-            xproj = input_proj.mm(x[lo:hi])
-            if b is not None:
-                xproj += b
+            xproj = input_proj.linear(x[lo:hi], b)
             for s, t in enumerate(steps, start=first):
                 bs, rows = layout.batch_sizes[t], layout.rows(t)
                 h_in = step_input(h_prev, prev_bs, bs, h0)

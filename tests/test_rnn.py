@@ -828,8 +828,8 @@ def test_short_calls_do_not_prepack(monkeypatch, cls, panels):
     made = []
     real_init = rnn_function.StepProduct.__init__
 
-    def spy(self, weight, rows, products):
-        real_init(self, weight, rows, products)
+    def spy(self, weight, rows, products, chunk=False):
+        real_init(self, weight, rows, products, chunk)
         made.append(self.panels is not None or self.packed is not None)
 
     monkeypatch.setattr(rnn_function.StepProduct, "__init__", spy)

@@ -662,6 +662,43 @@ def test_step_product_on_panels(monkeypatch, dtype):
         assert torch.equal(acc_w, prod.addmm(c_w, a_w))
 
 
+def test_chunk_product_on_panels_at_any_rows(monkeypatch):
+    """A chunk's product (hundreds of rows) takes the panels for a float32 weight up to 1 MiB,
+    which oneDNN does not take; linear() adds the bias as each output is stored, bit for bit
+    mm's result plus the bias, and falls back to mm and the add for a bias it cannot read so."""
+    from discrnn import rnn_function
+    from discrnn.rnn_function import StepProduct
+
+    _panels(torch.float32)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(100, 40, generator=g)
+    prod = StepProduct(w, 512, 16, chunk=True)
+    assert prod.panels is not None and prod.packed is None
+    assert StepProduct(w, 512, 16).panels is None  # a step's products: up to 64 rows
+    assert StepProduct(w, 512, 15, chunk=True).panels is None  # too few to pay the packing
+    monkeypatch.setattr(rnn_function, "PANEL_STEP_PRODUCTS", False)
+    assert StepProduct(w, 512, 16, chunk=True).panels is None
+    monkeypatch.setattr(rnn_function, "PANEL_STEP_PRODUCTS", True)
+    big = torch.randn(1024, 257, generator=g)  # over 1 MiB: oneDNN's where it runs
+    if torch.backends.mkldnn.is_available():
+        assert StepProduct(big, 512, 16, chunk=True).packed is not None
+    for rows in (517, 64, 3):
+        a = torch.randn(rows, 40, generator=g)
+        b = torch.randn(100, generator=g)
+        _assert_product_close(prod.mm(a), a, w, None, torch.float32)
+        y = prod.linear(a, b)
+        assert torch.equal(y, prod.mm(a) + b)
+        _assert_product_close(y, a, w, b.expand(rows, 100), torch.float32)
+        out = torch.empty(rows, 100)
+        assert prod.linear(a, b, out=out) is out and torch.equal(out, y)
+        assert torch.equal(prod.linear(a, None), prod.mm(a))
+        strided = torch.randn(100, 2, generator=g)[:, 0]  # not unit stride: mm, then the add
+        assert torch.equal(prod.linear(a, strided), prod.mm(a) + strided)
+        expected = prod.mm(a)
+        expected += b.double()  # in W's dtype, as the layers added their bias before
+        assert torch.equal(prod.linear(a, b.double()), expected)
+
+
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
 def test_layers_on_panels_match_layers_on_torch_products(monkeypatch, cls):
     """A float32 layer whose recurrent products run on the panels gives the outputs and gradients
@@ -673,8 +710,8 @@ def test_layers_on_panels_match_layers_on_torch_products(monkeypatch, cls):
     made = []
     real_init = rnn_function.StepProduct.__init__
 
-    def spy(self, weight, rows, products):
-        real_init(self, weight, rows, products)
+    def spy(self, weight, rows, products, chunk=False):
+        real_init(self, weight, rows, products, chunk)
         made.append(self.panels is not None)
 
     monkeypatch.setattr(rnn_function.StepProduct, "__init__", spy)
