@@ -68,6 +68,32 @@ uint16_t* bf16_data(const at::Tensor& t) {
 
 #if defined(CPU_CAPABILITY_AVX512)
 
+// r[i][j] -> r[j][i]: unpack pairs of rows, then quads within 128-bit lanes, then the lanes.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int m = 0; m < 8; ++m) {
+    t[2 * m] = _mm512_unpacklo_ps(r[2 * m], r[2 * m + 1]);
+    t[2 * m + 1] = _mm512_unpackhi_ps(r[2 * m], r[2 * m + 1]);
+  }
+  __m512 u[16];  // u[4 m + q], 128-bit lane L: rows 4 m .. 4 m + 3 at k = 4 L + q
+  for (int m = 0; m < 4; ++m) {
+    u[4 * m] = _mm512_shuffle_ps(t[4 * m], t[4 * m + 2], 0x44);
+    u[4 * m + 1] = _mm512_shuffle_ps(t[4 * m], t[4 * m + 2], 0xEE);
+    u[4 * m + 2] = _mm512_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0x44);
+    u[4 * m + 3] = _mm512_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x44);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xEE);
+    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x44);
+    const __m512 w1 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xEE);
+    r[q] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[4 + q] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    r[8 + q] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[12 + q] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+
 __mmask16 column_mask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xFFFF)
                     : left <= 0 ? static_cast<__mmask16>(0)
@@ -323,6 +349,30 @@ at::Tensor pack_panels(const at::Tensor& weight) {
       for (int64_t p = p0; p < p1; ++p) {
         float* panel = dst + p * K * kPanelCols;
         const int64_t cols = std::min(kPanelCols, N - p * kPanelCols);
+#if defined(CPU_CAPABILITY_AVX512)
+        if (sk == 1) {
+          // A row-major weight (forward's W, every layer call): 16 rows x 16 k at a time,
+          // transposed in registers (the loop below writes one float at a time, 48 apart).
+          for (int64_t v = 0; 16 * v < cols; ++v) {
+            const int64_t rows = std::min<int64_t>(16, cols - 16 * v);
+            const float* base = w + (p * kPanelCols + 16 * v) * sn;
+            for (int64_t k0 = 0; k0 < K; k0 += 16) {
+              const int64_t ks = std::min<int64_t>(16, K - k0);
+              const __mmask16 km = column_mask(ks);
+              __m512 r[16];
+              for (int64_t i = 0; i < 16; ++i) {
+                r[i] = i < rows ? _mm512_maskz_loadu_ps(km, base + i * sn + k0)
+                                : _mm512_setzero_ps();
+              }
+              transpose16(r);
+              for (int64_t k = 0; k < ks; ++k) {
+                _mm512_storeu_ps(panel + (k0 + k) * kPanelCols + 16 * v, r[k]);
+              }
+            }
+          }
+          continue;
+        }
+#endif
         if (sk == 1) {  // read along k
           for (int64_t j = 0; j < cols; ++j) {
             const float* row = w + (p * kPanelCols + j) * sn;

@@ -437,6 +437,20 @@ def test_panel_linear_matches_float64_product(dtype, M, K, N):
     assert torch.equal(acc, out)
 
 
+@pytest.mark.parametrize("N, K", [(1, 1), (16, 16), (47, 17), (48, 33), (100, 37), (1024, 256)])
+def test_pack_panels_float32_layout(N, K):
+    """float32 panels hold W[p 48 + j, k] at [p, k, j], zeros past N, whatever W's strides
+    (row-major weights take the 16 x 16 register transposes: tails of rows and of k)."""
+    ops = _panels(torch.float32)
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(N + K))
+    P = (N + 47) // 48
+    expected = torch.zeros(P * 48, K)
+    expected[:N] = w
+    expected = expected.view(P, 48, K).transpose(1, 2)
+    for given in (w, w.t().contiguous().t(), torch.cat([w, w], 1)[:, :K]):
+        assert torch.equal(ops.pack_panels(given), expected)
+
+
 @pytest.mark.parametrize("dtype", PANEL_DTYPES, ids=["float32", "bfloat16"])
 def test_panel_linear_strided_rows_and_transposed_weights(dtype):
     """Rows of a wider tensor (a, c, out), a weight given transposed (W_hh^T for backward's dh) or
