@@ -342,7 +342,15 @@ at::Tensor pack_panels(const at::Tensor& weight) {
   const int64_t N = weight.size(0), K = weight.size(1), P = panel_count(N);
   const int64_t sn = weight.stride(0), sk = weight.stride(1);
   if (weight.scalar_type() == at::kFloat) {
-    at::Tensor out = at::zeros({P, K, kPanelCols}, weight.options());
+#if defined(CPU_CAPABILITY_AVX512)
+    const bool transposes = sk == 1;  // they write every value, the zeros past N included
+#else
+    const bool transposes = false;
+#endif
+    // Not zero-filled where every value is written: in a layer call the weight and its panels
+    // come from L3 or memory, and the fill took a third of the packing's time.
+    at::Tensor out = transposes ? at::empty({P, K, kPanelCols}, weight.options())
+                                : at::zeros({P, K, kPanelCols}, weight.options());
     const float* w = weight.data_ptr<float>();
     float* dst = out.data_ptr<float>();
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
@@ -353,9 +361,9 @@ at::Tensor pack_panels(const at::Tensor& weight) {
         if (sk == 1) {
           // A row-major weight (forward's W, every layer call): 16 rows x 16 k at a time,
           // transposed in registers (the loop below writes one float at a time, 48 apart).
-          for (int64_t v = 0; 16 * v < cols; ++v) {
-            const int64_t rows = std::min<int64_t>(16, cols - 16 * v);
-            const float* base = w + (p * kPanelCols + 16 * v) * sn;
+          for (int64_t v = 0; v < kPanelVectors; ++v) {
+            const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * v));
+            const float* base = rows > 0 ? w + (p * kPanelCols + 16 * v) * sn : w;
             for (int64_t k0 = 0; k0 < K; k0 += 16) {
               const int64_t ks = std::min<int64_t>(16, K - k0);
               const __mmask16 km = column_mask(ks);
