@@ -60,7 +60,8 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
     step = rnn_torch.GRUForwardStep(cfg.tables(dtype, device), B, H, device)
     y = torch.empty(layout.total_rows, H, dtype=dtype, device=device)
     h_n = torch.empty(B, H, dtype=dtype, device=device)
-    final_codes = torch.empty(1, B, H, dtype=torch.uint8, device=device)
+    final_codes = torch.empty((1, B, H) if cfg.keeps_final_state else (0,), dtype=torch.uint8,
+                              device=device)  # empty: no packed state wanted
     recurrent = StepProduct(w_hh, B, len(sizes))
     input_proj = chunk_product(w_ih, cfg, B)
     direct = dtype == acc
@@ -112,7 +113,8 @@ def _gru_forward_chunked(x, h0, w_ih, w_hh, b_ih, b_hh, cfg, store, codes_data, 
             done = finish[first + j]
             if done < bs:
                 h_n[done:bs] = out[done:bs]
-                final_codes[0, done:bs] = k_h[j][done:bs]
+                if final_codes.numel():
+                    final_codes[0, done:bs] = k_h[j][done:bs]
             h_prev, prev_bs = out, bs
         if keep_codes:
             if fused is None:

@@ -160,12 +160,14 @@ def _lstm_u_codes(tables, t, chunk_rows=False):
 
 
 def _lstm_finish_rows(done, bs, out, c_new, k_gates, k_u, h_n, c_n, final_codes):
-    """The final state of the rows [done, bs) of a step, where they take their last step."""
+    """The final state of the rows [done, bs) of a step, where they take their last step (their
+    codes too, unless ``final_codes`` is empty: no packed state wanted)."""
     if done < bs:
         h_n[done:bs] = out[done:bs]
         c_n[done:bs] = c_new[done:bs]
-        final_codes[0, done:bs] = k_gates[done:bs, 3]
-        final_codes[1, done:bs] = k_u[done:bs]
+        if final_codes.numel():
+            final_codes[0, done:bs] = k_gates[done:bs, 3]
+            final_codes[1, done:bs] = k_u[done:bs]
 
 
 def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data, keep_codes,
@@ -182,7 +184,8 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     y = torch.empty(layout.total_rows, P, dtype=dtype, device=device)
     h_n = torch.empty(B, P, dtype=dtype, device=device)
     c_n = torch.empty(B, H, dtype=acc, device=device)
-    final_codes = torch.empty(2, B, H, dtype=torch.uint8, device=device)
+    final_codes = torch.empty((2, B, H) if cfg.keeps_final_state else (0,), dtype=torch.uint8,
+                              device=device)
     c_init = c0.to(acc)
     recurrent = StepProduct(w_hh, B, len(sizes))
     input_proj = chunk_product(w_ih, cfg, B)
@@ -588,7 +591,8 @@ class LSTMLayerFunction(torch.autograd.Function):
         ctx.has_bias = b is not None
         kept = keep_input(ctx, x, cfg)
         ctx.save_for_backward(*kept, h0, c0, w_ih, w_hh, w_hr, b, codes_data, preact, *checkpoints)
-        c_state = c.clone()  # the compute-dtype cell state, for the packed (detached) final state
+        # the compute-dtype cell state, for the packed (detached) final state where one is wanted
+        c_state = c.clone() if cfg.keeps_final_state else c.new_empty(0)
         ctx.mark_non_differentiable(codes_data, final_codes, c_state)
         return y, h, c.to(dtype), codes_data, final_codes, c_state
 

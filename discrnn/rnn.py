@@ -587,17 +587,20 @@ class _DiscreteRNNBase(nn.RNNBase):
             layer_input, finals, final_codes, c_states = compile_ops.run_stack(self, *args)
             ops = compile_ops.TracedCodec
         else:
-            layer_input, finals, final_codes, c_states = self._layers(*args)
+            layer_input, finals, final_codes, c_states = self._layers(*args,
+                                                                      want_packed=want_packed)
         y, finals = self._restore(layer_input, finals, info)
         if want_packed:
             return y, self._pack_state(final_codes, c_states, info, ops, dtype)
         return (y, tuple(finals)) if self._n_states == 2 else (y, finals[0])
 
-    def _layers(self, x_data, states, weights, batch_sizes, backend, grad, cell_clip):
+    def _layers(self, x_data, states, weights, batch_sizes, backend, grad, cell_clip,
+                want_packed=True):
         """Every layer and direction, one autograd Function each (eager mode; while torch.compile
         or torch.export trace, ``compile_ops.run_stack`` runs them as one custom op instead) ->
         the last layer's output, the final states stacked over layers and directions, and each
-        layer-direction's final-state codes and (LSTM) cell state in the compute dtype."""
+        layer-direction's final-state codes and (LSTM) cell state in the compute dtype (empty
+        where ``want_packed`` is False: no packed final state is built from them)."""
         ops = _step_ops(backend)
         D = 2 if self.bidirectional else 1
         finals = [[] for _ in states]
@@ -622,6 +625,7 @@ class _DiscreteRNNBase(nn.RNNBase):
                                   cell_clip=cell_clip)
                 cfg.read_by_next_layer = read_by_next
                 cfg.records_graph = torch.is_grad_enabled()
+                cfg.keeps_final_state = want_packed
                 if self._n_states == 2:
                     b = b_ih + b_hh if self.bias else None
                     y, h_n, c_n, layer_codes, last_codes, c_state = LSTMLayerFunction.apply(

@@ -210,6 +210,11 @@ class LayerConfig:
         # torch.no_grad or inference_mode), so that no backward reads its codes; a Function's
         # needs_input_grad says only which inputs require grad, whatever the grad mode.
         self.records_graph = True
+        # Set by the stack: False where the caller wants no packed final state, so that the CPU
+        # path builds none (the final codes, the LSTM's copy of its cell state: small tensors per
+        # layer call; under torch.utils.checkpoint they are freed between long-lived small
+        # allocations and left 2.1 MiB of holes in glibc's heap at T=8192, H=256, 2 layers).
+        self.keeps_final_state = True
         self.output_rows = None
         self.chunked = _is_torch_ops(ops)  # the chunked torch path (see the module docstring)
         self.table_cache = TableCache(levels)

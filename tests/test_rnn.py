@@ -525,6 +525,42 @@ def test_streaming_in_pieces_equals_one_call(cls, kwargs):
 
 
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_packed_final_state_built_only_when_wanted(monkeypatch, cls):
+    """A call that returns float states builds no packed final state (no final codes, no copy of
+    the LSTM's cell state: small tensors whose frees fragment the heap under checkpointing); the
+    outputs, float states and gradients are the same bits either way, and a packed state asked
+    for is the one it always was."""
+    from discrnn.lstm_function import LSTMLayerFunction
+    from discrnn.gru_function import GRULayerFunction
+
+    function = LSTMLayerFunction if cls is DiscreteLSTM else GRULayerFunction
+    seen = []
+    real_apply = function.apply
+
+    def spy(*args):
+        out = real_apply(*args)
+        seen.append([t.numel() for t in out[4 if cls is DiscreteLSTM else 3:]])
+        return out
+
+    monkeypatch.setattr(function, "apply", spy)
+    torch.manual_seed(0)
+    module = cls(4, 6, levels=64, num_layers=2)
+    x = torch.randn(9, 3, 4, requires_grad=True)
+    results, states = {}, {}
+    for packed in (False, True):
+        seen.clear()
+        y, state = module(x, packed_state=packed)
+        if packed:
+            state = module._state_to_tensors(state, torch.float32)
+        states[packed] = [t.detach() for t in (state if isinstance(state, tuple) else (state,))]
+        results[packed] = [y, *torch.autograd.grad(y.sum(), [x, *module.parameters()])]
+        wanted = [2 * 3 * 6, 3 * 6] if cls is DiscreteLSTM else [3 * 6]
+        assert seen == [wanted if packed else [0] * len(wanted)] * 2
+    for a, b in zip(results[False] + states[False], results[True] + states[True]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
 def test_truncated_bptt_with_packed_state(cls):
     torch.manual_seed(0)
     module = cls(4, 8, levels=64)
