@@ -1,6 +1,8 @@
 // Small-batch matrix products on a prepacked weight: the recurrences' per-step products a @ W^T,
-// a of a few rows (the batch) and W of up to a few million values, reused step after step; and,
-// on the same tiles, the layers' float32 weight gradients (panel_weight_grad, at the end).
+// a of a few rows (the batch) and W of up to a few million values, reused step after step; on
+// the same tiles, the chunk-wide products where oneDNN's prepacked route does not run (float32
+// weights up to 1 MiB: there they beat torch.mm, see rnn_function.chunk_product) and the layers'
+// float32 weight gradients (panel_weight_grad, at the end).
 //
 // Why not aten's: at 16 rows torch.addmm (MKL) reaches about 72 of the core's ~100 GFLOP/s in
 // float32, and oneDNN's linear on a prepacked weight (torch.ops.mkldnn._linear_pointwise) loses
@@ -8,7 +10,8 @@
 // H=256. The layers run three such products per step. Measured (2-core AMD EPYC Zen 4, one thread,
 // 16 rows; us per product, here / oneDNN prepacked / addmm): H=256 float32 79 / 97 / 118, bfloat16
 // 41 / 58; H=1024 float32 1361 / 1529 / 2905, bfloat16 603 / 649. From about 256 rows oneDNN is
-// 3-10 % faster, so the layers use these products up to 64 rows (rnn_function._MAX_PANEL_ROWS).
+// 3-10 % faster, so the layers' per-step products use them up to 64 rows
+// (rnn_function._MAX_PANEL_ROWS).
 //
 // Layout: W ([N, K], torch's linear layout) is cut into panels of kPanelCols output columns; a
 // float32 panel holds, for each k, its kPanelCols values W[n, k] side by side ([P, K, 48]); a
