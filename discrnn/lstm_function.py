@@ -161,10 +161,12 @@ def _lstm_u_codes(tables, t, chunk_rows=False):
 
 def _lstm_finish_rows(done, bs, out, c_new, k_gates, k_u, h_n, c_n, final_codes):
     """The final state of the rows [done, bs) of a step, where they take their last step (their
-    codes too, unless ``final_codes`` is empty: no packed state wanted)."""
+    codes too, unless ``final_codes`` is empty: no packed state wanted; c_n None: the caller
+    takes the last c_t itself)."""
     if done < bs:
         h_n[done:bs] = out[done:bs]
-        c_n[done:bs] = c_new[done:bs]
+        if c_n is not None:
+            c_n[done:bs] = c_new[done:bs]
         if final_codes.numel():
             final_codes[0, done:bs] = k_gates[done:bs, 3]
             final_codes[1, done:bs] = k_u[done:bs]
@@ -183,7 +185,6 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     step = None  # the aten step (and its buffers), built where a chunk runs step by step
     y = torch.empty(layout.total_rows, P, dtype=dtype, device=device)
     h_n = torch.empty(B, P, dtype=dtype, device=device)
-    c_n = torch.empty(B, H, dtype=acc, device=device)
     final_codes = torch.empty((2, B, H) if cfg.keeps_final_state else (0,), dtype=torch.uint8,
                               device=device)
     c_init = c0.to(acc)
@@ -196,6 +197,11 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
     # The fused CPU step (kernels/rnn_cpu.cpp, bit-identical to ``step``) writes the gate codes
     # straight into rows_buf as uint8; the aten step writes int32 codes into k_buf.
     fused = rnn_cpu.fused_ops() if device.type == "cpu" and acc == torch.float32 else None
+    # Where every row takes its last step together (no packed sequence), c_n is that step's c_t,
+    # a tensor of its own on the fused path: no copy (under checkpointing every [B, H] buffer freed
+    # between autograd's small allocations leaves a hole in glibc's heap).
+    c_n = None if fused is not None and layout.uniform else torch.empty(B, H, dtype=acc,
+                                                                         device=device)
     if fused is None:
         # the step's codes i, f, g, o (kept) and u (for the final-state codes only)
         k_buf = torch.empty(max_rows, rnn_torch.LSTM_CODES + 1, H, dtype=torch.int32, device=device)
@@ -279,7 +285,7 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
             if fused is None:
                 rows_buf[: hi - lo, :, :H] = k_buf[: hi - lo, :4]
             store.write_rows(codes_data, first, first + len(steps) - 1, rows_buf[: hi - lo])
-    return y, h_n, c_n, final_codes, checkpoints
+    return y, h_n, c_prev if c_n is None else c_n, final_codes, checkpoints
 
 
 def _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m, input_t, lo, hi, d_w_ih, d_w_hh, d_b,
