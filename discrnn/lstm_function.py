@@ -38,6 +38,7 @@ from .rnn_function import (
     create_graph_backward,
     release_backward_tables,
     finish_rows,
+    mm,
     input_rows,
     keep_input,
     previous_rows,
@@ -82,7 +83,7 @@ def _lstm_output_rows_fn(cfg, store, ops, levels, dtype, w_hr):
                                         m_out=m_s[s - first] if s >= first else None)
             if j + 1 < len(sizes):
                 c = step_input(c, bs, sizes[j + 1], c_init)
-        return m if w_hr is None else m @ w_hr.t()
+        return m if w_hr is None else mm(m, w_hr.t())
 
     return output_rows
 
@@ -121,7 +122,7 @@ def _lstm_output_rows_fn_tables(cfg, store, dtype, w_hr):
                 c, last_bs = torch.clamp(raw[o:o + bs], -cell_clip, cell_clip), bs
             del codes, raw, k_u
             m = m[skip:].to(dtype)
-            return m if w_hr is None else m @ w_hr.t()
+            return m if w_hr is None else mm(m, w_hr.t())
         tables = table_cache.tables(dtype, data.device)
         # One int32 index plane at a time: an inner layer's backward runs this once per chunk
         # beside its own chunk arrays, and the four planes at once were its largest temporaries.
@@ -144,7 +145,7 @@ def _lstm_output_rows_fn_tables(cfg, store, dtype, w_hr):
         o_u = tables.pair_index(codes[skip:, 3].to(torch.int32), u_idx).view(-1)
         del codes, u_idx
         m = tables.gather(tables.pair_table("ab"), o_u, (R - skip, H)).to(tables.dtype)
-        return m if w_hr is None else m @ w_hr.t()
+        return m if w_hr is None else mm(m, w_hr.t())
 
     return output_rows
 
@@ -233,7 +234,8 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
                 code_hi = code_lo + (j1 - j0) * bs
                 c_new = fused.lstm_forward_steps(
                     xproj, [layout.offsets[t] - lo for t in steps[j0:j1]], bs, h_in, c_in,
-                    recurrent.weight_t, recurrent.packed, recurrent.panels, y[lo:hi], w_hr_t,
+                    recurrent.weight_t, recurrent.packed, recurrent.panels, recurrent.dtype,
+                    y[lo:hi], w_hr_t,
                     k_gate_rows[code_lo:code_hi], k_u_rows[code_lo:code_hi],
                     None if preact is None else preact[lo:hi], cfg.levels, cfg.cell_clip)
                 # the run's last step's rows: in y by time, in the codes by processing
@@ -277,7 +279,7 @@ def _lstm_forward_chunked(x, h0, c0, w_ih, w_hh, b, w_hr, cfg, store, codes_data
                     if w_hr_t is None:
                         out.copy_(m)
                     else:
-                        torch.mm(m, w_hr_t, out=out)
+                        mm(m, w_hr_t, out=out)
                 _lstm_finish_rows(finish[first + j], bs, out, c_new, k_gates[j], k_u[j], h_n,
                                   c_n, final_codes)
                 h_prev, c_prev, prev_bs = out, c_new, bs
@@ -372,7 +374,7 @@ def _lstm_backward_chunked(
 
         def as_output(m):  # h_t exactly as the forward pass fed it to the next step, in acc
             m = m.to(dtype)
-            return (m if w_hr is None else m @ w_hr.t()).to(acc)
+            return (m if w_hr is None else mm(m, w_hr.t())).to(acc)
 
         m_before = None
         if before is not None:
@@ -418,7 +420,8 @@ def _lstm_backward_chunked(
                 pend_dcf = fused.lstm_backward_chunk(
                     codes, k_u, c_raw, c_first, offsets[j0:j1], bs, dys, dm, dc, dgates,
                     *rnn_cpu.derivative_tables(cfg.levels), recurrent_t.weight_t,
-                    recurrent_t.packed, recurrent_t.panels, dhs, w_hr_a, cfg.levels, clip)
+                    recurrent_t.packed, recurrent_t.panels, recurrent_t.dtype, dhs, w_hr_a,
+                    cfg.levels, clip)
                 pend_dg, pend_bs = dgates[offsets[j0]:offsets[j0] + bs].clone(), bs
             del codes, before, c_raw, k_u, dh, dc, dm, dys, c_firsts, c_last
         else:
@@ -643,7 +646,7 @@ class LSTMLayerFunction(torch.autograd.Function):
                     cell_clip=cfg.cell_clip,
                 )
                 if w_hr is not None:
-                    torch.mm(m.to(dtype), w_hr.t(), out=y[rows])
+                    mm(m.to(dtype), w_hr.t(), out=y[rows])
                 h_prev, prev_bs = y[rows], bs
                 if finish[s] < bs:
                     h_n[finish[s] : bs] = h_prev[finish[s] :]
@@ -702,7 +705,7 @@ class LSTMLayerFunction(torch.autograd.Function):
 
         def as_output(m):  # h_t exactly as the forward pass fed it to the next step, in acc
             m = m.to(dtype)
-            return (m if w_hr is None else m @ w_hr.t()).to(acc)
+            return (m if w_hr is None else mm(m, w_hr.t())).to(acc)
 
         chunks = list(cfg.chunks())
         for k in range(len(chunks) - 1, -1, -1):

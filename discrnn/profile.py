@@ -86,7 +86,8 @@ import torch
 from . import __version__
 from .profiling import report
 from .profiling.search import longest_within, straight_line_guess
-from .profiling.variants import (DTYPES, StackConfig, default_variant_names, parse_variant)
+from .profiling.variants import (DTYPES, StackConfig, default_variant_names, parse_variant,
+                                 torch_rnn_unsupported)
 from .profiling.worker import mmap_threshold, run_task
 
 PROG = "discrnn-profile"
@@ -265,6 +266,21 @@ def resolve(argv=None):
             setattr(args, key, value)
     args.lengths = sorted(set(args.lengths))
     args.variants = list(dict.fromkeys(args.variants or default_variant_names(args.levels)))
+    # torch's module where it cannot run here (bf16 autocast on a CPU without AVX-512): left out,
+    # and said so, rather than an error row in every report
+    args.left_out = {}
+    for name in args.variants:
+        v = parse_variant(name)
+        if v.levels is None:
+            reason = torch_rnn_unsupported(v.cell, device, torch.bfloat16 if v.bf16 else None)
+            if reason:
+                args.left_out[name] = reason
+    args.variants = [v for v in args.variants if v not in args.left_out]
+    if not args.variants:
+        parser.error("argument --variants: none of them can run here: "
+                     + "; ".join(f"{k}: {r}" for k, r in args.left_out.items()))
+    if args.budget_variants is not None:
+        args.budget_variants = [v for v in args.budget_variants if v not in args.left_out]
     chosen = []
     for name in args.budget_variants:
         if name == "all":
@@ -564,6 +580,8 @@ def main(argv=None) -> int:
                           f"MALLOC_MMAP_THRESHOLD_={mmap_threshold()}, fresh process per point"),
         "command": command,
     }
+    if args.left_out:
+        meta["left_out"] = "; ".join(f"{name}: {why}" for name, why in args.left_out.items())
     shape = (f"{cfg.layers} layers, H={cfg.hidden}, B={cfg.batch}, E={cfg.embed}, "
              f"V={cfg.vocab}, {cfg.dtype}, {meta['device_name']}")
     print(f"{PROG}: training steps of embedding -> {shape}")

@@ -45,6 +45,8 @@ import warnings
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from . import _validation as V
 from . import compile_ops
@@ -139,6 +141,32 @@ class _EmptyBatchFunction(torch.autograd.Function):
 
 
 _AUTOCAST_DTYPES: dict = {}  # (device type, autocast dtype, states) -> dtype or None
+
+
+class _FloatDtypes(TorchDispatchMode):
+    """Records the floating dtypes of the tensors that the ops below autocast receive."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.seen.update(t.dtype for t in tree_leaves((args, kwargs))
+                         if isinstance(t, torch.Tensor) and t.is_floating_point())
+        return func(*args, **kwargs)
+
+
+def _dtype_reached(probe: nn.Module, x: torch.Tensor, amp: torch.dtype) -> torch.dtype:
+    """``amp`` where autocast cast the probe's call to it (whether or not the call then ran), else
+    float32."""
+    recorder = _FloatDtypes()
+    try:
+        with torch.no_grad(), recorder:
+            probe(x)
+    except RuntimeError:
+        pass
+    return amp if amp in recorder.seen else torch.float32
 
 
 def _to_amp(value, amp: torch.dtype):
@@ -519,9 +547,16 @@ class _DiscreteRNNBase(nn.RNNBase):
         key = (device.type, amp, self._n_states)
         if key not in _AUTOCAST_DTYPES:
             probe = (nn.LSTM if self._n_states == 2 else nn.GRU)(1, 1, device=device)
-            with torch.no_grad():
-                out = probe(torch.zeros(1, 1, 1, device=device))[0]
-            _AUTOCAST_DTYPES[key] = None if out.dtype == torch.float32 else out.dtype
+            x = torch.zeros(1, 1, 1, device=device)
+            try:
+                with torch.no_grad():
+                    out_dtype = probe(x)[0].dtype
+            except RuntimeError:
+                # torch's module cast to the autocast dtype and then could not run in it: oneDNN's
+                # bf16 LSTM needs AVX-512 (on an AVX2 CPU it cannot create its primitive). The
+                # dtype is autocast's choice, which the ops below it saw.
+                out_dtype = _dtype_reached(probe, x, amp)
+            _AUTOCAST_DTYPES[key] = None if out_dtype == torch.float32 else out_dtype
         return _AUTOCAST_DTYPES[key]
 
     def forward(self, input, hx=None, *, packed_state: bool | None = None):

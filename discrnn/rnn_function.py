@@ -406,11 +406,50 @@ def backward_gemm_dtype(dtype: torch.dtype):
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
+# Whether bfloat16 / float16 products on the CPU run as float32 products of the widened operands
+# (see widened_products); None: where oneDNN has no kernels of the dtype for this CPU.
+WIDEN_LOW_PRECISION_PRODUCTS: bool | None = None
+_NATIVE_LOW_PRECISION: dict = {}
+
+
+def widened_products(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether products in ``dtype`` run as float32 products of their operands widened to float32
+    (exact: a product of two bfloat16 or float16 values fits float32's significand), the result
+    rounded once to ``dtype``: what a bf16 / fp16 matrix product with float32 accumulation
+    computes, up to the order of the sums. On a CPU for which oneDNN has no kernels of the dtype
+    (bfloat16 needs AVX-512 on x86; an AVX2 CPU such as AMD Zen 3 has none), aten's bfloat16
+    products take 15-20x the float32 ones' time (a DiscreteLSTM step under bf16 autocast at H=256:
+    850 against 55 ms), so there they run widened. ``WIDEN_LOW_PRECISION_PRODUCTS`` forces it
+    (True) or forbids it (False)."""
+    if dtype not in (torch.bfloat16, torch.float16) or device.type != "cpu":
+        return False
+    if WIDEN_LOW_PRECISION_PRODUCTS is not None:
+        return WIDEN_LOW_PRECISION_PRODUCTS
+    if dtype not in _NATIVE_LOW_PRECISION:
+        name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+        try:
+            native = bool(getattr(torch.ops.mkldnn, name)())
+        except (AttributeError, RuntimeError):  # an older build: leave the products to aten
+            native = True
+        _NATIVE_LOW_PRECISION[dtype] = native
+    return not _NATIVE_LOW_PRECISION[dtype]
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b (a, b of one dtype) as torch.mm, but widened where :func:`widened_products` says."""
+    if not widened_products(a.dtype, a.device):
+        return torch.mm(a, b, out=out)
+    y = torch.mm(a.float(), b.float())
+    if out is None or out.dtype != a.dtype:
+        y = y.to(a.dtype)
+    return y if out is None else out.copy_(y)
+
+
 def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gemm=None) -> torch.Tensor:
     """acc += a @ b, the product in ``gemm`` when given (the sum stays in acc's dtype)."""
     if gemm is None:
         return acc.addmm_(a, b)
-    return acc.add_(a.to(gemm) @ b.to(gemm))
+    return acc.add_(mm(a.to(gemm), b.to(gemm)))
 
 
 def weight_grad_(acc: torch.Tensor, grads: torch.Tensor, rows: torch.Tensor,
@@ -430,7 +469,7 @@ def weight_grad_(acc: torch.Tensor, grads: torch.Tensor, rows: torch.Tensor,
         from .kernels import rnn_cpu
 
         module = rnn_cpu.panel_products(torch.float32)
-        if module is not None:
+        if module is not None and rnn_cpu.panels_for_large_products():
             return module.panel_weight_grad(acc, grads, rows)
     return addmm_(acc, grads.t(), rows, gemm)
 
@@ -474,7 +513,9 @@ def _panel_packed(weight: torch.Tensor, rows: int | None, products: int):
     from .kernels import rnn_cpu
 
     module = rnn_cpu.panel_products(weight.dtype)
-    return None if module is None else module.pack_panels(weight.detach())
+    if module is None or (rows is None and not rnn_cpu.panels_for_large_products()):
+        return None
+    return module.pack_panels(weight.detach())
 
 
 def _onednn_packed(weight: torch.Tensor, rows: int, products: int):
@@ -516,8 +557,13 @@ class StepProduct:
     """
 
     def __init__(self, weight: torch.Tensor, rows: int, products: int, chunk: bool = False):
+        self.dtype = weight.dtype  # the products' (their results are rounded to it)
+        # bf16 / fp16 where the CPU has no fast products of them: float32 on the widened weight
+        self.widened = widened_products(weight.dtype, weight.device)
+        if self.widened:
+            weight = weight.float()
+        self.gemm_dtype = weight.dtype
         self.weight_t = weight.t()
-        self.dtype = weight.dtype
         if chunk:
             self.packed = _onednn_packed(weight, rows, products)
             self.panels = None if self.packed is not None else _panel_packed(weight, None, products)
@@ -528,16 +574,35 @@ class StepProduct:
     def _on_panels(self, a: torch.Tensor, c, out):
         from .kernels import rnn_cpu
 
-        module = rnn_cpu.panel_products(self.dtype)
+        module = rnn_cpu.panel_products(self.gemm_dtype)
         a = a if a.stride(-1) == 1 else a.contiguous()
         n = self.weight_t.shape[1]
-        if out is not None and out.dtype == self.dtype and (n <= 1 or out.stride(-1) == 1):
+        if out is not None and out.dtype == self.gemm_dtype and (n <= 1 or out.stride(-1) == 1):
             return module.panel_linear(a, self.panels, n, c, out)
         y = module.panel_linear(a, self.panels, n, c)
         return y if out is None else out.copy_(y)
 
+    def _widened(self, a: torch.Tensor, c, out):
+        """c + a @ W^T (c None: a @ W^T) in float32 on the widened operands, rounded once to W's
+        dtype (into ``out`` when given)."""
+        a = a.to(self.dtype).float()
+        c = None if c is None else c.float()
+        if self.panels is not None:
+            y = self._on_panels(a, c, None)
+        elif self.packed is not None:
+            y = (torch.ops.mkldnn._linear_pointwise(a, self.packed, None, "none", [], "")
+                 if c is None else
+                 torch.ops.mkldnn._linear_pointwise.binary(a, c, self.packed, None, "add"))
+        else:
+            y = a @ self.weight_t if c is None else torch.addmm(c, a, self.weight_t)
+        if out is None or out.dtype != self.dtype:
+            y = y.to(self.dtype)  # one rounding, whatever out's dtype (as the product's own)
+        return y if out is None else out.copy_(y)
+
     def mm(self, a: torch.Tensor, out=None) -> torch.Tensor:
         """a @ W^T, in W's dtype (into ``out`` when given)."""
+        if self.widened:
+            return self._widened(a, None, out)
         a = a.to(self.dtype)
         if self.panels is not None:
             return self._on_panels(a, None, out)
@@ -554,6 +619,8 @@ class StepProduct:
         torch.addmm; otherwise the product is rounded to W's dtype and added in c's."""
         if c.dtype != self.dtype:
             return torch.add(c, self.mm(a), out=out)
+        if self.widened:
+            return self._widened(a, c, out)
         a = a.to(self.dtype)
         if self.panels is not None:
             return self._on_panels(a, c if c.stride(-1) == 1 else c.contiguous(), out)
@@ -576,6 +643,8 @@ class StepProduct:
 
     def addmm_(self, acc: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """acc += a @ W^T."""
+        if self.widened:
+            return acc.add_(self.mm(a))
         if acc.dtype == self.dtype and self.panels is not None and acc.stride(-1) == 1:
             return self._on_panels(a.to(self.dtype), acc, acc)
         if acc.dtype == self.dtype and self.packed is None and self.panels is None:

@@ -27,8 +27,13 @@
 // depend on the number of threads: threads split the panels, never a sum. float32 results differ
 // from torch.addmm's by rounding (MKL sums in another order).
 //
-// Only built for AVX-512 (rnn_cpu.py compiles the extension for the capability aten dispatches
-// to); bfloat16 also needs AVX512-BF16 at run time. panel_products_supported says which.
+// Built for AVX-512 and, float32 only, for AVX2 (rnn_cpu.py compiles the extension for the
+// capability aten dispatches to); bfloat16 also needs AVX512-BF16 at run time.
+// panel_products_supported says which. AVX2 has 16 vector registers of 8 floats: its tiles are 4
+// rows x 24 columns (half a panel; 12 accumulators, 3 panel vectors, 1 broadcast), on the same
+// panel layout. Measured on a 2-core AMD EPYC Zen 3, one thread: 16 x 256 @ 256 x 1024 in about 110
+// us alone (75 GFLOP/s of the core's 92) and 148-155 us through panel_linear against
+// torch.addmm's 159-192, but 512 rows lose to MKL (rnn_cpu.panels_for_large_products).
 
 #include <torch/extension.h>
 
@@ -40,15 +45,23 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
+#define DISCRNN_PANELS 1
+#else
+#define DISCRNN_PANELS 0
 #endif
 
 namespace {
 
 constexpr int kPanelVectors = 3;
 constexpr int64_t kPanelCols = 16 * kPanelVectors;
+#if defined(CPU_CAPABILITY_AVX512)
 constexpr int kTileRows = 8;
+#else
+// AVX2's 16 vector registers: 4 rows x 24 columns (12 accumulators, 3 panel vectors, 1 broadcast)
+constexpr int kTileRows = 4;
+#endif
 
 int64_t panel_count(int64_t n) { return (n + kPanelCols - 1) / kPanelCols; }
 
@@ -192,44 +205,6 @@ __attribute__((target("avx512bf16"), noinline)) void bf16_tile(const uint16_t* a
   }
 }
 
-// One tile of `rows` (1 .. kTileRows) rows.
-template <typename T, template <int> class Tile>
-void tile_of(int64_t rows, const T* a, int64_t lda, const T* panel, int64_t K, const T* c,
-             int64_t ldc, T* y, int64_t ldy, int64_t cols) {
-  switch (rows) {
-#define DISCRNN_TILE_CASE(R) \
-  case R:                    \
-    Tile<R>::run(a, lda, panel, K, c, ldc, y, ldy, cols); \
-    break;
-    DISCRNN_TILE_CASE(1)
-    DISCRNN_TILE_CASE(2)
-    DISCRNN_TILE_CASE(3)
-    DISCRNN_TILE_CASE(4)
-    DISCRNN_TILE_CASE(5)
-    DISCRNN_TILE_CASE(6)
-    DISCRNN_TILE_CASE(7)
-    DISCRNN_TILE_CASE(8)
-#undef DISCRNN_TILE_CASE
-    default:
-      break;
-  }
-}
-
-// One panel's columns for all M rows: tiles of kTileRows rows, then one of the rest.
-template <typename T, template <int> class Tile>
-void panel_rows(const T* a, int64_t lda, const T* panel, int64_t K, const T* c, int64_t ldc, T* y,
-                int64_t ldy, int64_t cols, int64_t M) {
-  int64_t m = 0;
-  for (; m + kTileRows <= M; m += kTileRows) {
-    Tile<kTileRows>::run(a + m * lda, lda, panel, K, c ? c + m * ldc : nullptr, ldc, y + m * ldy,
-                         ldy, cols);
-  }
-  if (m < M) {
-    tile_of<T, Tile>(M - m, a + m * lda, lda, panel, K, c ? c + m * ldc : nullptr, ldc,
-                     y + m * ldy, ldy, cols);
-  }
-}
-
 // Calls tile(std::integral_constant<int, V>) with the fewest vectors V that hold `cols` columns.
 template <typename Tile>
 void with_vectors(int64_t cols, Tile&& tile) {
@@ -272,6 +247,138 @@ struct BFloat16Tile {
   }
 };
 
+#elif defined(CPU_CAPABILITY_AVX2)
+
+// r[i][j] -> r[j][i]: unpack pairs of rows, then quads within 128-bit lanes, then the lanes.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int m = 0; m < 4; ++m) {
+    t[2 * m] = _mm256_unpacklo_ps(r[2 * m], r[2 * m + 1]);
+    t[2 * m + 1] = _mm256_unpackhi_ps(r[2 * m], r[2 * m + 1]);
+  }
+  for (int m = 0; m < 2; ++m) {
+    u[4 * m] = _mm256_shuffle_ps(t[4 * m], t[4 * m + 2], 0x44);
+    u[4 * m + 1] = _mm256_shuffle_ps(t[4 * m], t[4 * m + 2], 0xEE);
+    u[4 * m + 2] = _mm256_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0x44);
+    u[4 * m + 3] = _mm256_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {
+    r[q] = _mm256_permute2f128_ps(u[q], u[4 + q], 0x20);
+    r[4 + q] = _mm256_permute2f128_ps(u[q], u[4 + q], 0x31);
+  }
+}
+
+// Lanes 0 .. left - 1 of 8 (all for left >= 8, none for left <= 0).
+inline __m256i lane_mask(int64_t left) {
+  const int n = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(8, left)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// As the AVX-512 float_tile, on 8-float vectors: V (1 .. 3) vectors from `panel`, whose rows are
+// kPanelCols apart (a half panel of 24 columns, or its last 8 or 16).
+template <int Rows, int V, bool KMajor = false>
+__attribute__((noinline)) void float_tile(const float* a, int64_t lda, const float* panel,
+                                          int64_t K, const float* c, int64_t ldc, float* y,
+                                          int64_t ldy, int64_t cols) {
+  __m256 acc[Rows][V];
+  for (int i = 0; i < Rows; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 b[V];
+    for (int v = 0; v < V; ++v) b[v] = _mm256_loadu_ps(panel + k * kPanelCols + 8 * v);
+    for (int i = 0; i < Rows; ++i) {
+      // by value: from a pointer (vbroadcastss's own form) GCC 12 stores every accumulator to
+      // the stack each k (2.6x slower)
+      const __m256 ai = _mm256_set1_ps(KMajor ? a[k * lda + i] : a[i * lda + k]);
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm256_fmadd_ps(ai, b[v], acc[i][v]);
+    }
+  }
+  for (int v = 0; v < V; ++v) {
+    const __m256i m = lane_mask(cols - 8 * v);
+    for (int i = 0; i < Rows; ++i) {
+      __m256 r = acc[i][v];
+      if (c) r = _mm256_add_ps(r, _mm256_maskload_ps(c + i * ldc + 8 * v, m));
+      _mm256_maskstore_ps(y + i * ldy + 8 * v, m, r);
+    }
+  }
+}
+
+// A whole panel's `cols` columns as two halves of 24, each with the fewest vectors that hold it.
+template <int Rows, bool KMajor>
+void float_panel_tile(const float* a, int64_t lda, const float* panel, int64_t K, const float* c,
+                      int64_t ldc, float* y, int64_t ldy, int64_t cols) {
+  constexpr int64_t kHalf = kPanelCols / 2;
+  for (int64_t h = 0; h < kPanelCols && h < cols; h += kHalf) {
+    const int64_t left = std::min(kHalf, cols - h);
+    const float* c_h = c ? c + h : nullptr;
+    if (left > 16) {
+      float_tile<Rows, 3, KMajor>(a, lda, panel + h, K, c_h, ldc, y + h, ldy, left);
+    } else if (left > 8) {
+      float_tile<Rows, 2, KMajor>(a, lda, panel + h, K, c_h, ldc, y + h, ldy, left);
+    } else {
+      float_tile<Rows, 1, KMajor>(a, lda, panel + h, K, c_h, ldc, y + h, ldy, left);
+    }
+  }
+}
+
+template <int Rows>
+struct FloatTile {
+  static void run(const float* a, int64_t lda, const float* panel, int64_t K, const float* c,
+                  int64_t ldc, float* y, int64_t ldy, int64_t cols) {
+    float_panel_tile<Rows, false>(a, lda, panel, K, c, ldc, y, ldy, cols);
+  }
+};
+
+template <int Rows>
+struct KMajorFloatTile {
+  static void run(const float* a, int64_t lda, const float* panel, int64_t K, const float* c,
+                  int64_t ldc, float* y, int64_t ldy, int64_t cols) {
+    float_panel_tile<Rows, true>(a, lda, panel, K, c, ldc, y, ldy, cols);
+  }
+};
+
+#endif  // CPU_CAPABILITY_AVX512 / AVX2
+
+#if DISCRNN_PANELS
+
+// One tile of `rows` (1 .. kTileRows) rows.
+template <typename T, template <int> class Tile>
+void tile_of(int64_t rows, const T* a, int64_t lda, const T* panel, int64_t K, const T* c,
+             int64_t ldc, T* y, int64_t ldy, int64_t cols) {
+  switch (rows) {
+#define DISCRNN_TILE_CASE(R) \
+  case R:                    \
+    if constexpr (R <= kTileRows) Tile<R>::run(a, lda, panel, K, c, ldc, y, ldy, cols); \
+    break;
+    DISCRNN_TILE_CASE(1)
+    DISCRNN_TILE_CASE(2)
+    DISCRNN_TILE_CASE(3)
+    DISCRNN_TILE_CASE(4)
+    DISCRNN_TILE_CASE(5)
+    DISCRNN_TILE_CASE(6)
+    DISCRNN_TILE_CASE(7)
+    DISCRNN_TILE_CASE(8)
+#undef DISCRNN_TILE_CASE
+    default:
+      break;
+  }
+}
+
+// One panel's columns for all M rows: tiles of kTileRows rows, then one of the rest.
+template <typename T, template <int> class Tile>
+void panel_rows(const T* a, int64_t lda, const T* panel, int64_t K, const T* c, int64_t ldc, T* y,
+                int64_t ldy, int64_t cols, int64_t M) {
+  int64_t m = 0;
+  for (; m + kTileRows <= M; m += kTileRows) {
+    Tile<kTileRows>::run(a + m * lda, lda, panel, K, c ? c + m * ldc : nullptr, ldc, y + m * ldy,
+                         ldy, cols);
+  }
+  if (m < M) {
+    tile_of<T, Tile>(M - m, a + m * lda, lda, panel, K, c ? c + m * ldc : nullptr, ldc,
+                     y + m * ldy, ldy, cols);
+  }
+}
+
 // A weight gradient's sum over K rows (T B: thousands) runs in blocks of kKBlock k, each block's
 // sum added to the gradient: a block's panels stay in L2 (one pass over all of K took 1.9x MKL's
 // time at K=4096) and the rounding error stays near MKL's (a running sum grows it with K).
@@ -295,9 +402,13 @@ void k_major_rows(const float* a, int64_t lda, const float* panels, int64_t kc, 
       const float* src = a + k * lda + g;
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t rows = std::min<int64_t>(kTileRows, M - g - t * kTileRows);
-        const __mmask8 row_mask = static_cast<__mmask8>((1u << rows) - 1);
-        _mm256_storeu_ps(a_block + (t * kc + k) * kTileRows,
-                         _mm256_maskz_loadu_ps(row_mask, src + t * kTileRows));
+        float* dst = a_block + (t * kc + k) * kTileRows;
+        if (rows == kTileRows) {
+          std::memcpy(dst, src + t * kTileRows, sizeof(float) * kTileRows);
+        } else {
+          std::memcpy(dst, src + t * kTileRows, sizeof(float) * rows);
+          std::memset(dst + rows, 0, sizeof(float) * (kTileRows - rows));
+        }
       }
     }
     for (int64_t t = 0; t < tiles; ++t) {
@@ -313,7 +424,8 @@ void k_major_rows(const float* a, int64_t lda, const float* panels, int64_t kc, 
   }
 }
 
-#endif  // CPU_CAPABILITY_AVX512
+#endif  // DISCRNN_PANELS
+
 
 bool cpu_has_avx512_bf16() {
 #if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
@@ -326,9 +438,22 @@ bool cpu_has_avx512_bf16() {
 
 }  // namespace
 
+// The float32 panel kernels' vector width: 16 (AVX-512), 8 (AVX2), 0 (none built).
+int64_t panel_vector_floats() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return 16;
+#elif defined(CPU_CAPABILITY_AVX2)
+  return 8;
+#else
+  return 0;
+#endif
+}
+
 bool panel_products_supported(at::ScalarType dtype) {
 #if defined(CPU_CAPABILITY_AVX512)
   return dtype == at::kFloat || (dtype == at::kBFloat16 && cpu_has_avx512_bf16());
+#elif defined(CPU_CAPABILITY_AVX2)
+  return dtype == at::kFloat;
 #else
   (void)dtype;
   return false;
@@ -345,7 +470,7 @@ at::Tensor pack_panels(const at::Tensor& weight) {
   const int64_t N = weight.size(0), K = weight.size(1), P = panel_count(N);
   const int64_t sn = weight.stride(0), sk = weight.stride(1);
   if (weight.scalar_type() == at::kFloat) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if DISCRNN_PANELS
     const bool transposes = sk == 1;  // they write every value, the zeros past N included
 #else
     const bool transposes = false;
@@ -378,6 +503,26 @@ at::Tensor pack_panels(const at::Tensor& weight) {
               transpose16(r);
               for (int64_t k = 0; k < ks; ++k) {
                 _mm512_storeu_ps(panel + (k0 + k) * kPanelCols + 16 * v, r[k]);
+              }
+            }
+          }
+          continue;
+        }
+#elif defined(CPU_CAPABILITY_AVX2)
+        if (sk == 1) {  // as above, 8 rows x 8 k at a time
+          for (int64_t v = 0; v < kPanelCols / 8; ++v) {
+            const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(8, cols - 8 * v));
+            const float* base = rows > 0 ? w + (p * kPanelCols + 8 * v) * sn : w;
+            for (int64_t k0 = 0; k0 < K; k0 += 8) {
+              const int64_t ks = std::min<int64_t>(8, K - k0);
+              const __m256i km = lane_mask(ks);
+              __m256 r[8];
+              for (int64_t i = 0; i < 8; ++i) {
+                r[i] = i < rows ? _mm256_maskload_ps(base + i * sn + k0, km) : _mm256_setzero_ps();
+              }
+              transpose8(r);
+              for (int64_t k = 0; k < ks; ++k) {
+                _mm256_storeu_ps(panel + (k0 + k) * kPanelCols + 8 * v, r[k]);
               }
             }
           }
@@ -457,7 +602,7 @@ at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n
                 "panel_linear: out overlaps a (a is read until the last output is written)");
   }
   if (M == 0) return y;
-#if defined(CPU_CAPABILITY_AVX512)
+#if DISCRNN_PANELS
   const int64_t P = panels.size(0);
   const int64_t panel_size = panels.numel() / P;
   const int64_t ldc = c ? c->stride(0) : 0;
@@ -473,10 +618,12 @@ at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n
                                      c ? c->data_ptr<float>() + n0 : nullptr, ldc,
                                      y.data_ptr<float>() + n0, y.stride(0), cols, M);
       } else {
+#if defined(CPU_CAPABILITY_AVX512)
         panel_rows<uint16_t, BFloat16Tile>(bf16_data(a), lda,
                                            bf16_data(panels) + p * panel_size, K,
                                            c ? bf16_data(*c) + n0 : nullptr, ldc,
                                            bf16_data(y) + n0, y.stride(0), cols, M);
+#endif
       }
     }
   });
@@ -512,7 +659,7 @@ at::Tensor panel_weight_grad(const at::Tensor& acc, const at::Tensor& grads,
                 (shares_memory(acc, grads) || shares_memory(acc, rows))),
               "panel_weight_grad: acc overlaps grads or rows");
   if (M == 0 || N == 0 || R == 0) return acc;
-#if defined(CPU_CAPABILITY_AVX512)
+#if DISCRNN_PANELS
   const int64_t P = panel_count(N);
   at::Tensor block = at::empty({P, std::min(kKBlock, R), kPanelCols}, rows.options());
   const float* g = grads.data_ptr<float>();

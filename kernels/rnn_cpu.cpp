@@ -26,7 +26,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/vec/vec.h>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -184,6 +184,30 @@ void tanh_codes(const float* __restrict x, int32_t* __restrict k, int64_t n, con
     const __mmask16 near = _mm512_cmp_ps_mask(frac, margin, _CMP_LT_OQ) |
                            _mm512_cmp_ps_mask(frac, one_minus_margin, _CMP_GT_OQ);
     for (uint32_t lanes = near; lanes != 0; lanes &= lanes - 1) {
+      const int64_t j = i + __builtin_ctz(lanes);
+      k[j] = k[j] + (x[j] >= tau[k[j] + 1]) - (x[j] < tau[k[j]]);
+    }
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  // As above, 8 lanes at a time (the scalar loop's libm exp took 9 % of a training step).
+  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+  const __m256 scale = _mm256_set1_ps(half_span), half = _mm256_set1_ps(0.5f);
+  const __m256i zero_i = _mm256_setzero_si256(), top_i = _mm256_set1_epi32(top);
+  const __m256 margin = _mm256_set1_ps(1e-3f), one_minus_margin = _mm256_set1_ps(1.0f - 1e-3f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 e = Vec(_mm256_mul_ps(v, two)).exp();
+    const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
+    const __m256 shifted = _mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(t, one), scale), half);
+    // NaN -> 0: the truncating conversion gives INT_MIN there, which the max takes to 0
+    const __m256i k0 = _mm256_min_epi32(
+        _mm256_max_epi32(_mm256_cvttps_epi32(shifted), zero_i), top_i);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(k + i), k0);
+    const __m256 frac = _mm256_sub_ps(shifted, _mm256_round_ps(shifted, _MM_FROUND_TO_ZERO |
+                                                                        _MM_FROUND_NO_EXC));
+    const int near = _mm256_movemask_ps(_mm256_or_ps(
+        _mm256_cmp_ps(frac, margin, _CMP_LT_OQ), _mm256_cmp_ps(frac, one_minus_margin, _CMP_GT_OQ)));
+    for (uint32_t lanes = static_cast<uint32_t>(near); lanes != 0; lanes &= lanes - 1) {
       const int64_t j = i + __builtin_ctz(lanes);
       k[j] = k[j] + (x[j] >= tau[k[j] + 1]) - (x[j] < tau[k[j]]);
     }
@@ -635,6 +659,7 @@ at::Tensor add_widened(const at::Tensor& c, const at::Tensor& b, at::Tensor out)
 
 // panel_gemm.cpp
 bool panel_products_supported(at::ScalarType dtype);
+int64_t panel_vector_floats();
 at::Tensor pack_panels(const at::Tensor& weight);
 at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n,
                         const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& out);
@@ -667,67 +692,104 @@ at::Tensor onednn_linear_add(const at::Tensor& a, const at::Tensor& other,
   return stack[0].toTensor();
 }
 
-// discrnn.rnn_function.StepProduct, call for call: a @ W^T with W^T = weight_t ([in, out], W's
-// dtype), on W's panels (panel_gemm.cpp) or oneDNN's packed copy of W where there is one.
+// discrnn.rnn_function.StepProduct, call for call: a @ W^T with W^T = weight_t ([in, out]), on W's
+// panels (panel_gemm.cpp) or oneDNN's packed copy of W where there is one. The products' dtype is
+// `result`: W's own, or bfloat16 / float16 for a widened product (rnn_function.widened_products),
+// whose weight_t, panels and packed copy are the float32 widening of W: a is rounded to `result`
+// and widened, the float32 product (plus c, widened) rounded once to `result`.
 struct StepProduct {
   at::Tensor weight_t;
   std::optional<at::Tensor> packed;
   std::optional<at::Tensor> panels;
+  at::ScalarType result;
   mutable at::Tensor converted;  // the operand in W's dtype, reused step after step
+  mutable at::Tensor rounded;    // a widened product's operand rounded to `result` first
 
-  at::ScalarType dtype() const { return weight_t.scalar_type(); }
+  at::ScalarType dtype() const { return result; }
+  at::ScalarType gemm_dtype() const { return weight_t.scalar_type(); }
+  bool widened() const { return result != gemm_dtype(); }
 
-  // a.to(W's dtype), with copy_rows's conversion, into a buffer that outlives the step (the
-  // products read it and return new tensors, so the next step may overwrite it).
-  at::Tensor operand(const at::Tensor& a) const {
-    if (a.scalar_type() == dtype()) return a;
+  // a.to(result).to(W's dtype), with copy_rows's conversions, into buffers that outlive the step
+  // (the products read them and return new tensors, so the next step may overwrite them).
+  at::Tensor operand(const at::Tensor& a_in) const {
+    at::Tensor a = a_in;
+    if (widened() && a.scalar_type() != result) {
+      if (!rounded.defined() || !rounded.sizes().equals(a.sizes())) {
+        rounded = at::empty(a.sizes(), a.options().dtype(result));
+      }
+      copy_rows(a, rounded);
+      a = rounded;
+    }
+    if (a.scalar_type() == gemm_dtype()) return a;
     if (!converted.defined() || !converted.sizes().equals(a.sizes())) {
-      converted = at::empty(a.sizes(), a.options().dtype(dtype()));
+      converted = at::empty(a.sizes(), a.options().dtype(gemm_dtype()));
     }
     copy_rows(a, converted);
     return converted;
+  }
+
+  // y (a product in W's dtype) into out, or as a new tensor, in `result`.
+  at::Tensor finish(const at::Tensor& y, const at::Tensor& out) const {
+    if (out.defined()) {
+      // a widened product rounds to `result` whatever out's dtype (as the product would)
+      if (widened() && out.scalar_type() != result) {
+        at::Tensor r = at::empty(y.sizes(), y.options().dtype(result));
+        copy_rows(y, r);
+        copy_rows(r, out);
+      } else {
+        copy_rows(y, out);
+      }
+      return out;
+    }
+    if (y.scalar_type() == result) return y;
+    at::Tensor r = at::empty(y.sizes(), y.options().dtype(result));
+    copy_rows(y, r);
+    return r;
   }
 
   // The panel product into out where out can take it directly.
   at::Tensor on_panels(const at::Tensor& a, const std::optional<at::Tensor>& c,
                        const at::Tensor& out) const {
     const at::Tensor rows = a.stride(-1) == 1 ? a : a.contiguous();
-    if (out.defined() && out.scalar_type() == dtype() && unit_rows(out)) {
+    if (out.defined() && out.scalar_type() == gemm_dtype() && !widened() && unit_rows(out)) {
       return panel_linear(rows, *panels, weight_t.size(1), c, out);
     }
-    at::Tensor y = panel_linear(rows, *panels, weight_t.size(1), c, std::nullopt);
-    return out.defined() ? out.copy_(y) : y;
+    return finish(panel_linear(rows, *panels, weight_t.size(1), c, std::nullopt), out);
   }
 
   at::Tensor mm(const at::Tensor& a_in, at::Tensor out = {}) const {
     const at::Tensor a = operand(a_in);
     if (panels) return on_panels(a, std::nullopt, out);
-    at::Tensor y;
     if (!packed) {
-      if (out.defined() && out.scalar_type() == dtype()) return at::mm_out(out, a, weight_t);
-      y = at::mm(a, weight_t);
-    } else {
-      y = onednn_linear(a, *packed);
+      if (out.defined() && out.scalar_type() == gemm_dtype() && !widened()) {
+        return at::mm_out(out, a, weight_t);
+      }
+      return finish(at::mm(a, weight_t), out);
     }
-    return out.defined() ? out.copy_(y) : y;
+    return finish(onednn_linear(a, *packed), out);
   }
 
-  // c + a @ W^T: one fused call where c has W's dtype, else the product rounded to W's dtype and
-  // added in c's.
-  at::Tensor addmm(const at::Tensor& c, const at::Tensor& a_in, at::Tensor out = {}) const {
-    if (c.scalar_type() != dtype()) {
-      if (c.scalar_type() == at::kFloat && dtype() == at::kBFloat16) {
-        return add_widened(c, mm(a_in), out);
+  // c + a @ W^T: one fused call where c has the products' dtype, else the product rounded to it
+  // and added in c's.
+  at::Tensor addmm(const at::Tensor& c_in, const at::Tensor& a_in, at::Tensor out = {}) const {
+    if (c_in.scalar_type() != dtype()) {
+      if (c_in.scalar_type() == at::kFloat && dtype() == at::kBFloat16) {
+        return add_widened(c_in, mm(a_in), out);
       }
-      return out.defined() ? at::add_out(out, c, mm(a_in)) : at::add(c, mm(a_in));
+      return out.defined() ? at::add_out(out, c_in, mm(a_in)) : at::add(c_in, mm(a_in));
     }
     const at::Tensor a = operand(a_in);
+    at::Tensor c = c_in;
+    if (widened()) {
+      c = at::empty(c_in.sizes(), c_in.options().dtype(gemm_dtype()));
+      copy_rows(c_in, c);
+    }
     if (panels) return on_panels(a, unit_rows(c) ? c : c.contiguous(), out);
     if (!packed) {
+      if (widened()) return finish(at::addmm(c, a, weight_t), out);
       return out.defined() ? at::addmm_out(out, c, a, weight_t) : at::addmm(c, a, weight_t);
     }
-    at::Tensor y = onednn_linear_add(a, c, *packed);
-    return out.defined() ? out.copy_(y) : y;
+    return finish(onednn_linear_add(a, c, *packed), out);
   }
 };
 
@@ -755,7 +817,8 @@ void check_offsets(const std::vector<int64_t>& offsets, int64_t bs, int64_t R) {
 at::Tensor lstm_forward_steps(const at::Tensor& xproj, const std::vector<int64_t>& offsets,
                               int64_t bs, const at::Tensor& h_in, const at::Tensor& c_in,
                               const at::Tensor& weight_t, const std::optional<at::Tensor>& packed,
-                              const std::optional<at::Tensor>& panels, const at::Tensor& y,
+                              const std::optional<at::Tensor>& panels,
+                              at::ScalarType product_dtype, const at::Tensor& y,
                               const std::optional<at::Tensor>& w_hr_t,
                               const at::Tensor& k_gates, const at::Tensor& k_u,
                               const std::optional<at::Tensor>& preact, int64_t levels,
@@ -769,7 +832,7 @@ at::Tensor lstm_forward_steps(const at::Tensor& xproj, const std::vector<int64_t
   TORCH_CHECK(k_gates.size(0) == code_rows && k_u.size(0) == code_rows, "codes must have ",
               code_rows, " rows (the steps' in processing order), got ", k_gates.size(0), " and ",
               k_u.size(0));
-  const StepProduct recurrent{weight_t, packed, panels};
+  const StepProduct recurrent{weight_t, packed, panels, product_dtype};
   const at::ScalarType dtype = y.scalar_type();
   const bool exact_dtype = dtype == at::kFloat;
   const bool direct = !w_hr_t && exact_dtype;  // m goes straight into y
@@ -777,6 +840,9 @@ at::Tensor lstm_forward_steps(const at::Tensor& xproj, const std::vector<int64_t
   at::Tensor gates_buf = at::empty({bs, 4 * H}, f32);
   at::Tensor m_buf = direct ? at::Tensor() : at::empty({bs, H}, f32);
   at::Tensor c_bufs[2] = {at::empty({bs, H}, f32), at::empty({bs, H}, f32)};
+  // The projection's products widened where the recurrent ones are (rnn_function.mm).
+  const at::Tensor w_hr_wide =
+      w_hr_t && recurrent.widened() ? w_hr_t->to(recurrent.gemm_dtype()) : at::Tensor();
   at::Tensor h = h_in, c = c_in;
   for (size_t j = 0; j < offsets.size(); ++j) {
     const int64_t o = offsets[j];
@@ -796,6 +862,8 @@ at::Tensor lstm_forward_steps(const at::Tensor& xproj, const std::vector<int64_t
     if (!direct) {
       if (!w_hr_t) {
         copy_rows(m, out);  // m.to(dtype), then out.copy_: one rounding either way
+      } else if (w_hr_wide.defined()) {
+        copy_rows(at::mm(m.to(dtype).to(recurrent.gemm_dtype()), w_hr_wide), out);
       } else {
         at::mm_out(out, m.to(dtype), *w_hr_t);
       }
@@ -933,7 +1001,7 @@ at::Tensor lstm_backward_chunk(const at::Tensor& codes, const at::Tensor& k_u,
                                const at::Tensor& dc_last, const at::Tensor& dgates,
                                const at::Tensor& deriv_sig, const at::Tensor& deriv_tanh,
                                const at::Tensor& weight_t, const std::optional<at::Tensor>& packed,
-                               const std::optional<at::Tensor>& panels,
+                               const std::optional<at::Tensor>& panels, at::ScalarType product_dtype,
                                const std::optional<at::Tensor>& dh_out,
                                const std::optional<at::Tensor>& w_hr, int64_t levels,
                                double cell_clip) {
@@ -956,7 +1024,7 @@ at::Tensor lstm_backward_chunk(const at::Tensor& codes, const at::Tensor& k_u,
   const int32_t top = static_cast<int32_t>(levels - 1);
   // lstm_backward_finish's sigmoid runs one loop over the chunk's R H values of c_t
   const int64_t vector_end = R * H - (R * H) % (2 * Vec::size());
-  const StepProduct recurrent{weight_t, packed, panels};
+  const StepProduct recurrent{weight_t, packed, panels, product_dtype};
   const auto f32 = c_first.options();
   at::Tensor dcf_bufs[2] = {at::empty({bs, H}, f32), at::empty({bs, H}, f32)};
   at::Tensor dcf_in = dc_last;
@@ -1276,6 +1344,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Index of the first tensor holding NaN or an infinity, or -1 (CPU)");
   m.def("convert_rows", &convert_rows, "dst.copy_(src), float32 <-> bfloat16 rows (CPU)");
   m.def("add_bfloat16", &add_bfloat16, "float32 + bfloat16 rows, as torch.add (CPU)");
+  m.def("panel_vector_floats", &panel_vector_floats,
+        "The float32 panel kernels' vector width: 16 (AVX-512), 8 (AVX2), 0 (none)");
   m.def("panel_products_supported", &panel_products_supported,
         "Whether panel_linear runs for a dtype on this CPU");
   m.def("pack_panels", &pack_panels, "A weight [N, K] packed for panel_linear (CPU)");

@@ -82,6 +82,7 @@ from discrnn.backend import resolve_backend
 from discrnn.profiling.memory import (  # noqa: F401 (MMAP_THRESHOLD: scripts/rnn_memory.py)
     MMAP_THRESHOLD, KeptBytes, memory_baseline, memory_peak, rss_now,
 )
+from discrnn.profiling.variants import torch_rnn_unsupported
 from bench_env import (  # scripts/ is on sys.path
     add_device_argument, device_name, git_commit, load_average, resolve_device, save_figure,
 )
@@ -350,6 +351,7 @@ class Row:
     end_mib: float = math.nan  # memory still held after backward (output + gradients)
     times_ms: list = field(default_factory=list)
     error: str = ""
+    unsupported: str = ""  # why the module cannot run here (not timed, not an error)
 
 
 def fmt(value, spec: str) -> str:
@@ -363,7 +365,8 @@ def print_table(title: str, rows: list[Row], cuda: bool) -> None:
               "peak B/u", "peak x torch", "note"]
     table = []
     for r in rows:
-        note = f"ERROR {r.error.splitlines()[0][:70]}" if r.error else ""
+        note = (f"ERROR {r.error.splitlines()[0][:70]}" if r.error
+                else f"not run: {r.unsupported}" if r.unsupported else "")
         goal = KEPT_GOALS.get((r.cell, r.levels))
         if goal is not None and not math.isnan(r.kept_per_unit):
             note = (note + "; " if note else "") + (
@@ -554,6 +557,12 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     built = []
     for case, row in zip(cases, rows):
+        if case.levels is None and case.dtype == "bf16-autocast":
+            # torch.nn.LSTM under bf16 autocast on a CPU without AVX-512 (no oneDNN kernels)
+            row.unsupported = torch_rnn_unsupported(case.cell, device, torch.bfloat16)
+        if row.unsupported:
+            built.append(None)
+            continue
         try:
             built.append(build(case))
         except Exception as exc:  # noqa: BLE001 - recorded in the row
@@ -585,7 +594,7 @@ def main(argv=None) -> int:
     if not args.no_memory:
         start = time.perf_counter()
         # One process per configuration that ran.
-        todo = [i for i, row in enumerate(rows) if not row.error]
+        todo = [i for i, row in enumerate(rows) if not row.error and not row.unsupported]
         memory_jobs = args.memory_jobs or (4 if cuda else 1)
         for i, result in zip(todo, measure_memory([cases[i] for i in todo], jobs=memory_jobs)):
             row = rows[i]

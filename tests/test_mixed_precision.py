@@ -43,18 +43,42 @@ def _check(y, y_ref, grads, grads_ref, names):
         assert err <= 0.1, f"{name}: relative gradient error {err:.3g}"
 
 
+def _torch_module_under_autocast(m, x):
+    """torch's module's outputs under the current autocast, or None where it cannot run in the
+    autocast dtype on this CPU (oneDNN's bf16 LSTM needs AVX-512: an AVX2 CPU raises)."""
+    try:
+        return m.to_torch()(x)
+    except RuntimeError as exc:
+        if "primitive descriptor" not in str(exc) or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            raise
+        return None
+
+
+@pytest.mark.parametrize("widened", [None, True], ids=["cpu_default", "widened"])
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
-def test_cpu_autocast_bf16_does_what_torch_does_and_tracks_float64(cls):
+def test_cpu_autocast_bf16_does_what_torch_does_and_tracks_float64(monkeypatch, cls, widened):
+    """``widened``: the bf16 products as float32 products of the widened operands, rounded once
+    (rnn_function.widened_products: what CPUs without oneDNN's bf16 kernels run; None: what this
+    CPU runs)."""
+    from discrnn import rnn_function
+
+    monkeypatch.setattr(rnn_function, "WIDEN_LOW_PRECISION_PRODUCTS", widened)
     torch.manual_seed(0)
     m = cls(I, H, num_layers=2, levels=L)
     x = torch.randn(T, B, I, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, hx = m(x)
-        y_torch, hx_torch = m.to_torch()(x)
-    states, states_torch = (hx, hx_torch) if isinstance(hx, tuple) else ((hx,), (hx_torch,))
-    # The dtypes of torch.nn.LSTM / GRU in the same context (CPU: LSTM bf16, GRU float32).
-    assert y.dtype == y_torch.dtype and [s.dtype for s in states] == [s.dtype for s in states_torch]
+        torch_out = _torch_module_under_autocast(m, x)
+    states = hx if isinstance(hx, tuple) else (hx,)
+    # The dtypes of torch.nn.LSTM / GRU in the same context (CPU: LSTM bf16, GRU float32), where
+    # torch's module runs at all.
+    if torch_out is not None:
+        y_torch, hx_torch = torch_out
+        states_torch = hx_torch if isinstance(hx_torch, tuple) else (hx_torch,)
+        assert y.dtype == y_torch.dtype
+        assert [s.dtype for s in states] == [s.dtype for s in states_torch]
     if cls is DiscreteLSTM:
+        assert [s.dtype for s in states] == [torch.bfloat16] * 2
         assert y.dtype == torch.bfloat16
     else:  # torch.nn.GRU stays in float32 under CPU autocast: so does the layer, bit for bit
         assert torch.equal(y, m(x)[0])
@@ -67,6 +91,33 @@ def test_cpu_autocast_bf16_does_what_torch_does_and_tracks_float64(cls):
     _check(y, y_ref, grads, grads_ref, ["input"] + [n for n, _ in m.named_parameters()])
 
 
+def test_autocast_dtype_found_where_torch_module_cannot_run(monkeypatch):
+    """On a CPU where torch.nn.LSTM cannot run in bf16 (autocast casts its inputs, then oneDNN
+    raises: AVX2 CPUs), the layer still takes autocast's dtype, read off the ops below autocast;
+    a module that autocast leaves alone stays in float32."""
+    from discrnn import rnn
+
+    def failing_forward(self, input, hx=None):
+        torch.mm(input[0], self.weight_ih_l0.t())  # cast to bf16 by autocast, as torch's lstm
+        raise RuntimeError("could not create a primitive descriptor for the LSTM forward "
+                           "propagation primitive")
+
+    monkeypatch.setattr(rnn, "_AUTOCAST_DTYPES", {})
+    monkeypatch.setattr(torch.nn.LSTM, "forward", failing_forward)
+    m = DiscreteLSTM(I, H, levels=L)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, (h, c) = m(torch.randn(T, B, I))
+    assert y.dtype == h.dtype == c.dtype == torch.bfloat16
+
+    class Untouched(torch.nn.Module):
+        def forward(self, x):
+            torch.exp(x)  # not on autocast's CPU lists
+            raise RuntimeError("fails in float32")
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rnn._dtype_reached(Untouched(), torch.zeros(2), torch.bfloat16) == torch.float32
+
+
 def test_autocast_leaves_float64_alone_and_nothing_outside_it():
     m = DiscreteLSTM(I, H, levels=L).double()
     x = torch.randn(T, B, I, dtype=torch.float64)
@@ -75,8 +126,12 @@ def test_autocast_leaves_float64_alone_and_nothing_outside_it():
     assert DiscreteLSTM(I, H, levels=L)(x.float())[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("widened", [None, True], ids=["cpu_default", "widened"])
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
-def test_bf16_parameters_track_float64(cls):
+def test_bf16_parameters_track_float64(monkeypatch, cls, widened):
+    from discrnn import rnn_function
+
+    monkeypatch.setattr(rnn_function, "WIDEN_LOW_PRECISION_PRODUCTS", widened)
     torch.manual_seed(1)
     m = cls(I, H, num_layers=2, levels=L).to(torch.bfloat16)
     x = torch.randn(T, B, I, dtype=torch.bfloat16, requires_grad=True)

@@ -791,12 +791,16 @@ def always_packed(monkeypatch):
 
 @_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_step_product_matches_torch_products(always_packed, dtype):
+def test_step_product_matches_torch_products(monkeypatch, always_packed, dtype):
     """Every product of StepProduct against torch's: bit for bit in bfloat16 (the same oneDNN
     kernels), to float32 rounding in float32 (MKL sums in another order); the product dtype rules
     (a cast to W's dtype, a rounded product added in the accumulator's dtype) as torch's."""
+    from discrnn import rnn_function
     from discrnn.rnn_function import StepProduct
 
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bfloat16 kernels for this CPU (AVX-512 needed)")
+    monkeypatch.setattr(rnn_function, "WIDEN_LOW_PRECISION_PRODUCTS", False)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(48, 20, generator=g).to(dtype)
     prod = StepProduct(w, 16, 100)
@@ -848,7 +852,50 @@ def test_step_product_falls_back_to_addmm(monkeypatch):
     monkeypatch.setattr(rnn_function, "ONEDNN_STEP_PRODUCTS", True)
     if torch.backends.mkldnn.is_available():
         assert StepProduct(big, 16, 512).packed is not None
-        assert StepProduct(torch.randn(2048, 512).bfloat16(), 16, 512).packed is not None
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            assert StepProduct(torch.randn(2048, 512).bfloat16(), 16, 512).packed is not None
+
+
+@pytest.mark.parametrize("route", ["addmm", "onednn", "panels"])
+def test_widened_low_precision_products_round_a_float32_product_once(monkeypatch, route):
+    """bfloat16 products where the CPU has no fast ones (rnn_function.widened_products): the
+    float32 product of the widened operands on the same route, rounded once to bfloat16, bit for
+    bit; within a bfloat16 rounding of torch's own bfloat16 product."""
+    from discrnn import rnn_function
+    from discrnn.kernels import rnn_cpu
+    from discrnn.rnn_function import StepProduct
+
+    monkeypatch.setattr(rnn_function, "WIDEN_LOW_PRECISION_PRODUCTS", True)
+    monkeypatch.setattr(rnn_function, "PANEL_STEP_PRODUCTS", route == "panels")
+    monkeypatch.setattr(rnn_function, "ONEDNN_STEP_PRODUCTS", route == "onednn")
+    monkeypatch.setattr(rnn_function, "_MIN_PACKED_WEIGHT_BYTES", 0)
+    if route == "panels" and rnn_cpu.panel_products(torch.float32) is None:
+        pytest.skip("no panel products on this CPU")
+    if route == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 20, generator=g).bfloat16()
+    prod, ref = StepProduct(w, 16, 100), StepProduct(w.float(), 16, 100)
+    assert prod.widened and (prod.panels is not None) == (route == "panels")
+    assert (prod.packed is not None) == (route == "onednn")
+    for rows in (16, 5, 1):
+        a, c = torch.randn(rows, 20, generator=g), torch.randn(rows, 48, generator=g)
+        a_w, c_w = a.bfloat16(), c.bfloat16()
+        product = ref.mm(a_w.float()).bfloat16()
+        for got in (prod.mm(a), prod.mm(a_w), prod.mm(a_w, out=torch.empty_like(c_w))):
+            assert got.dtype == torch.bfloat16 and torch.equal(got, product)
+        assert torch.equal(prod.addmm(c_w, a_w), ref.addmm(c_w.float(), a_w.float()).bfloat16())
+        out = torch.empty_like(c_w)
+        assert prod.addmm(c_w, a_w, out=out) is out and torch.equal(out, prod.addmm(c_w, a_w))
+        assert torch.equal(prod.addmm(c, a), c + product.float())  # rounded, then added
+        acc = c.clone()
+        assert torch.equal(prod.addmm_(acc, a), c + product.float())
+        torch.testing.assert_close(product, a_w @ w.t(), atol=0, rtol=2 ** -7)
+    b = torch.randn(20, 48, generator=g).bfloat16()
+    assert torch.equal(rnn_function.mm(a_w, b), (a_w.float() @ b.float()).bfloat16())
+    monkeypatch.setattr(rnn_function, "WIDEN_LOW_PRECISION_PRODUCTS", False)
+    assert not StepProduct(w, 16, 100).widened
+    assert torch.equal(rnn_function.mm(a_w, b), a_w @ b)
 
 
 @pytest.mark.parametrize("panels", [True, False], ids=["panels", "onednn"])
@@ -879,7 +926,8 @@ def test_short_calls_do_not_prepack(monkeypatch, cls, panels):
     module(torch.randn(16, 2, 512, requires_grad=True))[0].sum().backward()
     # forward: W_hh, W_ih; backward: W_hh^T, W_ih^T (and the GRU's W_hn)
     assert len(made) == (4 if cls is DiscreteLSTM else 5)
-    if panels and rnn_cpu.panel_products(torch.float32) is not None:
+    if (panels and rnn_cpu.panel_products(torch.float32) is not None
+            and rnn_cpu.panels_for_large_products()):
         assert all(made)
     elif torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                            "_reorder_linear_weight"):

@@ -150,13 +150,19 @@ def test_bfloat16_conversions_bit_identical_to_aten(fused, rows, n):
 
 
 @pytest.mark.parametrize("lengths", [None, [11, 7, 11, 2, 4]], ids=["full", "packed"])
-@pytest.mark.parametrize("proj_size, autocast", [(0, False), (4, False), (0, True), (4, True)])
-def test_chunk_calls_bit_identical_to_step_calls(monkeypatch, fused, proj_size, autocast, lengths):
+@pytest.mark.parametrize("proj_size, autocast, widened", [
+    (0, False, None), (4, False, None), (0, True, None), (4, True, None), (4, True, True)])
+def test_chunk_calls_bit_identical_to_step_calls(monkeypatch, fused, proj_size, autocast, widened,
+                                                 lengths):
     """Each run of a chunk's steps with one batch size in one call (lstm_forward_steps) or two
     (lstm_rebuild_chunk and lstm_backward_chunk, which compute the table terms inside the
     recursion) gives the bits of one call per step, with the reverse direction, a projection, bf16
-    products, carried states and packed sequences (runs of 1-3 steps; the batch shrinks and, in
-    the reverse direction, grows within chunks and across them)."""
+    products (also widened to float32 and rounded once, as on CPUs without fast bf16 products:
+    rnn_function.widened_products), carried states and packed sequences (runs of 1-3 steps; the
+    batch shrinks and, in the reverse direction, grows within chunks and across them)."""
+    from discrnn import rnn_function
+
+    monkeypatch.setattr(rnn_function, "WIDEN_LOW_PRECISION_PRODUCTS", widened)
     torch.manual_seed(0)
     module = DiscreteLSTM(6, 10, levels=64, bidirectional=True, chunk_size=3, proj_size=proj_size,
                           cell_clip=0.75)
@@ -199,7 +205,7 @@ def test_fused_lstm_step_checks_its_arguments(fused):
     with pytest.raises(RuntimeError, match="deriv_tanh must be"):
         fused.lstm_backward_chunk(codes, k_u, c, c, [0], 2, c, c, c, torch.empty(2, 32),
                                   torch.zeros(64), torch.zeros(63), torch.zeros(32, 8), None, None,
-                                  None, None, 64, 1.0)
+                                  torch.float32, None, None, 64, 1.0)
 
 
 def _run(module, x, hx, lengths, autocast=False):
@@ -563,19 +569,24 @@ def test_panel_weight_grad_checks_its_arguments():
         ops.panel_weight_grad(shared[:6, 6:], shared[:, :6], rows)
 
 
-def test_weight_grad_on_panels_and_elsewhere(monkeypatch):
+@pytest.mark.parametrize("large", [True, False], ids=["large_on_panels", "large_on_mkl"])
+def test_weight_grad_on_panels_and_elsewhere(monkeypatch, large):
     """rnn_function.weight_grad_: acc += grads^T rows on the panels (float32, the same bits as
-    panel_weight_grad), torch.addmm where they do not run (float64, a product dtype, switched
-    off)."""
+    panel_weight_grad) where they take products of many rows (AVX-512:
+    rnn_cpu.panels_for_large_products), torch.addmm where they do not run (float64, a product
+    dtype, switched off, AVX2)."""
     from discrnn import rnn_function
 
     ops = _panels(torch.float32)
+    monkeypatch.setattr(rnn_cpu, "panels_for_large_products", lambda: large)
     gen = torch.Generator().manual_seed(8)
     grads, rows = torch.randn(600, 96, generator=gen), torch.randn(600, 40, generator=gen)
     acc0 = torch.randn(96, 40, generator=gen)
     acc = acc0.clone()
     assert rnn_function.weight_grad_(acc, grads, rows) is acc
-    assert torch.equal(acc, ops.panel_weight_grad(acc0.clone(), grads, rows))
+    expected = (ops.panel_weight_grad(acc0.clone(), grads, rows) if large
+                else acc0.addmm(grads.t(), rows))
+    assert torch.equal(acc, expected)
     _assert_product_close(acc, grads.t(), rows.t(), acc0, torch.float32)
     acc64 = acc0.double()
     rnn_function.weight_grad_(acc64, grads.double(), rows.double())
@@ -689,6 +700,11 @@ def test_chunk_product_on_panels_at_any_rows(monkeypatch):
     _panels(torch.float32)
     g = torch.Generator().manual_seed(7)
     w = torch.randn(100, 40, generator=g)
+    # AVX2's panels take the per-step products only (rnn_cpu.panels_for_large_products)
+    monkeypatch.setattr(rnn_cpu, "panels_for_large_products", lambda: False)
+    assert StepProduct(w, 512, 16, chunk=True).panels is None
+    assert StepProduct(w, 16, 16).panels is not None
+    monkeypatch.setattr(rnn_cpu, "panels_for_large_products", lambda: True)
     prod = StepProduct(w, 512, 16, chunk=True)
     assert prod.panels is not None and prod.packed is None
     assert StepProduct(w, 512, 16).panels is None  # a step's products: up to 64 rows

@@ -92,6 +92,29 @@ def parse_variant(name: str) -> Variant:
     return Variant(name, cell, levels, bool(m["bf16"]), m["ckpt"])
 
 
+_UNSUPPORTED: dict = {}
+
+
+def torch_rnn_unsupported(cell: str, device: torch.device | str, amp: torch.dtype | None) -> str:
+    """Why torch.nn.LSTM / GRU (``cell`` "lstm" / "gru") cannot run on ``device`` under
+    ``torch.autocast(dtype=amp)`` (None: no autocast), or "" where it can: found by running a
+    one-unit module once. On a CPU without AVX-512, oneDNN has no bfloat16 LSTM, and torch's
+    module, cast to bfloat16 by autocast, raises "could not create a primitive descriptor"."""
+    device = torch.device(device)
+    key = (cell, device.type, amp)
+    if key not in _UNSUPPORTED:
+        module = (nn.LSTM if cell == "lstm" else nn.GRU)(1, 1, device=device)
+        try:
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                module(torch.zeros(1, 1, 1, device=device))
+            _UNSUPPORTED[key] = ""
+        except RuntimeError as exc:
+            what = f"under {str(amp).replace('torch.', '')} autocast " if amp is not None else ""
+            _UNSUPPORTED[key] = (f"torch.nn.{cell.upper()} cannot run {what}on this "
+                                 f"{device.type.upper()} ({str(exc).splitlines()[0][:60]})")
+    return _UNSUPPORTED[key]
+
+
 def default_variant_names(levels: list[int]) -> list[str]:
     """What users do today, then discrnn at every level count, then discrnn with checkpoints."""
     names = ["lstm", "gru", "lstm-ckpt-sqrt", "lstm-ckpt-quarter", "lstm-bf16"]
