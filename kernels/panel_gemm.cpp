@@ -294,6 +294,14 @@ __attribute__((noinline)) void float_tile(const float* a, int64_t lda, const flo
     }
   }
   for (int v = 0; v < V; ++v) {
+    if (cols - 8 * v >= 8) {  // vmaskmovps stores are microcoded on AMD's cores: full vectors plain
+      for (int i = 0; i < Rows; ++i) {
+        __m256 r = acc[i][v];
+        if (c) r = _mm256_add_ps(r, _mm256_loadu_ps(c + i * ldc + 8 * v));
+        _mm256_storeu_ps(y + i * ldy + 8 * v, r);
+      }
+      continue;
+    }
     const __m256i m = lane_mask(cols - 8 * v);
     for (int i = 0; i < Rows; ++i) {
       __m256 r = acc[i][v];
