@@ -17,7 +17,7 @@
 #include <algorithm>
 #include <type_traits>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
@@ -144,12 +144,64 @@ bool cpu_has_avx512_vbmi() {
 #endif
 }
 
+#if defined(__GNUC__) && defined(__x86_64__)
+// BMI2's pext / pdep move a group of eight codes in one instruction each: pext gathers the low Bits
+// bits of each byte into one word (dropping the bits above, as pack_groups), pdep spreads them
+// back. Where they are fast: Intel since Haswell, AMD since Zen 3 (family 19h); Zen 1 and 2
+// microcode them (hundreds of cycles), so there, and on AMD families GCC does not know, the shift
+// loops run. CPUs without AVX512-VBMI take this path (AVX2 CPUs: AMD Zen 3, Intel before Ice Lake).
+bool cpu_has_fast_pdep() {
+  static const bool fast = __builtin_cpu_supports("bmi2") &&
+                           (!__builtin_cpu_is("amd") || __builtin_cpu_is("amdfam19h"));
+  return fast;
+}
+
+constexpr uint64_t low_bits_of_each_byte(int bits) {
+  return 0x0101010101010101ull * ((uint64_t{1} << bits) - 1);
+}
+
+template <int Bits>
+__attribute__((target("bmi2"))) void pack_groups_pext(const uint8_t* src, uint8_t* dst,
+                                                      int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    uint64_t codes8;
+    std::memcpy(&codes8, src + 8 * g, 8);
+    const uint64_t word = _pext_u64(codes8, low_bits_of_each_byte(Bits));
+    std::memcpy(dst + g * Bits, &word, Bits);
+  }
+}
+
+template <int Bits>
+__attribute__((target("bmi2"))) void unpack_groups_pdep(const uint8_t* src, uint8_t* dst,
+                                                        int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    uint64_t word = 0;
+    std::memcpy(&word, src + g * Bits, Bits);
+    const uint64_t codes8 = _pdep_u64(word, low_bits_of_each_byte(Bits));
+    std::memcpy(dst + 8 * g, &codes8, 8);
+  }
+}
+#else
+bool cpu_has_fast_pdep() { return false; }
+template <int Bits>
+void pack_groups_pext(const uint8_t*, uint8_t*, int64_t, int64_t) {}
+template <int Bits>
+void unpack_groups_pdep(const uint8_t*, uint8_t*, int64_t, int64_t) {}
+#endif
+
+// Off: the shift loops only (the tests compare the two).
+bool USE_PDEP = true;
+
 template <int Bits>
 void pack_range(const uint8_t* src, uint8_t* dst, int64_t g0, int64_t g1) {
 #if defined(CPU_CAPABILITY_AVX512)
   if (cpu_has_avx512_vbmi()) g0 = pack_blocks<Bits>(src, dst, g0, g1);
 #endif
-  pack_groups<Bits>(src, dst, g0, g1);
+  if (Bits < 8 && USE_PDEP && cpu_has_fast_pdep()) {
+    pack_groups_pext<Bits>(src, dst, g0, g1);
+  } else {
+    pack_groups<Bits>(src, dst, g0, g1);
+  }
 }
 
 template <int Bits>
@@ -157,7 +209,11 @@ void unpack_range(const uint8_t* src, uint8_t* dst, int64_t g0, int64_t g1) {
 #if defined(CPU_CAPABILITY_AVX512)
   if (cpu_has_avx512_vbmi()) g0 = unpack_blocks<Bits>(src, dst, g0, g1);
 #endif
-  unpack_groups<Bits>(src, dst, g0, g1);
+  if (Bits < 8 && USE_PDEP && cpu_has_fast_pdep()) {
+    unpack_groups_pdep<Bits>(src, dst, g0, g1);
+  } else {
+    unpack_groups<Bits>(src, dst, g0, g1);
+  }
 }
 
 template <typename F>
@@ -175,6 +231,17 @@ void with_bits(int64_t bits, F&& f) {
 }
 
 }  // namespace
+
+// Whether pack_codes / unpack_codes may use BMI2's pext / pdep where they are fast; returns the
+// previous setting (the tests compare both paths).
+bool set_pdep(bool on) {
+  const bool old = USE_PDEP;
+  USE_PDEP = on;
+  return old;
+}
+
+// Whether they do on this CPU.
+bool uses_pdep() { return USE_PDEP && cpu_has_fast_pdep(); }
 
 // uint8 codes (1-D, contiguous; each code's bits past `bits` are dropped, as torch_pack does) ->
 // their stream, into out (1-D contiguous uint8 of ceil(n bits / 8) bytes) where given.

@@ -669,6 +669,8 @@ at::Tensor panel_weight_grad(const at::Tensor& acc, const at::Tensor& grads,
 // codec_cpu.cpp
 at::Tensor pack_codes(const at::Tensor& codes, int64_t bits, const std::optional<at::Tensor>& out);
 at::Tensor unpack_codes(const at::Tensor& stream, int64_t bits, int64_t numel);
+bool set_pdep(bool on);
+bool uses_pdep();
 
 namespace {
 
@@ -1355,6 +1357,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_codes", &pack_codes, "codec_torch.torch_pack's stream of uint8 codes (CPU)",
         py::arg("codes"), py::arg("bits"), py::arg("out") = py::none());
   m.def("unpack_codes", &unpack_codes, "codec_torch.torch_unpack (CPU)");
+  m.def("set_pdep", &set_pdep, "Let the codec use BMI2's pext / pdep where fast; the old setting");
+  m.def("uses_pdep", &uses_pdep, "Whether the codec uses BMI2's pext / pdep on this CPU");
   m.def("gru_forward_step", &gru_forward_step, "Fused discrete GRU forward step (CPU)");
   m.def("lookup_plane", &lookup_plane, "Table values of one plane of codes (CPU)");
   m.def("gru_backward_prep", &gru_backward_prep, "A GRU backward chunk's per-unit terms (CPU)");

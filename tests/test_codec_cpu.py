@@ -30,8 +30,17 @@ def codec():
 LENGTHS = [0, 1, 7, 8, 9, 63, 64, 65, 511, 513, 4099, (1 << 17) + 77]
 
 
+@pytest.fixture(params=[True, False], ids=["pdep", "shifts"])
+def pdep(request, codec):
+    """With BMI2's pext / pdep where this CPU has them fast (else the shift loops run either way),
+    and with the shift loops only."""
+    old = codec.set_pdep(request.param)
+    yield request.param
+    codec.set_pdep(old)
+
+
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_pack_and_unpack_equal_torch_codec(codec, bits):
+def test_pack_and_unpack_equal_torch_codec(codec, pdep, bits):
     """Codes of every byte value (the bits past ``bits`` are dropped, as torch_pack drops them)."""
     g = torch.Generator().manual_seed(bits)
     for n in LENGTHS:
