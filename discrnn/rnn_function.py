@@ -542,9 +542,12 @@ class StepProduct:
     rows a per call, in ``W``'s dtype (``a`` is cast to it; the layers pass bf16/fp16 weights for
     backward's products under autocast, as torch's backward computes them).
 
-    On a CPU with AVX-512 (bfloat16: AVX512-BF16), W is packed once per layer call into panels
-    and every product runs discrnn's own kernel (``kernels/panel_gemm.cpp``; ``panels``): at
-    B=16 it takes 0.67x torch.addmm's time at H=256 in float32 and 0.7x oneDNN's in bfloat16.
+    On a CPU with AVX-512 or AVX2 (float32; bfloat16: AVX512-BF16), W is packed once per layer
+    call into panels and every product runs discrnn's own kernel (``kernels/panel_gemm.cpp``;
+    ``panels``): at B=16 it takes 0.67x torch.addmm's time at H=256 in float32 and 0.7x oneDNN's
+    in bfloat16 (AVX-512, Zen 4), 0.77x torch.addmm's in float32 (AVX2, Zen 3). A bf16 / fp16 W
+    on a CPU without fast products of its dtype (:func:`widened_products`) is widened to float32
+    once, and each product rounds its float32 result once to W's dtype.
     Otherwise, with oneDNN (bfloat16, or float32 and a weight over 1 MiB), W is reordered into
     oneDNN's blocked layout and every product runs oneDNN's linear on it (``packed``); its
     bfloat16 results are bit-identical to torch.addmm's. Elsewhere torch.addmm / torch.mm on W^T.

@@ -42,9 +42,9 @@ H=input_size=32), where peaks are heap noise. ``--dtype bf16-autocast`` runs flo
 their forward under ``torch.autocast(device, torch.bfloat16)`` (torch.nn.LSTM under CPU autocast
 runs oneDNN's LSTM in bf16; see the README's "Mixed precision" for discrnn's rules).
 ``--products both`` adds a row per discrnn configuration whose recurrent products run torch.addmm
-instead of the library's default (discrnn's panel products on AVX-512 CPUs, else prepacked oneDNN
-weights where they pay; ``discrnn.rnn_function.StepProduct``), in the same rounds; ``--products
-all`` adds a row with the panels off (oneDNN where it pays) as well.
+instead of the library's default (discrnn's panel products on AVX-512 / AVX2 CPUs, else
+prepacked oneDNN weights where they pay; ``discrnn.rnn_function.StepProduct``), in the same
+rounds; ``--products all`` adds a row with the panels off (oneDNN where it pays) as well.
 Writes ``results/bench_rnn_<device>.csv`` (``_quick`` appended for --quick runs) and a PNG beside it
 when matplotlib imports.
 
@@ -124,7 +124,7 @@ class Case:
     threads: int = 1
     backend: str | None = None  # discrnn backend: None picks by device (Triton on CUDA)
     # discrnn's per-step products (discrnn.rnn_function.StepProduct): "default" (the library's:
-    # panels on AVX-512 CPUs, else prepacked oneDNN weights where they pay), "onednn" (the panels
+    # panels on AVX-512 / AVX2 CPUs, else prepacked oneDNN weights where they pay), "onednn" (the panels
     # off) or "addmm" (torch.addmm always), for comparison
     products: str = "default"
 
@@ -471,8 +471,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "float32 parameters, the forward under torch.autocast(bfloat16)")
     p.add_argument("--products", choices=("default", "onednn", "addmm", "both", "all"),
                    default="default",
-                   help="discrnn's recurrent products: the library's default (panels on AVX-512 "
-                        "CPUs, else prepacked oneDNN weights where they pay), oneDNN where it "
+                   help="discrnn's recurrent products: the library's default (panels on AVX-512 / "
+                        "AVX2 CPUs, else prepacked oneDNN weights where they pay), oneDNN where it "
                         "pays (panels off), torch.addmm always; both = default and addmm rows, "
                         "all = the three")
     p.add_argument("--chunk-size", type=int, default=32, help="discrnn chunk_size")

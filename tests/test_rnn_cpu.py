@@ -391,7 +391,8 @@ def _panels(dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         if not rnn_cpu._built().panel_products_supported(dtype):
-            pytest.skip(f"no panel products for {dtype} on this CPU (AVX-512 / AVX512-BF16)")
+            pytest.skip(f"no panel products for {dtype} on this CPU (float32: AVX-512 or AVX2; "
+                        "bfloat16: AVX512-BF16)")
         module = rnn_cpu.panel_products(dtype)
     assert module is not None, "the panel products failed their check"
     return module
