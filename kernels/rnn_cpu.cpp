@@ -706,6 +706,7 @@ struct StepProduct {
   at::ScalarType result;
   mutable at::Tensor converted;  // the operand in W's dtype, reused step after step
   mutable at::Tensor rounded;    // a widened product's operand rounded to `result` first
+  mutable at::Tensor wide_c;     // a widened product's c in W's dtype
 
   at::ScalarType dtype() const { return result; }
   at::ScalarType gemm_dtype() const { return weight_t.scalar_type(); }
@@ -783,8 +784,11 @@ struct StepProduct {
     const at::Tensor a = operand(a_in);
     at::Tensor c = c_in;
     if (widened()) {
-      c = at::empty(c_in.sizes(), c_in.options().dtype(gemm_dtype()));
-      copy_rows(c_in, c);
+      if (!wide_c.defined() || !wide_c.sizes().equals(c_in.sizes())) {
+        wide_c = at::empty(c_in.sizes(), c_in.options().dtype(gemm_dtype()));
+      }
+      copy_rows(c_in, wide_c);
+      c = wide_c;
     }
     if (panels) return on_panels(a, unit_rows(c) ? c : c.contiguous(), out);
     if (!packed) {
