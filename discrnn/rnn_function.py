@@ -494,6 +494,14 @@ _MIN_PACKED_PRODUCTS = 16
 _MIN_PACKED_WEIGHT_BYTES = 1 << 20
 
 
+# A call's chunk products take oneDNN's prepacked weight only where at least this many chunks share
+# it: the reorder costs about a tenth of a chunk's product (W_ih at H=512: 1.5-2.3 ms against
+# 12-18 ms), which one chunk's gain over torch.mm does not repay. Checkpointed segments of fewer
+# steps than a chunk were reordering every weight in every call: 2 layers, H=512, input 128,
+# segments of 23 steps, one thread of a 2-core AMD EPYC Zen 3, 970 against 904 ms (one process
+# alternating, medians of 6).
+_MIN_ONEDNN_CHUNKS = 2
+
 # Set to False to keep the per-step products off discrnn's own kernels (rnn_cpu.panel_products).
 PANEL_STEP_PRODUCTS = True
 # From about 256 rows oneDNN's and MKL's products are faster (kernels/panel_gemm.cpp); at 64 rows
@@ -559,7 +567,8 @@ class StepProduct:
     it applies, else the panels at any number of rows (see :func:`chunk_product`).
     """
 
-    def __init__(self, weight: torch.Tensor, rows: int, products: int, chunk: bool = False):
+    def __init__(self, weight: torch.Tensor, rows: int, products: int, chunk: bool = False,
+                 onednn: bool = True):
         self.dtype = weight.dtype  # the products' (their results are rounded to it)
         # bf16 / fp16 where the CPU has no fast products of them: float32 on the widened weight
         self.widened = widened_products(weight.dtype, weight.device)
@@ -568,8 +577,12 @@ class StepProduct:
         self.gemm_dtype = weight.dtype
         self.weight_t = weight.t()
         if chunk:
-            self.packed = _onednn_packed(weight, rows, products)
-            self.panels = None if self.packed is not None else _panel_packed(weight, None, products)
+            self.packed = _onednn_packed(weight, rows, products) if onednn else None
+            # a weight oneDNN would take, in a call of too few chunks to pay its reorder: torch.mm
+            big = weight.numel() * weight.element_size() > _MIN_PACKED_WEIGHT_BYTES
+            declined = not onednn and big
+            self.panels = (None if self.packed is not None or declined
+                           else _panel_packed(weight, None, products))
         else:
             self.panels = _panel_packed(weight, rows, products)
             self.packed = None if self.panels is not None else _onednn_packed(weight, rows, products)
@@ -661,12 +674,15 @@ def chunk_product(weight: torch.Tensor, cfg, batch: int) -> StepProduct:
     at a time. Prepacked where the call runs ``_MIN_PACKED_PRODUCTS`` steps or more (a short call,
     e.g. one step at a time in a decoding loop, does not pay the reorder): into oneDNN's layout on
     the per-step products' terms, else (float32 weights up to 1 MiB) into the panels at any number
-    of rows. Those take less time than MKL there: in a layer's loop (the panel products of W_hh
-    between calls; 512 rows, H=256, one thread, 2-core AMD EPYC) x W_ih^T + b at 64 / 256 inputs
-    0.87x / 0.84x torch.mm and the add, dgates W_ih 0.75x / 0.85x torch.mm, the GRU's h W_hn^T
-    0.72x."""
+    of rows; into oneDNN's only where the call runs ``_MIN_ONEDNN_CHUNKS`` chunks or more (else
+    torch.mm for such a weight). The panels take less time than MKL there: in a layer's loop (the
+    panel products of W_hh between calls; 512 rows, H=256, one thread, 2-core AMD EPYC Zen 4) x
+    W_ih^T + b at 64 / 256 inputs 0.87x / 0.84x torch.mm and the add, dgates W_ih 0.75x / 0.85x
+    torch.mm, the GRU's h W_hn^T 0.72x."""
     steps = len(cfg.layout.batch_sizes)
-    return StepProduct(weight, min(cfg.chunk, steps) * batch, steps, chunk=True)
+    chunks = -(-steps // cfg.chunk)
+    return StepProduct(weight, min(cfg.chunk, steps) * batch, steps, chunk=True,
+                       onednn=chunks >= _MIN_ONEDNN_CHUNKS)
 
 
 def split_proc(rows: torch.Tensor, sizes: list[int], dim: int = 0) -> list[torch.Tensor]:

@@ -22,8 +22,8 @@ Columns:
   docstrings promise: Q codes of ceil(log2 L) bits (+ 4 / chunk_size bytes of LSTM cell checkpoint).
 * ``peak MiB``: extra memory at the peak of one forward+backward, measured in a fresh process per
   configuration so peaks never mix (forked from a clean "forkserver" interpreter that has only
-  imported torch and discrnn). A warm-up call on 16 steps initialises thread pools and lazy library
-  state (oneDNN's too: see ``WARMUP_STEPS``); it is that short because glibc reuses the small
+  imported torch and discrnn). A warm-up call on 64 steps (two chunks) initialises thread pools
+  and lazy library state (oneDNN's too: see ``warmup_tokens``); it is that short because glibc reuses the small
   blocks it frees without growing RSS. Then the baseline is taken and the full call measured. CPU: the process's resident-set high-water mark
   (``getrusage(RUSAGE_SELF).ru_maxrss``, reset to the current RSS through ``/proc/self/clear_refs``
   after the warm-up) minus the RSS at that point. The process runs with
@@ -83,6 +83,7 @@ from discrnn.profiling.memory import (  # noqa: F401 (MMAP_THRESHOLD: scripts/rn
     MMAP_THRESHOLD, KeptBytes, memory_baseline, memory_peak, rss_now,
 )
 from discrnn.profiling.variants import torch_rnn_unsupported
+from discrnn.profiling.worker import warmup_tokens
 from bench_env import (  # scripts/ is on sys.path
     add_device_argument, device_name, git_commit, load_average, resolve_device, save_figure,
 )
@@ -92,12 +93,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "float64": torch.float64, "bf16-autocast": torch.float32}
 CELLS = {"lstm": (nn.LSTM, DiscreteLSTM), "gru": (nn.GRU, DiscreteGRU)}
 CODES_PER_UNIT = {"lstm": 4, "gru": 4}  # i, f, g, o (tanh(c) is rebuilt from c) / r, z, n, h
-# Steps of the untimed warm-up call in the memory process. Short on purpose: blocks below the mmap
-# threshold that it frees stay in the heap, and the measured call would reuse them unseen. Long
-# enough for discrnn to pack its weights (rnn_function._MIN_PACKED_PRODUCTS; oneDNN's too), so
-# that oneDNN's one-time state (its JIT-compiled kernels, about 6 MiB) lands in the baseline for
-# discrnn as it does for torch.nn.LSTM, whose every call runs oneDNN.
-WARMUP_STEPS = 16
+# Steps of the untimed warm-up call in the memory process: discrnn.profiling.worker.warmup_tokens
+# (64 at the default chunk size). Short on purpose: blocks below the mmap threshold that it frees
+# stay in the heap, and the measured call would reuse them unseen. Long enough for discrnn to pack
+# its weights (the per-step products' panels or oneDNN layout, the chunk products' oneDNN layout
+# from two chunks), so that oneDNN's one-time state (its JIT-compiled kernels, about 6 MiB) lands
+# in the baseline for discrnn as it does for torch.nn.LSTM, whose every call runs oneDNN.
 
 # shared/BASELINES.md: kept bytes per step x batch x hidden unit that discrnn aims at, and the GPU
 # targets against cuDNN (time within 1.3x, at most a quarter of its peak memory).
@@ -228,8 +229,8 @@ def memory_worker(case: Case) -> dict:
     device = torch.device(case.device)
     cuda = device.type == "cuda"
     module, x = build(case)
-    # Warm-up (WARMUP_STEPS): thread pools, BLAS handles and lazy state are made here, not counted.
-    warm_x = x[: min(case.steps, WARMUP_STEPS)].detach().requires_grad_()
+    # Warm-up (warmup_tokens): thread pools, BLAS handles and lazy state are made here, not counted.
+    warm_x = x[: min(case.steps, warmup_tokens(case))].detach().requires_grad_()
     out = forward_backward(module, warm_x, case)
     del out, warm_x
     gc.collect()

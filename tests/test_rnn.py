@@ -903,17 +903,20 @@ def test_widened_low_precision_products_round_a_float32_product_once(monkeypatch
 def test_short_calls_do_not_prepack(monkeypatch, cls, panels):
     """A call of a few steps (one step at a time in a decoding loop) runs torch.addmm: packing
     a weight costs a product or more. A long call packs every weight it multiplies by, into
-    panels (discrnn's products, any size) or for oneDNN (float32 weights over 1 MiB)."""
+    panels (discrnn's products, any size) or for oneDNN (float32 weights over 1 MiB); a chunk
+    product's weight over 1 MiB is reordered for oneDNN only where two chunks or more share it
+    (rnn_function._MIN_ONEDNN_CHUNKS), else torch.mm."""
     from discrnn import rnn_function
     from discrnn.kernels import rnn_cpu
 
     monkeypatch.setattr(rnn_function, "PANEL_STEP_PRODUCTS", panels)
-    made = []
+    made = []  # (a chunk product's, weight over 1 MiB, packed) per StepProduct
     real_init = rnn_function.StepProduct.__init__
 
-    def spy(self, weight, rows, products, chunk=False):
-        real_init(self, weight, rows, products, chunk)
-        made.append(self.panels is not None or self.packed is not None)
+    def spy(self, weight, rows, products, chunk=False, onednn=True):
+        real_init(self, weight, rows, products, chunk, onednn)
+        made.append((chunk, weight.numel() * weight.element_size() > 2**20,
+                     self.panels is not None or self.packed is not None))
 
     monkeypatch.setattr(rnn_function.StepProduct, "__init__", spy)
     torch.manual_seed(0)
@@ -921,17 +924,26 @@ def test_short_calls_do_not_prepack(monkeypatch, cls, panels):
     for steps in (1, 15):
         made.clear()
         module(torch.randn(steps, 2, 512, requires_grad=True))[0].sum().backward()
-        assert made and not any(made), steps
+        assert made and not any(p for _, _, p in made), steps
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                               "_reorder_linear_weight")
+    can_pack = onednn or (panels and rnn_cpu.panel_products(torch.float32) is not None)
     made.clear()
+    # 16 steps, one chunk (chunk_size 32): the per-step products' weights packed, the chunk
+    # products' big ones not
     module(torch.randn(16, 2, 512, requires_grad=True))[0].sum().backward()
+    assert all(p == can_pack for chunk, _, p in made if not chunk)
+    assert not any(p for chunk, big, p in made if chunk and big)
+    made.clear()
+    module(torch.randn(64, 2, 512, requires_grad=True))[0].sum().backward()  # two chunks
     # forward: W_hh, W_ih; backward: W_hh^T, W_ih^T (and the GRU's W_hn)
-    assert len(made) == (4 if cls is DiscreteLSTM else 5)
+    packed = [p for _, _, p in made]
+    assert len(packed) == (4 if cls is DiscreteLSTM else 5)
     if (panels and rnn_cpu.panel_products(torch.float32) is not None
             and rnn_cpu.panels_for_large_products()):
-        assert all(made)
-    elif torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                           "_reorder_linear_weight"):
-        assert all(made[:4]) and not any(made[4:])  # W_hn (1 MiB) stays below the threshold
+        assert all(packed)
+    elif onednn:
+        assert all(packed[:4]) and not any(packed[4:])  # W_hn (1 MiB) stays below the threshold
 
 
 @_onednn

@@ -744,8 +744,8 @@ def test_layers_on_panels_match_layers_on_torch_products(monkeypatch, cls):
     made = []
     real_init = rnn_function.StepProduct.__init__
 
-    def spy(self, weight, rows, products, chunk=False):
-        real_init(self, weight, rows, products, chunk)
+    def spy(self, weight, rows, products, chunk=False, onednn=True):
+        real_init(self, weight, rows, products, chunk, onednn)
         made.append(self.panels is not None)
 
     monkeypatch.setattr(rnn_function.StepProduct, "__init__", spy)

@@ -12,10 +12,10 @@ orchestrates (threads that start children and wait for them); it builds no model
 Peak memory of one training step (:func:`memory_task`):
 
 1. build the stack and its Adam optimizer, the tokens of one window (T + 1 tokens per row);
-2. warm-up: one training step on 16 tokens, carrying the state from zero. It makes Adam's moments,
-   thread pools, BLAS handles and lazy library state (oneDNN's, see ``WARMUP_TOKENS``); it is that
-   short because blocks below the mmap threshold that it frees stay in the heap, where the
-   measured step would reuse them unseen;
+2. warm-up: one training step on ``warmup_tokens`` tokens (64 at discrnn's default chunk size),
+   carrying the state from zero. It makes Adam's moments, thread pools, BLAS handles and lazy
+   library state (oneDNN's, see ``warmup_tokens``); it is that short because blocks below the mmap
+   threshold that it frees stay in the heap, where the measured step would reuse them unseen;
 3. baseline: CPU, the resident set size right after resetting the high-water mark
    (``/proc/self/clear_refs``); CUDA, ``torch.cuda.memory_allocated`` after
    ``torch.cuda.reset_peak_memory_stats``. It holds the runtime, the parameters, Adam's moments,
@@ -57,11 +57,20 @@ from .memory import MMAP_THRESHOLD, memory_baseline, memory_peak, rss_peak_of
 from .variants import (StackConfig, StageKept, build, optimizer_state_bytes, parameter_bytes,
                        parse_variant, token_stream, train_step)
 
-# Tokens per row of the warm-up step in a memory process (see step 2 above): enough for discrnn to
-# pack its weights (rnn_function._MIN_PACKED_PRODUCTS: panels for the per-step products, oneDNN's
-# layout for the chunk-wide ones), so that oneDNN's one-time state (JIT-compiled kernels, about
-# 6 MiB) is in the baseline for discrnn as for torch.nn.LSTM.
+# The fewest tokens per row of the warm-up step in a memory process (see step 2 above).
 WARMUP_TOKENS = 16
+
+
+def warmup_tokens(cfg) -> int:
+    """Tokens per row of the warm-up step: enough for discrnn to pack its weights as the measured
+    step does (rnn_function._MIN_PACKED_PRODUCTS steps: panels or oneDNN's layout for the per-step
+    products; _MIN_ONEDNN_CHUNKS chunks: oneDNN's layout for the chunk-wide ones), so that oneDNN's
+    one-time state (JIT-compiled kernels, about 6 MiB) is in the baseline for discrnn as for
+    torch.nn.LSTM (with 16 tokens, one chunk, a plain DiscreteLSTM step at H=512 counted it: 151-152
+    against 146 MiB)."""
+    from ..rnn_function import _MIN_ONEDNN_CHUNKS, _MIN_PACKED_PRODUCTS
+
+    return max(WARMUP_TOKENS, _MIN_PACKED_PRODUCTS, _MIN_ONEDNN_CHUNKS * cfg.chunk_size)
 POLL_S = 0.02  # how often the parent reads a watched child's high-water mark
 
 
@@ -84,7 +93,7 @@ def memory_task(payload: dict, send) -> dict:
     steps = payload["steps"]
     model, optimizer, state = build(variant, cfg)
     tokens = token_stream(cfg, steps + 1)
-    _, state = train_step(model, optimizer, tokens[: WARMUP_TOKENS + 1], state)
+    _, state = train_step(model, optimizer, tokens[: warmup_tokens(cfg) + 1], state)
     gc.collect()
     static = parameter_bytes(model) + optimizer_state_bytes(optimizer)
 
@@ -126,7 +135,7 @@ def timing_task(payload: dict, send) -> dict:
             results[name]["error"] = f"{type(exc).__name__}: {exc}"
     for name, run in list(runs.items()):
         try:
-            _, run[2] = train_step(run[0], run[1], tokens[: WARMUP_TOKENS + 1], run[2])
+            _, run[2] = train_step(run[0], run[1], tokens[: warmup_tokens(cfg) + 1], run[2])
         except Exception as exc:  # noqa: BLE001 - recorded, the variant leaves the rounds
             results[name]["error"] = f"{type(exc).__name__}: {exc}"
             del runs[name]
