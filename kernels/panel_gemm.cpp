@@ -32,8 +32,9 @@
 // panel_products_supported says which. AVX2 has 16 vector registers of 8 floats: its tiles are 4
 // rows x 24 columns (half a panel; 12 accumulators, 3 panel vectors, 1 broadcast), on the same
 // panel layout. Measured on a 2-core AMD EPYC Zen 3, one thread: 16 x 256 @ 256 x 1024 in about 110
-// us alone (75 GFLOP/s of the core's 92) and 148-155 us through panel_linear against
-// torch.addmm's 159-192, but 512 rows lose to MKL (rnn_cpu.panels_for_large_products).
+// us alone (75 GFLOP/s of the core's 92) and 114-155 us through panel_linear against
+// torch.addmm's 148-210, but at 512 rows MKL is as fast or faster
+// (rnn_cpu.panels_for_large_products).
 
 #include <torch/extension.h>
 

@@ -449,9 +449,9 @@ def panels_for_large_products() -> bool:
     """Whether the float32 panels also take products of hundreds of rows (the chunk-wide products
     and the weight gradients): with AVX-512's 16-float vectors they beat MKL there; with AVX2's 8
     (4 x 24 tiles) only the few-row per-step products do. Measured on a 2-core AMD EPYC Zen 3
-    (AVX2), one thread, against torch.addmm: 16 x 256 @ 256 x 1024 148 against 192 us, but 512 x 64
-    @ 64 x 1024 2123 against 1206 us and the LSTM's weight gradient at H=256 over 512 rows 6518
-    against 4273 us."""
+    (AVX2), one thread, against torch.addmm: 16 x 256 @ 256 x 1024 114-155 against 148-210 us, but
+    512 x 64 @ 64 x 1024 1372 against 1227 us and the LSTM's weight gradient at H=256 over 512 rows
+    6730 against 4743 us."""
     module = panel_products(torch.float32)
     return module is not None and module.panel_vector_floats() >= 16
 
