@@ -660,6 +660,8 @@ at::Tensor add_widened(const at::Tensor& c, const at::Tensor& b, at::Tensor out)
 // panel_gemm.cpp
 bool panel_products_supported(at::ScalarType dtype);
 int64_t panel_vector_floats();
+bool set_amx(bool on);
+bool uses_amx();
 at::Tensor pack_panels(const at::Tensor& weight);
 at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n,
                         const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& out);
@@ -1354,6 +1356,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The float32 panel kernels' vector width: 16 (AVX-512), 8 (AVX2), 0 (none)");
   m.def("panel_products_supported", &panel_products_supported,
         "Whether panel_linear runs for a dtype on this CPU");
+  m.def("set_amx", &set_amx, "Let bfloat16 panel products run on AMX where present; the old setting");
+  m.def("uses_amx", &uses_amx, "Whether bfloat16 panel products run on AMX on this CPU");
   m.def("pack_panels", &pack_panels, "A weight [N, K] packed for panel_linear (CPU)");
   m.def("panel_linear", &panel_linear, "a @ W^T (+ c) on W's panels (CPU)", py::arg("a"),
         py::arg("panels"), py::arg("n"), py::arg("c") = py::none(), py::arg("out") = py::none());

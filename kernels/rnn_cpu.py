@@ -445,6 +445,16 @@ def panel_products(dtype: torch.dtype):
     return _state[key]
 
 
+def amx_products() -> bool:
+    """Whether the bfloat16 panel products run on AMX's tiles here (Intel Sapphire Rapids and
+    later; ``panel_gemm.cpp``): then they beat oneDNN's prepacked products at any number of rows
+    (measured on a 2-core Xeon with AMX, one thread, us per product, AMX panels / oneDNN
+    prepacked / AVX512-BF16 panels: 16 x 256 @ 256 x 1024 9.6 / 35.7 / 83.1, 512 x 64 @ 64 x 1024
+    180 / 310 / 838), so the layers' bfloat16 chunk-wide products take them too."""
+    module = panel_products(torch.bfloat16)
+    return module is not None and bool(module.uses_amx())
+
+
 def panels_for_large_products() -> bool:
     """Whether the float32 panels also take products of hundreds of rows (the chunk-wide products
     and the weight gradients): with AVX-512's 16-float vectors they beat MKL there; with AVX2's 8

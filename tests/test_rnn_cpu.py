@@ -383,9 +383,27 @@ def test_refused_fused_step_warns_once_and_layers_still_run(monkeypatch, failure
 PANEL_DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _panels(dtype):
+@pytest.fixture(params=[False, True], ids=["vectors", "amx"])
+def amx(request):
+    """bfloat16 panel products on AVX512-BF16's vectors (AMX off), and on AMX's tiles (skipped
+    where the CPU has no AMX; float32 products have no AMX path and run once)."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler to build the panel products")
+    module = rnn_cpu._built()
+    old = module.set_amx(request.param)
+    try:
+        if request.param and not module.uses_amx():
+            pytest.skip("no AMX-BF16 on this CPU (or the build or Linux does not give it)")
+        yield request.param
+    finally:
+        module.set_amx(old)
+
+
+def _panels(dtype, amx=False):
     """The module with the panel products; skips only where the CPU lacks them (a failed build
-    or check fails here)."""
+    or check fails here), and the AMX case of float32 (the same products as without)."""
+    if amx and dtype != torch.bfloat16:
+        pytest.skip("AMX runs the bfloat16 products only")
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler to build the panel products")
     with warnings.catch_warnings():
@@ -426,9 +444,9 @@ PANEL_SHAPES = [(1, 1, 1), (3, 5, 47), (7, 33, 48), (8, 64, 49), (16, 256, 1024)
 
 @pytest.mark.parametrize("dtype", PANEL_DTYPES, ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("M, K, N", PANEL_SHAPES)
-def test_panel_linear_matches_float64_product(dtype, M, K, N):
+def test_panel_linear_matches_float64_product(amx, dtype, M, K, N):
     """a @ W^T and c + a @ W^T against the float64 product, new or into out (out may be c)."""
-    ops = _panels(dtype)
+    ops = _panels(dtype, amx)
     g = torch.Generator().manual_seed(M * 1000 + K + N)
     a = torch.randn(M, K, generator=g).to(dtype)
     w = torch.randn(N, K, generator=g).to(dtype)
@@ -462,10 +480,10 @@ def test_pack_panels_float32_layout(N, K):
 
 
 @pytest.mark.parametrize("dtype", PANEL_DTYPES, ids=["float32", "bfloat16"])
-def test_panel_linear_strided_rows_and_transposed_weights(dtype):
+def test_panel_linear_strided_rows_and_transposed_weights(amx, dtype):
     """Rows of a wider tensor (a, c, out), a weight given transposed (W_hh^T for backward's dh) or
     as a column slice: the same panels and the same bits."""
-    ops = _panels(dtype)
+    ops = _panels(dtype, amx)
     g = torch.Generator().manual_seed(3)
     wide = torch.randn(16, 300, generator=g).to(dtype)
     a = wide[:, 7:7 + 129]
@@ -485,11 +503,11 @@ def test_panel_linear_strided_rows_and_transposed_weights(dtype):
 
 
 @pytest.mark.parametrize("dtype", PANEL_DTYPES, ids=["float32", "bfloat16"])
-def test_panel_linear_propagates_nan_and_inf(dtype):
+def test_panel_linear_propagates_nan_and_inf(amx, dtype):
     """NaN in a row of a makes that row NaN; an infinity makes its products infinite (or NaN where
     infinities of both signs meet), as the float64 product; the zero padding past N and past an odd
     K adds no NaN."""
-    ops = _panels(dtype)
+    ops = _panels(dtype, amx)
     g = torch.Generator().manual_seed(4)
     a = torch.randn(9, 33, generator=g).to(dtype)
     w = torch.randn(50, 33, generator=g).to(dtype)
@@ -502,9 +520,9 @@ def test_panel_linear_propagates_nan_and_inf(dtype):
 
 
 @pytest.mark.parametrize("dtype", PANEL_DTYPES, ids=["float32", "bfloat16"])
-def test_panel_linear_same_bits_on_any_thread_count(dtype):
+def test_panel_linear_same_bits_on_any_thread_count(amx, dtype):
     """Threads split the panels, never a sum."""
-    ops = _panels(dtype)
+    ops = _panels(dtype, amx)
     g = torch.Generator().manual_seed(5)
     a = torch.randn(16, 256, generator=g).to(dtype)
     panels = ops.pack_panels(torch.randn(1024, 256, generator=g).to(dtype))
@@ -731,6 +749,80 @@ def test_chunk_product_on_panels_at_any_rows(monkeypatch):
         expected = prod.mm(a)
         expected += b.double()  # in W's dtype, as the layers added their bias before
         assert torch.equal(prod.linear(a, b.double()), expected)
+
+
+def test_amx_products_agree_with_vector_products(monkeypatch):
+    """On AMX the bfloat16 panel products sum in float32 as AVX512-BF16's do, so the two agree to
+    one bfloat16 rounding of the result and the float32 sums' rounding (they may round a sum's
+    last bit differently);
+    the chunk-wide bfloat16 products take the AMX panels at any number of rows, oneDNN's without
+    AMX."""
+    from discrnn import rnn_function
+    from discrnn.rnn_function import StepProduct
+
+    ops = _panels(torch.bfloat16)
+    if not ops.uses_amx():
+        pytest.skip("no AMX-BF16 on this CPU")
+    g = torch.Generator().manual_seed(8)
+    for M, K, N in [(16, 256, 1024), (33, 77, 130), (512, 64, 96)]:
+        a = torch.randn(M, K, generator=g).bfloat16()
+        w = torch.randn(N, K, generator=g).bfloat16()
+        c = torch.randn(M, N, generator=g).bfloat16()
+        panels = ops.pack_panels(w)
+        on_amx = ops.panel_linear(a, panels, N, c)
+        old = ops.set_amx(False)
+        try:
+            assert not ops.uses_amx()
+            on_vectors = ops.panel_linear(a, panels, N, c)
+        finally:
+            ops.set_amx(old)
+        # a bfloat16 ulp of the result, and the float32 sums' rounding (cancellation near 0)
+        ulp = 2.0 ** (torch.frexp(on_vectors.float()).exponent.float() - 8)
+        scale = a.float().abs() @ w.float().abs().t() + c.float().abs()
+        bound = ulp + 2e-7 * (K + 2) * scale
+        assert bool(((on_amx.float() - on_vectors.float()).abs() <= bound).all())
+        _assert_product_close(on_amx, a, w, c, torch.bfloat16)
+    w = torch.randn(100, 40, generator=g).bfloat16()
+    chunk = StepProduct(w, 512, 16, chunk=True)
+    assert chunk.panels is not None and chunk.packed is None
+    a = torch.randn(517, 40, generator=g)
+    _assert_product_close(chunk.mm(a), a.bfloat16(), w, None, torch.bfloat16)
+    old = ops.set_amx(False)
+    try:
+        assert StepProduct(w, 512, 16, chunk=True).panels is None
+        assert StepProduct(w, 16, 16).panels is not None  # the vectors' per-step products
+    finally:
+        ops.set_amx(old)
+    monkeypatch.setattr(rnn_function, "PANEL_STEP_PRODUCTS", False)
+    assert StepProduct(w, 512, 16, chunk=True).panels is None
+
+
+def test_bfloat16_lstm_on_amx_matches_vector_products():
+    """DiscreteLSTM under bf16 autocast with its products on AMX and on AVX512-BF16's vectors:
+    the same outputs and gradients up to the products' last-bit roundings."""
+    ops = _panels(torch.bfloat16)
+    if not ops.uses_amx():
+        pytest.skip("no AMX-BF16 on this CPU")
+    torch.manual_seed(0)
+    module = DiscreteLSTM(8, 48, levels=64, num_layers=2)
+    x = torch.randn(40, 4, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    results = []
+    for on in (True, False):
+        old = ops.set_amx(on)
+        try:
+            module.zero_grad()
+            x.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, (h, c) = module(x)
+            (out.float().square().sum() + c.float().sum()).backward()
+            results.append([out.float(), c.float(), x.grad.clone()]
+                           + [p.grad.clone() for p in module.parameters()])
+        finally:
+            ops.set_amx(old)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+    # not the same bits everywhere would be fine; the same everywhere would mean AMX never ran
+    assert results[0][0].isfinite().all()
 
 
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
