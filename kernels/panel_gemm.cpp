@@ -408,6 +408,145 @@ void amx_panel_range(const uint16_t* a, int64_t lda, const uint16_t* panels, int
   amx_release();
 }
 
+
+// bfloat16 weight gradients on AMX: acc [M, N] (float32) += grads [R, M]^T @ rows [R, N], the
+// product summed in float32 and rounded once to bfloat16 before it is added (as the layers' aten
+// route: a bfloat16 mm, then add_ into the float32 accumulator). Both operands are repacked into
+// tile order, R padded with zero pairs: rows as pairs of consecutive rows interleaved ([N/16]
+// [pairs][16][2], shared by the threads), grads per 16 output rows by the same interleave and a
+// 16 x 16 transpose of its 32-bit pairs (a tile row holds one output's 32 k). Threads split the
+// output rows, never a sum. Tiles: 0-3 the sums of 64 columns, 4 the grads' block, 5-6 rows'.
+constexpr int64_t kAmxBlock = 16 * 32;  // values in one tile of 16 x 32 bfloat16
+
+__attribute__((target("amx-tile,amx-bf16"))) void amx_configure_grads() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 7; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+template <int V>
+__attribute__((target("amx-tile,amx-bf16"))) void amx_grad_sums(const uint16_t* a,
+                                                                const uint16_t* b,
+                                                                int64_t blocks,
+                                                                int64_t b_stride, float* sums) {
+  _tile_zero(0);
+  if constexpr (V > 1) _tile_zero(1);
+  if constexpr (V > 2) _tile_zero(2);
+  if constexpr (V > 3) _tile_zero(3);
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const uint16_t* bk = b + kb * kAmxBlock;
+    _tile_loadd(4, a + kb * kAmxBlock, 64);
+    _tile_loadd(5, bk, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if constexpr (V > 1) {
+      _tile_loadd(6, bk + b_stride, 64);
+      _tile_dpbf16ps(1, 4, 6);
+    }
+    if constexpr (V > 2) {
+      _tile_loadd(5, bk + 2 * b_stride, 64);
+      _tile_dpbf16ps(2, 4, 5);
+    }
+    if constexpr (V > 3) {
+      _tile_loadd(6, bk + 3 * b_stride, 64);
+      _tile_dpbf16ps(3, 4, 6);
+    }
+  }
+  _tile_stored(0, sums, 256);
+  if constexpr (V > 1) _tile_stored(1, sums + 16, 256);
+  if constexpr (V > 2) _tile_stored(2, sums + 32, 256);
+  if constexpr (V > 3) _tile_stored(3, sums + 48, 256);
+}
+
+// 16 values of rows r and r + 1 (zero past `count` columns, and row r + 1 zero where `second` is
+// null) interleaved: (x[r][j], x[r + 1][j]) for j = 0..15.
+inline __m512i interleave_pair(const uint16_t* first, const uint16_t* second, int64_t count) {
+  const __mmask16 m = column_mask(count);
+  const __m256i lo = _mm256_maskz_loadu_epi16(m, first);
+  const __m256i hi = second ? _mm256_maskz_loadu_epi16(m, second) : _mm256_setzero_si256();
+  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  const __m512i index = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                         16, 0);
+  return _mm512_permutexvar_epi16(index, both);
+}
+
+void amx_weight_grad_sums(float* y, int64_t ldy, const uint16_t* g, int64_t ldg, const uint16_t* w,
+                     int64_t ldw, int64_t M, int64_t N, int64_t R) {
+  const int64_t pairs = (R + 1) / 2, blocks = (pairs + 15) / 16, nb = (N + 15) / 16;
+  const int64_t b_stride = blocks * kAmxBlock;  // one 16-column block of rows' pairs
+  // torch's allocator, not a zero-filled std::vector: every value is written
+  const at::Tensor b_packed = at::empty({nb * b_stride}, at::TensorOptions().dtype(at::kBFloat16));
+  uint16_t* const b_buf = bf16_data(b_packed);
+  at::parallel_for(0, nb, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      uint16_t* dst = b_buf + j * b_stride;
+      const int64_t count = std::min<int64_t>(16, N - 16 * j);
+      for (int64_t k = 0; k < blocks * 16; ++k) {
+        const __m512i v = 2 * k < R ? interleave_pair(w + 2 * k * ldw + 16 * j,
+                                                      2 * k + 1 < R ? w + (2 * k + 1) * ldw + 16 * j
+                                                                    : nullptr,
+                                                      count)
+                                    : _mm512_setzero_si512();
+        _mm512_storeu_si512(dst + k * 32, v);
+      }
+    }
+  });
+  const int64_t mb = (M + 15) / 16;
+  at::parallel_for(0, mb, 1, [&](int64_t i0, int64_t i1) {
+    const at::Tensor a_block = at::empty({blocks * kAmxBlock},
+                                         at::TensorOptions().dtype(at::kBFloat16));
+    uint16_t* const a_packed = bf16_data(a_block);
+    alignas(64) float sums[16 * 64];
+    amx_configure_grads();
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m0 = 16 * i, rows = std::min<int64_t>(16, M - m0);
+      for (int64_t kb = 0; kb < blocks; ++kb) {
+        __m512 t[16];
+        for (int64_t k = 0; k < 16; ++k) {
+          const int64_t r = 2 * (16 * kb + k);
+          t[k] = _mm512_castsi512_ps(
+              r < R ? interleave_pair(g + r * ldg + m0, r + 1 < R ? g + (r + 1) * ldg + m0 : nullptr,
+                                      rows)
+                    : _mm512_setzero_si512());
+        }
+        transpose16(t);  // [k][m] pairs -> [m][k]
+        for (int64_t m = 0; m < 16; ++m) {
+          _mm512_storeu_ps(reinterpret_cast<float*>(a_packed + kb * kAmxBlock + m * 32),
+                           t[m]);
+        }
+      }
+      for (int64_t n0 = 0; n0 < N; n0 += 64) {
+        const int64_t cols = std::min<int64_t>(64, N - n0);
+        const uint16_t* b = b_buf + (n0 / 16) * b_stride;
+        if (cols > 48) {
+          amx_grad_sums<4>(a_packed, b, blocks, b_stride, sums);
+        } else if (cols > 32) {
+          amx_grad_sums<3>(a_packed, b, blocks, b_stride, sums);
+        } else if (cols > 16) {
+          amx_grad_sums<2>(a_packed, b, blocks, b_stride, sums);
+        } else {
+          amx_grad_sums<1>(a_packed, b, blocks, b_stride, sums);
+        }
+        for (int64_t v = 0; 16 * v < cols; ++v) {
+          const __mmask16 mask = column_mask(cols - 16 * v);
+          for (int64_t m = 0; m < rows; ++m) {
+            float* dst = y + (m0 + m) * ldy + n0 + 16 * v;
+            const __m512 product = widen_bf16(round_to_bf16(_mm512_load_ps(sums + m * 64 + 16 * v)));
+            _mm512_mask_storeu_ps(dst, mask,
+                                  _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), product));
+          }
+        }
+      }
+    }
+    amx_release();
+  });
+}
+
 #endif  // DISCRNN_AMX
 
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -896,6 +1035,37 @@ at::Tensor panel_weight_grad(const at::Tensor& acc, const at::Tensor& grads,
                                     i0 * kGroupRows, std::min(M, i1 * kGroupRows));
                      });
   }
+#endif
+  return acc;
+}
+
+// acc [M, N] (float32) += grads [R, M]^T @ rows [R, N] (bfloat16), the product summed in float32
+// on AMX and rounded once to bfloat16 before it is added (what acc.add_(torch.mm(grads.t(),
+// rows)) computes, up to the order of the sums). grads and rows of unit stride along their last
+// dimension; only where uses_amx().
+at::Tensor amx_weight_grad(const at::Tensor& acc, const at::Tensor& grads, const at::Tensor& rows) {
+  TORCH_CHECK(uses_amx(), "amx_weight_grad: no AMX-BF16 on this CPU (or it is switched off)");
+  auto check = [](const at::Tensor& t, const char* name, at::ScalarType dtype) {
+    TORCH_CHECK(t.dim() == 2 && t.scalar_type() == dtype && t.device().is_cpu() &&
+                    (t.size(1) <= 1 || t.stride(1) == 1),
+                "amx_weight_grad: ", name, " must be a 2-D ", dtype,
+                " CPU tensor of unit stride along its last dimension, got ", t.sizes(), " ",
+                t.scalar_type(), " strides ", t.strides(), " on ", t.device());
+  };
+  check(acc, "acc", at::kFloat);
+  check(grads, "grads", at::kBFloat16);
+  check(rows, "rows", at::kBFloat16);
+  const int64_t R = grads.size(0), M = grads.size(1), N = rows.size(1);
+  TORCH_CHECK(rows.size(0) == R && acc.size(0) == M && acc.size(1) == N,
+              "amx_weight_grad: acc [M, N] += grads [R, M]^T @ rows [R, N], got acc ",
+              acc.sizes(), ", grads ", grads.sizes(), ", rows ", rows.sizes());
+  TORCH_CHECK(!(acc.numel() > 0 && R > 0 &&
+                (shares_memory(acc, grads) || shares_memory(acc, rows))),
+              "amx_weight_grad: acc overlaps grads or rows");
+  if (M == 0 || N == 0 || R == 0) return acc;
+#if DISCRNN_AMX
+  amx_weight_grad_sums(acc.data_ptr<float>(), acc.stride(0), bf16_data(grads), grads.stride(0),
+                  bf16_data(rows), rows.stride(0), M, N, R);
 #endif
   return acc;
 }

@@ -797,6 +797,120 @@ def test_amx_products_agree_with_vector_products(monkeypatch):
     assert StepProduct(w, 512, 16, chunk=True).panels is None
 
 
+# (R, M, N) of acc [M, N] += grads [R, M]^T @ rows [R, N]: R 1, odd, below / at / past a block
+# of 32; M and N below, at and past tiles of 16 and groups of 64 columns.
+AMX_GRAD_SHAPES = [(1, 1, 1), (31, 16, 16), (32, 17, 64), (33, 70, 65), (512, 1024, 256),
+                   (1100, 48, 130)]
+
+
+def _amx_ops():
+    ops = _panels(torch.bfloat16)
+    if not ops.uses_amx():
+        pytest.skip("no AMX-BF16 on this CPU")
+    return ops
+
+
+@pytest.mark.parametrize("R, M, N", AMX_GRAD_SHAPES)
+def test_amx_weight_grad_matches_float64_product(R, M, N):
+    """acc += bf16(grads^T @ rows) in place: against the float64 product rounded once to bfloat16
+    (to the float32 sums' rounding), against aten's bfloat16 mm added to acc, and the same bits on
+    any thread count (threads split the outputs, never a sum)."""
+    ops = _amx_ops()
+    g = torch.Generator().manual_seed(R * 31 + M * 7 + N)
+    grads = torch.randn(R, M, generator=g).bfloat16()
+    rows = torch.randn(R, N, generator=g).bfloat16()
+    acc0 = torch.randn(M, N, generator=g)
+    acc = acc0.clone()
+    assert ops.amx_weight_grad(acc, grads, rows) is acc
+    exact = grads.double().t() @ rows.double()
+    scale = grads.double().abs().t() @ rows.double().abs()
+    product = (acc - acc0).double()  # the rounded product, up to the float32 add's rounding
+    bound = 2.0 ** -8 * exact.abs() + 2e-7 * (R + 2) * scale + 2.0 ** -23 * acc.double().abs()
+    assert bool(((product - exact).abs() <= bound + 1e-30).all())
+    rounded = torch.zeros(M, N)  # from zero: exactly the product rounded to bfloat16
+    ops.amx_weight_grad(rounded, grads, rows)
+    assert torch.equal(rounded, rounded.bfloat16().float())
+    assert bool(((rounded.double() - exact).abs() <= bound + 1e-30).all())
+    aten = acc0 + torch.mm(grads.t(), rows).float()
+    near = 2.0 ** -7 * exact.abs() + 4e-7 * (R + 2) * scale + 2.0 ** -22 * acc.double().abs()
+    assert bool(((acc - aten).double().abs() <= near + 1e-30).all())
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            again = acc0.clone()
+            ops.amx_weight_grad(again, grads, rows)
+            assert torch.equal(again, acc)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_amx_weight_grad_strides_nan_and_errors():
+    """Rows of wider tensors (acc, grads, rows); a NaN in grads makes NaN only the output row that
+    reads it; no rows: acc unchanged; bad arguments: errors naming them."""
+    ops = _amx_ops()
+    g = torch.Generator().manual_seed(9)
+    grads_wide = torch.randn(40, 90, generator=g).bfloat16()
+    rows_wide = torch.randn(40, 50, generator=g).bfloat16()
+    acc_wide = torch.randn(70, 60, generator=g)
+    grads, rows, acc = grads_wide[:, 5:75], rows_wide[:, 3:43], acc_wide[:, 10:50]
+    expected = acc.clone()
+    ops.amx_weight_grad(expected, grads.contiguous(), rows.contiguous())
+    before = acc_wide.clone()
+    ops.amx_weight_grad(acc, grads, rows)
+    assert torch.equal(acc, expected)
+    assert torch.equal(acc_wide[:, :10], before[:, :10])
+    assert torch.equal(acc_wide[:, 50:], before[:, 50:])
+    nan_grads = grads.contiguous()
+    nan_grads[3, 7] = float("nan")  # output row 7 reads it for every column
+    out = torch.zeros(70, 40)
+    ops.amx_weight_grad(out, nan_grads, rows.contiguous())
+    assert out[7].isnan().all() and not out[torch.arange(70) != 7].isnan().any()
+    empty = torch.zeros(70, 40)
+    ops.amx_weight_grad(empty, grads[:0], rows[:0])
+    assert not empty.any()
+    with pytest.raises(RuntimeError, match="grads must be a 2-D BFloat16"):
+        ops.amx_weight_grad(torch.zeros(70, 40), grads.float(), rows)
+    with pytest.raises(RuntimeError, match="acc must be a 2-D Float"):
+        ops.amx_weight_grad(torch.zeros(70, 40).double(), grads, rows)
+    with pytest.raises(RuntimeError, match="rows must be .* unit stride"):
+        ops.amx_weight_grad(torch.zeros(70, 40), grads, rows_wide.t().contiguous().t()[:, :40])
+    with pytest.raises(RuntimeError, match=r"acc \[M, N\] \+= grads"):
+        ops.amx_weight_grad(torch.zeros(70, 41), grads, rows)
+    shared = torch.zeros(40, 70, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="must be a 2-D Float"):
+        ops.amx_weight_grad(shared, shared, rows)
+    old = ops.set_amx(False)
+    try:
+        with pytest.raises(RuntimeError, match="no AMX-BF16"):
+            ops.amx_weight_grad(torch.zeros(70, 40), grads, rows)
+    finally:
+        ops.set_amx(old)
+
+
+def test_bfloat16_weight_grads_take_amx(monkeypatch):
+    """rnn_function.weight_grad_ runs a bfloat16 product into a float32 accumulator on AMX where
+    present (aten's route otherwise), the same values as aten's to the sums' rounding."""
+    from discrnn import rnn_function
+
+    ops = _amx_ops()
+    g = torch.Generator().manual_seed(10)
+    grads = torch.randn(96, 64, generator=g)
+    rows = torch.randn(96, 20, generator=g)
+    acc0 = torch.randn(64, 20, generator=g)
+    on_amx = rnn_function.weight_grad_(acc0.clone(), grads, rows, torch.bfloat16)
+    old = ops.set_amx(False)
+    try:
+        on_aten = rnn_function.weight_grad_(acc0.clone(), grads, rows, torch.bfloat16)
+    finally:
+        ops.set_amx(old)
+    assert torch.equal(on_aten, acc0 + torch.mm(grads.t().bfloat16(), rows.bfloat16()).float())
+    torch.testing.assert_close(on_amx, on_aten, rtol=2 ** -7, atol=1e-5)
+    monkeypatch.setattr(rnn_function, "PANEL_STEP_PRODUCTS", False)
+    assert torch.equal(rnn_function.weight_grad_(acc0.clone(), grads, rows, torch.bfloat16),
+                       on_aten)
+
+
 def test_bfloat16_lstm_on_amx_matches_vector_products():
     """DiscreteLSTM under bf16 autocast with its products on AMX and on AVX512-BF16's vectors:
     the same outputs and gradients up to the products' last-bit roundings."""
