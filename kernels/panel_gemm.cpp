@@ -82,6 +82,11 @@ constexpr int kTileRows = 4;
 
 int64_t panel_count(int64_t n) { return (n + kPanelCols - 1) / kPanelCols; }
 
+// The panel after the one a float32 tile computes, to prefetch into L2 as it goes, or null; set
+// by panel_linear for a weight too large for L2 (read from L3 or memory in every product).
+thread_local const float* tl_prefetch_panel = nullptr;
+bool PREFETCH_PANELS = true;
+
 // Whether the spans of memory t and u reach (first to last element) intersect.
 bool shares_memory(const at::Tensor& t, const at::Tensor& u) {
   auto span = [](const at::Tensor& x) {
@@ -147,7 +152,13 @@ __attribute__((noinline)) void float_tile(const float* a, int64_t lda, const flo
   __m512 acc[Rows][V];
   for (int i = 0; i < Rows; ++i)
     for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
+  const float* next = tl_prefetch_panel;
   for (int64_t k = 0; k < K; ++k) {
+    if (next) {  // the next panel into L2 while this one is read from it (see panel_linear)
+      for (int l = 0; l < kPanelVectors; ++l) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanelCols + 16 * l), _MM_HINT_T1);
+      }
+    }
     __m512 b[V];
     for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(panel + k * kPanelCols + 16 * v);
     for (int i = 0; i < Rows; ++i) {
@@ -675,18 +686,22 @@ void tile_of(int64_t rows, const T* a, int64_t lda, const T* panel, int64_t K, c
 }
 
 // One panel's columns for all M rows: tiles of kTileRows rows, then one of the rest.
+// next: the panel after this one, prefetched during the last tile (float32 only; null: none).
 template <typename T, template <int> class Tile>
 void panel_rows(const T* a, int64_t lda, const T* panel, int64_t K, const T* c, int64_t ldc, T* y,
-                int64_t ldy, int64_t cols, int64_t M) {
+                int64_t ldy, int64_t cols, int64_t M, const float* next = nullptr) {
   int64_t m = 0;
   for (; m + kTileRows <= M; m += kTileRows) {
+    if (m + kTileRows == M) tl_prefetch_panel = next;
     Tile<kTileRows>::run(a + m * lda, lda, panel, K, c ? c + m * ldc : nullptr, ldc, y + m * ldy,
                          ldy, cols);
   }
   if (m < M) {
+    tl_prefetch_panel = next;
     tile_of<T, Tile>(M - m, a + m * lda, lda, panel, K, c ? c + m * ldc : nullptr, ldc,
                      y + m * ldy, ldy, cols);
   }
+  tl_prefetch_panel = nullptr;
 }
 
 // A weight gradient's sum over K rows (T B: thousands) runs in blocks of kKBlock k, each block's
@@ -757,6 +772,14 @@ int64_t panel_vector_floats() {
 #else
   return 0;
 #endif
+}
+
+// Whether panel_linear prefetches a large float32 weight's next panel; returns the previous
+// setting (for comparisons: the results are the same either way).
+bool set_panel_prefetch(bool on) {
+  const bool old = PREFETCH_PANELS;
+  PREFETCH_PANELS = on;
+  return old;
 }
 
 // Whether panel_linear's bfloat16 products may run on AMX where the CPU has it; returns the
@@ -950,14 +973,21 @@ at::Tensor panel_linear(const at::Tensor& a, const at::Tensor& panels, int64_t n
     return y;
   }
 #endif
+  // Panels past L2's share (a weight read from L3 or memory in every product: W_hh at H=1024 is
+  // 16 MiB) stream in with the first row tile; the last row tile reads them from L2 and would
+  // leave the bus idle, so it prefetches the next panel meanwhile.
+  const bool prefetch =
+      PREFETCH_PANELS && is_float && panels.numel() * int64_t{4} > (int64_t{1} << 20);
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, n - n0);
       if (is_float) {
-        panel_rows<float, FloatTile>(a.data_ptr<float>(), lda,
-                                     panels.data_ptr<float>() + p * panel_size, K,
+        const float* base = panels.data_ptr<float>();
+        panel_rows<float, FloatTile>(a.data_ptr<float>(), lda, base + p * panel_size, K,
                                      c ? c->data_ptr<float>() + n0 : nullptr, ldc,
-                                     y.data_ptr<float>() + n0, y.stride(0), cols, M);
+                                     y.data_ptr<float>() + n0, y.stride(0), cols, M,
+                                     prefetch && p + 1 < p1 ? base + (p + 1) * panel_size
+                                                            : nullptr);
       } else {
 #if defined(CPU_CAPABILITY_AVX512)
         panel_rows<uint16_t, BFloat16Tile>(bf16_data(a), lda,

@@ -661,6 +661,7 @@ at::Tensor add_widened(const at::Tensor& c, const at::Tensor& b, at::Tensor out)
 bool panel_products_supported(at::ScalarType dtype);
 int64_t panel_vector_floats();
 bool set_amx(bool on);
+bool set_panel_prefetch(bool on);
 at::Tensor amx_weight_grad(const at::Tensor& acc, const at::Tensor& grads, const at::Tensor& rows);
 bool uses_amx();
 at::Tensor pack_panels(const at::Tensor& weight);
@@ -1360,6 +1361,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_amx", &set_amx, "Let bfloat16 panel products run on AMX where present; the old setting");
   m.def("amx_weight_grad", &amx_weight_grad,
         "acc += bf16(grads^T @ rows), bfloat16 operands on AMX (CPU)");
+  m.def("set_panel_prefetch", &set_panel_prefetch,
+        "Let float32 panel products prefetch a large weight's next panel; the old setting");
   m.def("uses_amx", &uses_amx, "Whether bfloat16 panel products run on AMX on this CPU");
   m.def("pack_panels", &pack_panels, "A weight [N, K] packed for panel_linear (CPU)");
   m.def("panel_linear", &panel_linear, "a @ W^T (+ c) on W's panels (CPU)", py::arg("a"),

@@ -537,6 +537,32 @@ def test_panel_linear_same_bits_on_any_thread_count(amx, dtype):
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("M", [16, 5, 17])
+def test_panel_prefetch_keeps_the_bits(M):
+    """A float32 weight over 1 MiB prefetches its next panel during each panel's last row tile:
+    the same bits as without, on one and two threads, and close to the float64 product."""
+    ops = _panels(torch.float32)
+    g = torch.Generator().manual_seed(M)
+    w = torch.randn(700, 512, generator=g)  # 15 panels of 512 x 48 floats: 1.4 MiB
+    a = torch.randn(M, 512, generator=g)
+    c = torch.randn(M, 700, generator=g)
+    panels = ops.pack_panels(w)
+    threads = torch.get_num_threads()
+    old = ops.set_panel_prefetch(True)
+    try:
+        results = []
+        for on in (True, False):
+            ops.set_panel_prefetch(on)
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                results.append(ops.panel_linear(a, panels, 700, c))
+    finally:
+        ops.set_panel_prefetch(old)
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results)
+    _assert_product_close(results[0], a, w, c, torch.float32)
+
+
 # (M, R, N) of weight gradients acc [M, N] += grads [R, M]^T @ rows [R, N]: M below, at and past
 # a tile of 8 and a group of 64 outputs; R 0, 1 and below, at and past the blocks of 512 rows; N
 # with last panels of 1-3 vectors.
