@@ -380,9 +380,11 @@ __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 void amx_panel_range(const uint16_t* a, int64_t lda, const uint16_t* panels, int64_t panel_size,
                      int64_t K, const uint16_t* c, int64_t ldc, uint16_t* y, int64_t ldy,
                      int64_t n, int64_t M, int64_t p0, int64_t p1) {
-  const int64_t pairs = (K + 1) / 2, blocks = pairs / kAmxPairs;
-  const int tail_pairs = static_cast<int>(pairs % kAmxPairs);
-  const int64_t tail_k = K - 2 * kAmxPairs * blocks;  // a's values in the last pairs
+  // Blocks of 32 k read from a's rows where they lie; the rest (an odd K's last pair included,
+  // whose second value would lie past the row) from the zero-padded copy.
+  const int64_t blocks = K / (2 * kAmxPairs);
+  const int64_t tail_k = K - 2 * kAmxPairs * blocks;
+  const int tail_pairs = static_cast<int>((tail_k + 1) / 2);
   alignas(64) uint16_t a_tail[kAmxPairs * 2 * kAmxPairs];
   alignas(64) float sums[kAmxPairs * kPanelCols];
   for (int64_t m0 = 0; m0 < M; m0 += kAmxPairs) {

@@ -519,6 +519,25 @@ def test_panel_linear_propagates_nan_and_inf(amx, dtype):
     assert got[2].isnan().all() and got[4].isinf().sum() > 0
 
 
+@pytest.mark.parametrize("K", [31, 63, 33, 1])
+def test_panel_linear_reads_nothing_past_a_row(amx, K):
+    """Rows of a wider tensor whose next value is NaN: an odd K's last pair (bfloat16: AMX reads
+    32 k per tile product, the vectors two per step) must not read it; neither may the last row
+    (NaN past it in the same buffer)."""
+    ops = _panels(torch.bfloat16, amx)
+    g = torch.Generator().manual_seed(K)
+    wide = torch.full((5, K + 1), float("nan"), dtype=torch.bfloat16)
+    wide[:, :K] = torch.randn(5, K, generator=g).bfloat16()
+    flat = torch.full((5 * K + 8,), float("nan"), dtype=torch.bfloat16)
+    flat[: 5 * K] = wide[:, :K].reshape(-1)
+    w = torch.randn(20, K, generator=g).bfloat16()
+    panels = ops.pack_panels(w)
+    for a in (wide[:, :K], flat[: 5 * K].view(5, K)):
+        got = ops.panel_linear(a, panels, 20)
+        assert not got.isnan().any()
+        _assert_product_close(got, a, w, None, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", PANEL_DTYPES, ids=["float32", "bfloat16"])
 def test_panel_linear_same_bits_on_any_thread_count(amx, dtype):
     """Threads split the panels, never a sum."""
