@@ -466,9 +466,8 @@ def weight_grad_(acc: torch.Tensor, grads: torch.Tensor, rows: torch.Tensor,
     runs on its tiles (``amx_weight_grad``: the float32 sum rounded once to bfloat16, then added,
     as acc.add_(torch.mm(...)) does; 0.65-0.73x its time for the LSTM's at H=256, 512 rows).
     Elsewhere torch.addmm."""
-    if (gemm == torch.bfloat16 and PANEL_STEP_PRODUCTS and acc.device.type == "cpu"
-            and acc.dtype == torch.float32 and acc.dim() == 2 and acc.stride(-1) == 1
-            and _on_amx(acc)):
+    if (gemm == torch.bfloat16 and acc.dtype == torch.float32 and acc.dim() == 2
+            and acc.stride(-1) == 1 and _on_amx(acc)):
         from .kernels import rnn_cpu
 
         grads, rows = grads.to(gemm), rows.to(gemm)

@@ -488,8 +488,8 @@ inline __m512i interleave_pair(const uint16_t* first, const uint16_t* second, in
   return _mm512_permutexvar_epi16(index, both);
 }
 
-void amx_weight_grad_sums(float* y, int64_t ldy, const uint16_t* g, int64_t ldg, const uint16_t* w,
-                     int64_t ldw, int64_t M, int64_t N, int64_t R) {
+void amx_weight_grad_sums(float* y, int64_t ldy, const uint16_t* g, int64_t ldg,
+                          const uint16_t* w, int64_t ldw, int64_t M, int64_t N, int64_t R) {
   const int64_t pairs = (R + 1) / 2, blocks = (pairs + 15) / 16, nb = (N + 15) / 16;
   const int64_t b_stride = blocks * kAmxBlock;  // one 16-column block of rows' pairs
   // torch's allocator, not a zero-filled std::vector: every value is written
