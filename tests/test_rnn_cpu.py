@@ -796,6 +796,17 @@ def test_chunk_product_on_panels_at_any_rows(monkeypatch):
         assert torch.equal(prod.linear(a, b.double()), expected)
 
 
+def test_large_products_stay_on_mkl_on_intel_cpus(monkeypatch):
+    """The float32 panels take products of hundreds of rows only with 16-float vectors and not on
+    Intel's cores (MKL wins there); the vendor comes from /proc/cpuinfo, once."""
+    ops = _panels(torch.float32)
+    wide = ops.panel_vector_floats() >= 16
+    assert rnn_cpu.cpu_vendor() == rnn_cpu.cpu_vendor()  # cached
+    for vendor, expected in (("GenuineIntel", False), ("AuthenticAMD", wide), ("", wide)):
+        monkeypatch.setitem(rnn_cpu._state, "vendor", vendor)
+        assert rnn_cpu.panels_for_large_products() is expected
+
+
 def test_amx_products_agree_with_vector_products(monkeypatch):
     """On AMX the bfloat16 panel products sum in float32 as AVX512-BF16's do, so the two agree to
     one bfloat16 rounding of the result and the float32 sums' rounding (they may round a sum's
