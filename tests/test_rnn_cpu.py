@@ -989,10 +989,11 @@ def test_bfloat16_lstm_on_amx_matches_vector_products():
                            + [p.grad.clone() for p in module.parameters()])
         finally:
             ops.set_amx(old)
+    # a last-bit difference in a product can move a unit to the next of 64 levels (1/32 apart),
+    # hence the tolerance; the kernels' own agreement is tested above to the bit's rounding
     for got, want in zip(*results):
+        assert got.isfinite().all()
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
-    # not the same bits everywhere would be fine; the same everywhere would mean AMX never ran
-    assert results[0][0].isfinite().all()
 
 
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
