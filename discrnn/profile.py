@@ -346,6 +346,9 @@ def sweep(args) -> tuple[dict, dict]:
     return memory, timing
 
 
+MEMORY_UNRESOLVED = "memory unresolved"
+
+
 def build_points(args, memory: dict, timing: dict) -> list[dict]:
     cfg = args.config
     points = []
@@ -371,7 +374,7 @@ def build_points(args, memory: dict, timing: dict) -> list[dict]:
                 "vocab": cfg.vocab, "dtype": cfg.dtype,
                 "static_bytes": None, "peak_bytes": None, "total_bytes": None, "total_mib": None,
                 "peak_per_unit": None, "kept_rnn_bytes": None, "kept_per_unit": None,
-                "kept_step_bytes": None,
+                "kept_step_bytes": None, "memory_resolved": None,
                 "ms_median": None, "ms_min": None, "ms_max": None, "spread_pct": None,
                 "timed_steps": len(times), "timed_steps_ok": len(times) >= MIN_TIMED,
                 "times_ms": " ".join(f"{t:.1f}" for t in times),  # every timed step, in order
@@ -387,7 +390,12 @@ def build_points(args, memory: dict, timing: dict) -> list[dict]:
                          peak_per_unit=round(mem["peak_bytes"] / units, 4),
                          kept_rnn_bytes=mem["kept_rnn_bytes"],
                          kept_per_unit=round(mem["kept_rnn_bytes"] / units, 4),
-                         kept_step_bytes=mem["kept_step_bytes"])
+                         kept_step_bytes=mem["kept_step_bytes"],
+                         # A step whose RSS high-water mark stays at or under the RSS after the
+                         # warm-up (a tiny model reusing freed heap blocks, e.g. --quick) has no
+                         # measured memory of its own: its figures stay as measured, but take no
+                         # ratio and no frontier place.
+                         memory_resolved=mem["peak_bytes"] > 0)
             if times:
                 med = statistics.median(times)
                 # spread: (max - min) / median of the timed steps, in percent
@@ -404,7 +412,9 @@ def build_points(args, memory: dict, timing: dict) -> list[dict]:
         # One frontier per cell: a GRU is a different model, not a way of running an LSTM.
         for cell in dict.fromkeys(p["cell"] for p in mine):
             group = [p for p in mine if p["cell"] == cell]
-            for p, on_front in zip(group, report.pareto_flags(group)):
+            measured = [p if p["memory_resolved"] is not False else {**p, "total_bytes": None}
+                        for p in group]
+            for p, on_front in zip(group, report.pareto_flags(measured)):
                 p["pareto"] = on_front
         for p in mine:
             if ref is None:
@@ -412,6 +422,8 @@ def build_points(args, memory: dict, timing: dict) -> list[dict]:
             for key, num, den in (("time_vs_lstm", "ms_median", "ms_median"),
                                   ("total_vs_lstm", "total_bytes", "total_bytes"),
                                   ("kept_vs_lstm", "kept_rnn_bytes", "kept_rnn_bytes")):
+                if key == "total_vs_lstm" and not (p["memory_resolved"] and ref["memory_resolved"]):
+                    continue
                 if p[num] is not None and ref[den]:
                     p[key] = round(p[num] / ref[den], 4)
     return points
@@ -503,13 +515,18 @@ def print_points(args, points: list[dict], title: str) -> None:
                          report.fmt(p["time_vs_lstm"], ".2f"),
                          report.fmt(p["total_vs_lstm"], ".3f"),
                          report.fmt(p["loss_last"], ".3f"), "yes" if p["pareto"] else "",
-                         p["error"][:60]])
+                         p["error"][:60] or (MEMORY_UNRESOLVED if p["memory_resolved"] is False
+                                             else "")])
         print(report.render_table(f"T={T}: {title}", header, rows))
     print(f"  total MiB: parameters + Adam moments + peak of the step above the baseline; B/u: "
           f"bytes per T x batch x hidden x layer;\n  kept: saved for backward inside the "
           f"recurrent layers (checkpointed segments recompute instead); * fewer than {MIN_TIMED} "
           f"timed steps;\n  loss: of step {args.warmup + args.steps + 1} on the same tokens; "
           "front: on the time/memory Pareto frontier of that T and cell.")
+    if any(p["memory_resolved"] is False for p in points):
+        print(f"  {MEMORY_UNRESOLVED}: the step's RSS high-water mark stayed at or under the RSS "
+              "after the warm-up (the step reused heap blocks the\n  warm-up freed), so its memory "
+              "is not measured: MiB and B/u as found, no ratio, no frontier place.")
 
 
 def print_budget(args, rows: list[dict]) -> None:
@@ -543,7 +560,7 @@ def print_summary(args, points: list[dict], budget_rows: list[dict]) -> None:
         text = f"  {name} vs {p['cell']} at T={T}:"
         if p["kept_rnn_bytes"]:
             text += f" keeps {ref['kept_rnn_bytes'] / p['kept_rnn_bytes']:.1f}x less for backward,"
-        if p["total_bytes"] and ref["total_bytes"]:
+        if p["memory_resolved"] and ref["memory_resolved"]:
             text += f" step memory {p['total_bytes'] / ref['total_bytes']:.2f}x,"
         if p["ms_median"] and ref["ms_median"]:
             text += f" time {p['ms_median'] / ref['ms_median']:.2f}x"

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from discrnn.profile import PROG, build_points, parse_bytes, resolve
+from discrnn.profile import PROG, build_points, parse_bytes, print_points, print_summary, resolve
 from discrnn.profiling.report import pareto_flags
 from discrnn.profiling.search import longest_within, straight_line_guess
 from discrnn.profiling.variants import (StackConfig, build, default_variant_names, parse_variant,
@@ -30,7 +30,7 @@ ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 POINT_FIGURES = ["length", "batch", "hidden", "layers", "static_bytes", "peak_bytes", "total_bytes",
                  "total_mib", "peak_per_unit", "kept_rnn_bytes", "kept_per_unit",
                  "kept_step_bytes", "ms_median", "ms_min", "ms_max", "spread_pct", "timed_steps",
-                 "tokens_per_s", "loss_first", "loss_last", "time_vs_lstm", "total_vs_lstm",
+                 "tokens_per_s", "loss_first", "loss_last", "time_vs_lstm",
                  "kept_vs_lstm", "threads_per_process", "load_avg_1min_start", "wall_s"]
 BUDGET_FIGURES = ["budget_bytes", "longest_length", "resolution", "max_length",
                   "total_bytes_at_longest", "longest_vs_lstm", "search_runs"]
@@ -85,6 +85,13 @@ def test_quick_run_writes_every_file_with_finite_figures(tmp_path):
 
     points = _check_csv(out / "profile.csv", POINT_FIGURES, len(variants) * len(lengths))
     assert {r["variant"] for r in points} == set(variants)
+    # The memory ratio exists exactly where both steps' memory was resolved (at --quick sizes a
+    # step may stay under the warm-up's RSS: see test_unresolved_memory_takes_no_ratio).
+    resolved = {(r["variant"], r["length"]): r["memory_resolved"] == "True" for r in points}
+    assert all(r["memory_resolved"] in ("True", "False") for r in points)
+    for r in points:
+        both = resolved[(r["variant"], r["length"])] and resolved[("lstm", r["length"])]
+        assert _finite_number(r["total_vs_lstm"]) if both else r["total_vs_lstm"] == "", r
     budget = _check_csv(out / "budget.csv", BUDGET_FIGURES, len(variants))
     for row in budget:
         assert int(row["longest_length"]) >= 0
@@ -111,7 +118,8 @@ def test_quick_run_writes_every_file_with_finite_figures(tmp_path):
     assert losses["lstm-ckpt-sqrt"] == pytest.approx(losses["lstm"], rel=1e-4)
     assert losses["lstm-ckpt-quarter"] == pytest.approx(losses["lstm"], rel=1e-4)
     assert losses["dlstm-64-ckpt-sqrt"] == pytest.approx(losses["dlstm-64"], rel=1e-4)
-    assert any(p["pareto"] for p in doc["points"] if p["length"] == 32)
+    at_32 = [p for p in doc["points"] if p["length"] == 32]
+    assert any(p["pareto"] for p in at_32) or not any(p["memory_resolved"] for p in at_32)
 
     plots = ["peak_vs_length.png", "time_vs_memory.png", "budget.png"]
     if importlib.util.find_spec("matplotlib") is None:
@@ -324,6 +332,38 @@ def test_pareto_flags():
               {"total_bytes": 5, "ms_median": 2, "error": ""},  # a tie is not beaten
               {"total_bytes": 0, "ms_median": 0, "error": "failed"}]
     assert pareto_flags(points) == [True, True, False, True, False]
+
+
+def test_unresolved_memory_takes_no_ratio(capsys):
+    """A step whose RSS high-water mark stays under the warm-up's RSS (peak <= 0: a tiny model
+    reusing freed heap blocks) has no measured memory: its figures stay as found, but it takes no
+    memory ratio, no frontier place and no "step memory" line, and the table says why. The other
+    points keep theirs; where the reference itself is unresolved, nobody gets a memory ratio."""
+    args = resolve(["--device", "cpu", "--variants", "lstm", "lstm-ckpt-sqrt", "dlstm-64",
+                    "--lengths", "32", "64"])
+    peaks = {("lstm", 32): 3.0, ("lstm-ckpt-sqrt", 32): 2.0, ("dlstm-64", 32): -0.25,
+             ("lstm", 64): -0.5, ("lstm-ckpt-sqrt", 64): 1.0, ("dlstm-64", 64): 0.5}  # MiB
+    seconds = {"lstm": 1.0, "lstm-ckpt-sqrt": 2.0, "dlstm-64": 0.5}
+    memory = {key: {"peak_bytes": int(m * 2**20), "static_bytes": 2**20,
+                    "total_bytes": int((1 + m) * 2**20), "kept_rnn_bytes": 1, "kept_step_bytes": 1}
+              for key, m in peaks.items()}
+    timing = {T: {v: {"times_ms": [t * 1e3] * 3, "losses": [1.0]} for v, t in seconds.items()}
+              for T in (32, 64)}
+    points = {(p["variant"], p["length"]): p for p in build_points(args, memory, timing)}
+    p = points[("dlstm-64", 32)]
+    assert p["memory_resolved"] is False and p["total_vs_lstm"] is None
+    assert p["total_mib"] == -0.25 + 1 and p["time_vs_lstm"] == 0.5  # as found, time kept
+    # Fastest and (as measured) smallest, yet off the frontier; the others are judged without it.
+    assert not p["pareto"] and points[("lstm", 32)]["pareto"]
+    assert points[("lstm-ckpt-sqrt", 32)]["total_vs_lstm"] == 0.75
+    assert points[("lstm-ckpt-sqrt", 32)]["pareto"]
+    assert all(points[(v, 64)]["total_vs_lstm"] is None for v in seconds)  # reference unresolved
+    assert points[("dlstm-64", 64)]["memory_resolved"] is True
+    print_points(args, list(points.values()), "test")
+    print_summary(args, list(points.values()), [])
+    out = capsys.readouterr().out
+    assert out.count("memory unresolved") == 3  # two rows and the footnote
+    assert "dlstm-64 vs lstm at T=64:" in out and "step memory" not in out
 
 
 def test_one_frontier_per_cell():
