@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from discrnn.profile import PROG, build_points, parse_bytes, print_points, print_summary, resolve
-from discrnn.profiling.report import pareto_flags
+from discrnn.profiling.report import pareto_flags, plot_peak_vs_length, plot_time_memory
 from discrnn.profiling.search import longest_within, straight_line_guess
 from discrnn.profiling.variants import (StackConfig, build, default_variant_names, parse_variant,
                                         torch_rnn_unsupported,
@@ -364,6 +364,48 @@ def test_unresolved_memory_takes_no_ratio(capsys):
     out = capsys.readouterr().out
     assert out.count("memory unresolved") == 3  # two rows and the footnote
     assert "dlstm-64 vs lstm at T=64:" in out and "step memory" not in out
+
+
+class _Recorder:
+    """A stand-in for matplotlib.pyplot, its figures and axes: records what is drawn where."""
+
+    def __init__(self):
+        self.drawn = []  # (method, x values)
+
+    def subplots(self, *shape, **kwargs):
+        if shape:  # plt.subplots(1, n, squeeze=False): a row of axes
+            return self, [[self] * shape[1]]
+        return self, self
+
+    def scatter(self, x, y, **kwargs):
+        self.drawn.append(("scatter", [x]))
+
+    def plot(self, x, y, *args, **kwargs):
+        self.drawn.append(("plot", list(x)))
+
+    def __getattr__(self, name):  # labels, scales, legends, savefig, close: nothing to record
+        return lambda *args, **kwargs: None
+
+
+def test_plots_leave_out_unresolved_memory(tmp_path):
+    """The plots draw no point whose memory is unresolved (test_unresolved_memory_takes_no_ratio):
+    its total is no measurement, and on the log axes a negative one would not even show."""
+    args = resolve(["--device", "cpu", "--variants", "lstm", "dlstm-64", "--lengths", "32", "64"])
+    peaks = {("lstm", 32): 3.0, ("dlstm-64", 32): -0.25, ("lstm", 64): 4.0, ("dlstm-64", 64): 1.0}
+    memory = {key: {"peak_bytes": int(m * 2**20), "static_bytes": 2**20,
+                    "total_bytes": int((1 + m) * 2**20), "kept_rnn_bytes": 1, "kept_step_bytes": 1}
+              for key, m in peaks.items()}
+    timing = {T: {v: {"times_ms": [1e3] * 3, "losses": [1.0]} for v in ("lstm", "dlstm-64")}
+              for T in (32, 64)}
+    points = build_points(args, memory, timing)
+    unresolved_mib = 1 - 0.25  # dlstm-64 at T=32: static 1 MiB plus its peak of -0.25
+    plt = _Recorder()
+    plot_time_memory(plt, tmp_path / "a.png", points, [32, 64], "t")
+    xs = [x for _, values in plt.drawn for x in values]
+    assert len([1 for kind, _ in plt.drawn if kind == "scatter"]) == 3 and unresolved_mib not in xs
+    plt = _Recorder()
+    plot_peak_vs_length(plt, tmp_path / "b.png", points, ["lstm", "dlstm-64"], None, "t")
+    assert plt.drawn == [("plot", [32, 64]), ("plot", [64])]
 
 
 def test_one_frontier_per_cell():

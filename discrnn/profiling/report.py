@@ -157,12 +157,19 @@ def _save(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
+def has_memory(p: dict) -> bool:
+    """Whether a point has a measured step memory to plot: a finite total, not marked "memory
+    unresolved" (its step never rose above the warm-up's RSS: see discrnn.profile)."""
+    return (p["total_bytes"] is not None and math.isfinite(p["total_bytes"])
+            and p.get("memory_resolved") is not False)
+
+
 def plot_peak_vs_length(plt, path: Path, points: list[dict], variants: list[str],
                         budget: int | None, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for name in variants:
-        mine = sorted((p for p in points if p["variant"] == name and p["total_bytes"] is not None
-                       and math.isfinite(p["total_bytes"])), key=lambda p: p["length"])
+        mine = sorted((p for p in points if p["variant"] == name and has_memory(p)),
+                      key=lambda p: p["length"])
         if mine:
             ax.plot([p["length"] for p in mine], [p["total_bytes"] / MIB for p in mine], marker="o",
                     label=name, linestyle="--" if name.startswith("d") else "-")
@@ -186,7 +193,7 @@ def plot_time_memory(plt, path: Path, points: list[dict], lengths: list[int], ti
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.6), squeeze=False)
     for ax, T in zip(axes[0], lengths):
         mine = [p for p in points if p["length"] == T and p["ms_median"] is not None
-                and p["total_bytes"] is not None and not p["error"]]
+                and has_memory(p) and not p["error"]]
         for p in mine:
             ax.scatter(p["total_bytes"] / MIB, p["ms_median"],
                        marker="*" if p["pareto"] else "o", s=90 if p["pareto"] else 30,
