@@ -64,7 +64,9 @@ covers up to 65536 elements fitted to [bs, H]: most launches are one program.
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from typing import NamedTuple
 
 import torch
@@ -579,11 +581,7 @@ class TileRule(NamedTuple):
     fit_rows: bool  # shrink BLOCK_B to next_pow2(bs) (interpreter: fewer elements to emulate)
 
     def tile(self, bs: int, H: int) -> tuple[int, int]:
-        block_h = min(max(triton.next_power_of_2(H), self.min_h), self.max_h, self.elems)
-        block_b = max(1, self.elems // block_h)
-        if self.fit_rows:
-            block_b = min(block_b, triton.next_power_of_2(bs))
-        return block_b, block_h
+        return _tile(self, bs, H)
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every tile this rule can give when ``fit_rows`` is off (what the compile test builds)."""
@@ -591,6 +589,21 @@ class TileRule(NamedTuple):
         hs = [1 << p for p in range(self.min_h.bit_length() - 1, self.max_h.bit_length())]
         top = min(self.max_h, self.elems)
         return [(max(1, self.elems // h), h) for h in hs if self.min_h <= h <= top]
+
+
+def _next_pow2(n: int) -> int:
+    """triton.next_power_of_2 in plain Python: the launchers run it per time step, and in recent
+    Triton that helper is a constexpr function costing a few microseconds per host call."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=1024)
+def _tile(rule: TileRule, bs: int, H: int) -> tuple[int, int]:
+    block_h = min(max(_next_pow2(H), rule.min_h), rule.max_h, rule.elems)
+    block_b = max(1, rule.elems // block_h)
+    if rule.fit_rows:
+        block_b = min(block_b, _next_pow2(bs))
+    return block_b, block_h
 
 
 # GPU: 1024-element tiles with rows of 16..128 units, four shapes in all (few compiled variants);
@@ -601,12 +614,22 @@ INTERPRETER_TILE = TileRule(elems=1 << 16, min_h=8, max_h=1 << 16, fit_rows=True
 TILE = INTERPRETER_TILE if INTERPRETING else GPU_TILE  # tests swap in small tiles
 
 
+def _as_float32(value: float) -> float:
+    """``value`` rounded to float32 in plain Python (no tensor: nothing a CUDA graph capture or a
+    dispatch mode would see); inf beyond float32's range, as torch's conversion."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+@functools.lru_cache(maxsize=64)  # a launch per step asks; the answer depends on the value only
 def cell_clip_value(cell_clip: float) -> float:
     """The LSTM cell bound as the kernels take it: a compile-time constant (one compiled variant
     per value), which Triton materialises as float32; the layers hold float32 values only, so the
     float64 kernels clamp at exactly the value the torch path uses."""
     clip = float(cell_clip)
-    if not clip > 0 or clip != float(torch.tensor(clip, dtype=torch.float32)):
+    if not clip > 0 or clip != _as_float32(clip):
         raise ValueError(f"cell_clip must be > 0 and a float32 value (or inf), got {cell_clip!r}")
     return clip
 
@@ -648,7 +671,7 @@ def _launch(kernel, bs: int, width: int, args, **constexprs) -> None:
     if block_h % constexprs.get("GROUP_CODES", 1):
         raise ValueError(f"tile rows of {block_h} units cannot hold whole groups of "
                          f"{constexprs['GROUP_CODES']} packed codes (TileRule.min_h must be >= 8)")
-    grid = (triton.cdiv(bs, block_b), triton.cdiv(width, block_h))
+    grid = (-(-bs // block_b), -(-width // block_h))
     kernel[grid](*args, **constexprs, BLOCK_B=block_b, BLOCK_H=block_h, enable_fp_fusion=False)
 
 
@@ -693,7 +716,7 @@ def _code_outputs(rows: CodeRows | None, final, H: int, device):
     """(CODES, FINAL, H_PAD, code_offset, stride_kq, stride_kb), constexprs of a forward launch."""
     bits = rows.bits if rows is not None else 8
     constexprs = dict(BITS=bits, GROUP_CODES=group_codes(bits),
-                      GROUP_BYTES_POW2=triton.next_power_of_2(group_bytes(bits)),
+                      GROUP_BYTES_POW2=_next_pow2(group_bytes(bits)),
                       STORE_CODES=rows is not None, STORE_FINAL=final is not None)
     # A disabled output still needs a pointer (never written): the other output's buffer, if any.
     spare = rows.data if rows is not None else final

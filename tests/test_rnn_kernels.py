@@ -21,6 +21,7 @@ import math
 
 import pytest
 import torch
+import triton
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from discrnn import DiscreteGRU, DiscreteLSTM
@@ -639,3 +640,17 @@ def test_layers_triton_backend_matches_torch_proj_and_dtypes(cls, kwargs, dtype,
         results[backend] = [o.detach() for o in outs] + list(grads)
     for k, (a, b) in enumerate(zip(results["triton"], results["torch"])):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=f"result {k}")
+
+
+def test_host_helpers_match_triton_and_torch():
+    """The launchers' plain-Python helpers (run per time step; Triton's are slow host calls in
+    recent versions) give what triton.next_power_of_2 and a float32 tensor give."""
+    for n in range(1, 5000):
+        assert K._next_pow2(n) == triton.next_power_of_2(n), n
+    for v in (1.0, 0.1, 2.5, 1e-46, 2.0**-149, 123456789.0, 3.4e38, 3.4028235677973366e38,
+              3.5e38, math.inf, -1e39):
+        assert K._as_float32(v) == float(torch.tensor(v, dtype=torch.float32)), v
+    assert K.cell_clip_value(2.0) == 2.0 and K.cell_clip_value(math.inf) == math.inf
+    for bad in (0.1, 0.0, -1.0, math.nan, 3.5e38):
+        with pytest.raises(ValueError, match="cell_clip must be > 0 and a float32 value"):
+            K.cell_clip_value(bad)
