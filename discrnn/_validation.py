@@ -67,12 +67,17 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
 def values_unreadable(*tensors) -> bool:
     """True where a check that reads tensor values (NaN/Inf, ranges) must not bring them to the
     host: while torch.compile / torch.export trace (``torch.compiler.is_compiling()``), under
-    torch.jit.trace, under make_fx's proxy tracing, and for meta or fake tensors (no values).
-    Callers then use ``torch._assert_async`` (checked when the compiled or exported program runs)
-    instead of ``bool(tensor)`` (a graph break, or an error on data-dependent values)."""
+    torch.jit.trace, under make_fx's proxy tracing, for meta or fake tensors (no values), and
+    while a CUDA graph is being captured on the current stream (``torch.cuda.graph``,
+    ``torch.cuda.make_graphed_callables``: a device-to-host copy there is an error).
+    Callers then use ``torch._assert_async`` (checked when the compiled or exported program, or the
+    graph, runs) instead of ``bool(tensor)`` (a graph break, or an error on data-dependent
+    values)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
     if any(t.device.type == "meta" for t in tensors):
+        return True
+    if any(t.device.type == "cuda" for t in tensors) and torch.cuda.is_current_stream_capturing():
         return True
     from torch._subclasses.fake_tensor import is_fake
     from torch.fx.experimental.proxy_tensor import get_proxy_mode

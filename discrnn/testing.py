@@ -21,7 +21,10 @@ Assertions and tools:
 * :func:`poison_`: fill a fresh buffer with NaN (floats) or the byte 0xA5 (uint8), so that an output
   element a kernel forgets to write fails a comparison instead of passing by luck;
 * :func:`kept_bytes`: bytes autograd keeps for backward while a function runs (saved-tensor hooks,
-  distinct storages), minus storages you name (the input, the parameters).
+  distinct storages), minus storages you name (the input, the parameters);
+* :class:`HostSyncs`: records the calls that would move values between host and device (what a
+  CUDA graph capture forbids, and what stalls a GPU pipeline) while a function runs, on any device,
+  so a CPU-only test can show that a forward and backward pass reads no tensor value on the host.
 
 Example, a custom 6-bit kernel checked against the reference::
 
@@ -35,9 +38,12 @@ Example, a custom 6-bit kernel checked against the reference::
 
 from __future__ import annotations
 
+import traceback
 from typing import Callable, Iterable, Sequence
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .kernels.codec_torch import (
     torch_code_derivative,
@@ -51,6 +57,7 @@ from .rnn_reference import reference_gru_layer, reference_lstm_layer, reference_
 
 __all__ = [
     "CODE_POISON",
+    "HostSyncs",
     "assert_close_report",
     "assert_codes_equal",
     "kept_bytes",
@@ -140,6 +147,85 @@ def kept_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -
         result = fn()
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
     return sum(n for ptr, n in storages.items() if ptr not in excluded), result
+
+
+# aten ops that read a tensor's value on the host (item, bool, int, float), have a data-dependent
+# output size (nonzero, masked_select, unique), or compare values into a Python bool; and lift_fresh,
+# the op behind torch.tensor(python data), whose result a CUDA program must then copy to the device.
+_SYNC_ATEN = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+              "unique_consecutive", "is_nonzero", "equal", "allclose", "lift_fresh")
+# Tensor methods that hand values to Python without an aten op on CPU tensors (on CUDA tensors they
+# copy to the host first).
+_SYNC_METHODS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__,
+                 torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
+                 torch.Tensor.__float__, torch.Tensor.__index__}
+# Calls made inside the Triton interpreter (which emulates kernels on CPU tensors through numpy)
+# are not the caller's: on a GPU the same launch reads no value.
+_IGNORED_FRAMES = ("triton/runtime/interpreter", "triton\\runtime\\interpreter")
+
+
+class HostSyncs(TorchFunctionMode):
+    """Context manager that records every call that would bring a tensor value to the host or host
+    data to a device while it is active: ``.item()``, ``bool(t)``, ``int(t)``, ``float(t)``,
+    ``.tolist()``, ``.numpy()``, ops with a data-dependent output size (``nonzero``, boolean
+    indexing, ``unique``), ``torch.equal``, ``torch.tensor(python data)``, and copies between
+    devices. On a CUDA device each is a synchronisation and an error inside a CUDA graph capture;
+    recorded here on any device, so CPU tests see them too. ``calls`` lists ``(name, stack)``;
+    :meth:`assert_none` raises naming the first few. Calls made by the Triton interpreter itself
+    are ignored (a GPU launch reads no values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, str]] = []
+        self._dispatch = _SyncDispatch(self)
+
+    def _record(self, name: str) -> None:
+        stack = traceback.extract_stack()[:-3]
+        if any(any(ign in frame.filename for ign in _IGNORED_FRAMES) for frame in stack):
+            return
+        self.calls.append((name, "".join(traceback.format_list(stack[-6:]))))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _SYNC_METHODS:
+            self._record(f"Tensor.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        super().__enter__()
+        self._dispatch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._dispatch.__exit__(*exc)
+        return super().__exit__(*exc)
+
+    def assert_none(self, what: str = "the call") -> None:
+        if self.calls:
+            shown = "\n".join(f"{name} at\n{stack}" for name, stack in self.calls[:3])
+            raise AssertionError(f"{what} made {len(self.calls)} host-device value transfers "
+                                 f"(first {min(3, len(self.calls))}):\n{shown}")
+
+
+class _SyncDispatch(TorchDispatchMode):
+    def __init__(self, owner: HostSyncs):
+        super().__init__()
+        self.owner = owner
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _SYNC_ATEN:
+            self.owner._record(f"aten.{name}")
+        elif name in ("index", "index_put", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                for i in (args[1] if len(args) > 1 else ()) or ()):
+            self.owner._record(f"aten.{name} with a boolean mask")  # a nonzero inside
+        elif name in ("_to_copy", "copy_"):
+            sides = [args[0].device, (kwargs or {}).get("device")]
+            if name == "copy_":
+                sides.append(args[1].device)
+            if len({torch.device(d).type for d in sides if d is not None}) > 1:
+                self.owner._record(f"aten.{name} between devices")
+        return func(*args, **(kwargs or {}))
 
 
 def reference_stack(module, x: torch.Tensor, hx=None):
