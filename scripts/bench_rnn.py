@@ -45,6 +45,11 @@ runs oneDNN's LSTM in bf16; see the README's "Mixed precision" for discrnn's rul
 instead of the library's default (discrnn's panel products on AVX-512 / AVX2 CPUs, else
 prepacked oneDNN weights where they pay; ``discrnn.rnn_function.StepProduct``), in the same
 rounds; ``--products all`` adds a row with the panels off (oneDNN where it pays) as well.
+``--cuda-graphs`` (CUDA only) adds a row per discrnn configuration whose module runs through
+``torch.cuda.make_graphed_callables``: its forward and its backward are one CUDA graph replay each,
+with no per-step launches from Python (``x`` is the graph's static input). Its peak includes the
+capture (the graph's memory pool and static tensors, which stay allocated) and its kept bytes are
+not counted (a replay runs no saved-tensor hooks).
 Writes ``results/bench_rnn_<device>.csv`` (``_quick`` appended for --quick runs) and a PNG beside it
 when matplotlib imports.
 
@@ -128,6 +133,7 @@ class Case:
     # panels on AVX-512 / AVX2 CPUs, else prepacked oneDNN weights where they pay), "onednn" (the panels
     # off) or "addmm" (torch.addmm always), for comparison
     products: str = "default"
+    cuda_graph: bool = False  # run through torch.cuda.make_graphed_callables (discrnn rows)
 
     @property
     def label(self) -> str:
@@ -141,7 +147,8 @@ class Case:
         except ValueError:
             backend = f"{self.backend}?"
         products = {"default": "", "onednn": ", oneDNN", "addmm": ", addmm"}[self.products]
-        return f"Discrete{self.cell.upper()} L={self.levels} [{backend}{products}]"
+        graph = ", CUDA graph" if self.cuda_graph else ""
+        return f"Discrete{self.cell.upper()} L={self.levels} [{backend}{products}{graph}]"
 
     def codes_bytes_per_unit(self) -> float:
         """Kept bytes per step x batch x unit that the DiscreteLSTM/GRU docstrings promise."""
@@ -179,6 +186,15 @@ def build(case: Case) -> tuple[nn.Module, torch.Tensor]:
     x = torch.randn(case.steps, case.batch, case.input_size, generator=gen, device=device,
                     dtype=dtype).requires_grad_()
     return module, x
+
+
+def graphed(module: nn.Module, x: torch.Tensor, case: Case) -> nn.Module:
+    """``module`` with its forward and backward captured as CUDA graphs on ``x`` (the static input)
+    where the case asks for it; the module itself otherwise."""
+    if not case.cuda_graph:
+        return module
+    with products_of(case):
+        return torch.cuda.make_graphed_callables(module, (x,))
 
 
 def loss_of(y: torch.Tensor, states) -> torch.Tensor:
@@ -237,13 +253,16 @@ def memory_worker(case: Case) -> dict:
 
     base, peak_reset = memory_baseline(device)
 
+    # A graphed module is captured here, inside the measurement: its pool and static tensors stay.
+    module = graphed(module, x, case)
     with products_of(case):
         with KeptBytes() as kept:
             y, states = run_forward(module, x, case)
         grads = backward(module, x, y, states)
     peak = memory_peak(device) - base
     end = (torch.cuda.memory_allocated(device) if cuda else (rss_now() or 0)) - base
-    kept_bytes = kept.total([x, y, *module.parameters()])
+    # a replay runs no saved-tensor hooks: nothing to count
+    kept_bytes = math.nan if case.cuda_graph else kept.total([x, y, *module.parameters()])
     del y, states, grads
     return {"peak_bytes": peak, "end_bytes": end, "kept_bytes": kept_bytes,
             "peak_reset": peak_reset}
@@ -476,6 +495,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "AVX2 CPUs, else prepacked oneDNN weights where they pay), oneDNN where it "
                         "pays (panels off), torch.addmm always; both = default and addmm rows, "
                         "all = the three")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: also run each discrnn configuration through "
+                        "torch.cuda.make_graphed_callables (forward and backward one graph replay "
+                        "each)")
     p.add_argument("--chunk-size", type=int, default=32, help="discrnn chunk_size")
     p.add_argument("--backends", choices=("auto", "torch", "triton"), nargs="+", default=["auto"],
                    help="discrnn backends to run; auto = by device (Triton on CUDA, torch on CPU)")
@@ -510,6 +533,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
+    if args.cuda_graphs and not cuda:
+        sys.exit("--cuda-graphs needs a CUDA device (CUDA graphs exist only there)")
     torch.set_num_threads(args.threads)
 
     # Sizes: the device's default configuration, shrunk by --quick, overridden by explicit flags.
@@ -544,12 +569,14 @@ def main(argv=None) -> int:
     backends = list(dict.fromkeys(resolved_backend(b, device) for b in args.backends))
     products = {"both": ["default", "addmm"],
                 "all": ["default", "onednn", "addmm"]}.get(args.products, [args.products])
+    graph_choices = [False, True] if args.cuda_graphs else [False]
     cases = [
         Case(cell, levels, H, B, T, I, dtype, str(device), args.chunk_size, args.seed,
-             torch.get_num_threads(), backend, prods)
+             torch.get_num_threads(), backend, prods, graph)
         for dtype in dtypes for cell in args.cells
-        for levels, backend, prods in [(None, None, "default")]
-        + [(L, b, p) for L in args.levels for b in backends for p in products]
+        for levels, backend, prods, graph in [(None, None, "default", False)]
+        + [(L, b, p, g) for L in args.levels for b in backends for p in products
+           for g in graph_choices]
     ]
     rows = [Row(c.label, c.cell, c.levels, c.dtype, H, B, T, I, args.chunk_size,
                 codes_per_unit=c.codes_bytes_per_unit()) for c in cases]
@@ -561,11 +588,14 @@ def main(argv=None) -> int:
         if case.levels is None and case.dtype == "bf16-autocast":
             # torch.nn.LSTM under bf16 autocast on a CPU without AVX-512 (no oneDNN kernels)
             row.unsupported = torch_rnn_unsupported(case.cell, device, torch.bfloat16)
+        if case.cuda_graph and case.dtype == "bf16-autocast":
+            row.unsupported = "make_graphed_callables runs no autocast regions here"
         if row.unsupported:
             built.append(None)
             continue
         try:
-            built.append(build(case))
+            module, x = build(case)
+            built.append((graphed(module, x, case), x))
         except Exception as exc:  # noqa: BLE001 - recorded in the row
             row.error = f"{type(exc).__name__}: {exc}"
             built.append(None)

@@ -8,7 +8,7 @@
 #   bash scripts/gpu_check.sh                 # on the GPU machine, from the repository root
 #   bash scripts/gpu_check.sh --dry-run       # prints the steps, runs nothing (any machine)
 #
-# Each step runs under its own time limit (the STEPS table below, 465 s in all with the install) and a failing or
+# Each step runs under its own time limit (the STEPS table below, 475 s in all with the install) and a failing or
 # timed-out step does not stop the others; summary.txt lists every step's exit code and seconds.
 # When $OUT is set (the device tool's output folder, which brings back only a few files), the
 # folder is also packed into $OUT/gpu_check.tar.gz after every step, so a run cut short still
@@ -36,12 +36,12 @@ TESTS="$PY -m pytest -q -rfE -p no:cacheprovider $XDIST"
 # name, seconds, command
 STEPS=(
   "env|15|nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))'"
-  "tests_gpu|30|$TESTS -m gpu"
-  "tests_kernels|100|$TESTS --maxfail=20 tests/test_codec.py tests/test_rnn_kernels.py tests/test_triton_layers_reference.py"
-  "bench_codec|40|$PY scripts/bench_codec.py --device cuda --numel $((1 << 28)) --skip-compile --out $DEST/bench_codec/bench_codec_cuda.csv"
-  "tune_codec|40|$PY scripts/tune_codec.py --out $DEST/tune_codec.csv"
-  "bench_rnn|80|$PY scripts/bench_rnn.py --device cuda --hidden 1024 --batch 64 --steps 1024 --dtype float32 bfloat16 --levels 64 --repeats 5 --out $DEST/bench_rnn/bench_rnn_cuda.csv"
-  "profile|130|$PY -m discrnn.profile --device cuda --lengths 1024 --variants lstm lstm-ckpt-sqrt lstm-bf16 dlstm-64 dlstm-64-ckpt-sqrt --budget-variants lstm dlstm-64 --steps 5 --warmup 1 --resolution 0.25 --max-length 65536 --out $DEST/profile"
+  "tests_gpu|45|$TESTS -m gpu"
+  "tests_kernels|100|$TESTS -vv --maxfail=20 tests/test_codec.py tests/test_rnn_kernels.py tests/test_triton_layers_reference.py tests/test_cuda_graphs.py"
+  "bench_codec|35|$PY scripts/bench_codec.py --device cuda --numel $((1 << 28)) --skip-compile --out $DEST/bench_codec/bench_codec_cuda.csv"
+  "tune_codec|25|$PY scripts/tune_codec.py --out $DEST/tune_codec.csv"
+  "bench_rnn|110|$PY scripts/bench_rnn.py --device cuda --hidden 1024 --batch 64 --steps 1024 --dtype float32 bfloat16 --levels 64 --cuda-graphs --repeats 5 --out $DEST/bench_rnn/bench_rnn_cuda.csv"
+  "profile|115|$PY -m discrnn.profile --device cuda --lengths 1024 --variants lstm lstm-ckpt-sqrt lstm-bf16 dlstm-64 dlstm-64-ckpt-sqrt --budget-variants lstm dlstm-64 --steps 5 --warmup 1 --resolution 0.25 --max-length 65536 --out $DEST/profile"
 )
 # GPU_CHECK_STEPS="tests_gpu bench_rnn" runs only those steps (install always runs).
 ONLY=" ${GPU_CHECK_STEPS:-} "

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,3 +55,29 @@ def test_autocast_case_runs_its_forward_in_bfloat16():
     assert y.dtype == bench_rnn.DTYPES["bfloat16"]  # as torch.nn.LSTM's under CPU autocast
     y32, _ = bench_rnn.run_forward(module, x, bench_rnn.Case("lstm", 64, 8, 2, 3, 4, "float32", "cpu"))
     assert y32.dtype == x.dtype
+
+
+def _run(args, tmp_path, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_cuda_graphs_refused_on_the_cpu(tmp_path):
+    proc = _run(["--quick", "--device", "cpu", "--cuda-graphs", "--out", str(tmp_path / "b.csv")],
+                tmp_path)
+    assert proc.returncode != 0 and "--cuda-graphs needs a CUDA device" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_quick_run_with_cuda_graphs(tmp_path):
+    out = tmp_path / "bench.csv"
+    proc = _run(["--quick", "--device", "cuda", "--levels", "64", "--dtype", "float32",
+                 "--cuda-graphs", "--repeats", "3", "--no-plot", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["label"]: r for r in csv.DictReader(out.open())}
+    for cell in ("LSTM", "GRU"):
+        graphed = rows[f"Discrete{cell} L=64 [triton, CUDA graph]"]
+        assert not graphed["error"] and float(graphed["ms"]) > 0, graphed
+        assert float(graphed["peak_mib"]) > 0 and graphed["kept_per_unit"] == "nan", graphed
+        assert not rows[f"Discrete{cell} L=64 [triton]"]["error"]
