@@ -25,6 +25,7 @@ import torch
 from .kernels import rnn_cpu, rnn_torch
 from .kernels.codec_torch import compute_dtype
 from .rnn_function import (
+    as_dtype,
     SIG,
     TANH,
     LayerConfig,
@@ -64,7 +65,8 @@ def _rebuild_start(layout, chunk, tensors, first, acc):
 
 def _lstm_output_rows_fn(cfg, store, ops, levels, dtype, w_hr):
     """``LayerConfig.output_rows`` of the Triton path: c rebuilt step by step from the checkpoint
-    before ``first``, one cell kernel per step, which also writes m = o u from the rebuilt c."""
+    before ``first`` by the cell kernel, one launch per run of steps with one batch size, which
+    also writes m = o u from the rebuilt c."""
     # The closure must not hold ``cfg``: cfg holds the closure, and a reference cycle keeps the
     # code buffers in cfg.output_tensors alive until the garbage collector runs (under
     # torch.utils.checkpoint, whose early-stopped recomputation never releases them, that was one
@@ -76,13 +78,19 @@ def _lstm_output_rows_fn(cfg, store, ops, levels, dtype, w_hr):
         sizes = layout.proc_sizes(s0, last)
         skip = sum(sizes[: first - s0])
         m = torch.empty(sum(sizes) - skip, store.hidden, dtype=dtype, device=data.device)
-        m_s = split_proc(m, sizes[first - s0 :])
-        for j, bs in enumerate(sizes):
-            s = s0 + j
-            c = ops.lstm_recompute_cell(store.rows_at(data, s, s), c, levels, cell_clip,
-                                        m_out=m_s[s - first] if s >= first else None)
-            if j + 1 < len(sizes):
-                c = step_input(c, bs, sizes[j + 1], c_init)
+        # one cell launch per run of steps with one batch size, split where m starts (``first``)
+        bounds = sorted({0, first - s0, len(sizes)} | {j0 for j0, _ in uniform_runs(sizes)})
+        for j0, j1 in zip(bounds, bounds[1:]):
+            bs, n = sizes[j0], j1 - j0
+            m_run = None
+            if s0 + j0 >= first:
+                row = sum(sizes[first - s0 : j0])
+                m_run = m[row : row + n * bs]
+            c_run = ops.lstm_recompute_cell(store.rows_at(data, s0 + j0, s0 + j1 - 1), c, levels,
+                                            cell_clip, m_out=m_run, steps=n)
+            c = c_run[(n - 1) * bs :]
+            if j1 < len(sizes):
+                c = step_input(c, bs, sizes[j1], c_init)
         return m if w_hr is None else mm(m, w_hr.t())
 
     return output_rows
@@ -716,17 +724,23 @@ class LSTMLayerFunction(torch.autograd.Function):
             step_codes = [store.rows_at(codes_data, s, s) for s in range(first, last + 1)]
 
             # Cell states before each step, rebuilt from the checkpoint with the saved codes, and
-            # m = o * u of every step (u's code rebuilt from c_t), one cell launch per step.
+            # m = o * u of every step (u's code rebuilt from c_t): one cell launch per run of
+            # steps with one batch size (the whole chunk but where a packed batch changes).
             c_prevs = [(checkpoints[k - 1] if k else c_init)[: psizes[0]]]
             m_rows = torch.empty(hi - lo, H, dtype=acc, device=device)  # processing order
-            m_s = split_proc(m_rows, psizes)
-            for j in range(len(steps)):
-                c_next = ops.lstm_recompute_cell(step_codes[j], c_prevs[j], levels, cfg.cell_clip,
-                                                 m_out=m_s[j])
-                if j + 1 < len(steps):
-                    c_prevs.append(step_input(c_next, psizes[j], psizes[j + 1], c_init))
+            row = 0
+            for j0, j1 in uniform_runs(psizes):
+                bs, n = psizes[j0], j1 - j0
+                c_run = ops.lstm_recompute_cell(
+                    store.rows_at(codes_data, first + j0, first + j1 - 1), c_prevs[j0], levels,
+                    cfg.cell_clip, m_out=m_rows[row : row + n * bs], steps=n)
+                row += n * bs
+                c_after = c_run.view(n, bs, H).unbind(0)  # c_t of each step of the run
+                c_prevs += c_after[:-1]
+                if j1 < len(steps):
+                    c_prevs.append(step_input(c_after[-1], bs, psizes[j1], c_init))
             m_chunk = layout.to_time_order(m_rows, first, last)
-            del m_rows, m_s
+            del m_rows
             # m of the step processed before the chunk: its c is the checkpoint's first n rows
             # (the other rows are not needed: zeros keep the step's [bs, H] shape).
             before = None
@@ -748,7 +762,7 @@ class LSTMLayerFunction(torch.autograd.Function):
             dy_s = split(dy[lo:hi]) if dy is not None else None
             for j in range(len(steps) - 1, -1, -1):
                 bs = psizes[j]
-                dh = dh_state[:bs] if dy_s is None else dh_state[:bs] + dy_s[j].to(acc)
+                dh = dh_state[:bs] if dy_s is None else dh_state[:bs] + as_dtype(dy_s[j], acc)
                 if w_hr is not None:
                     dh_s[j].copy_(dh)
                     dm = dh @ w_hr_a

@@ -568,6 +568,12 @@ def _onednn_packed(weight: torch.Tensor, rows: int, products: int):
         return None
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``: itself where it already is (``Tensor.to`` returns it too, after a
+    dispatch that costs about a microsecond on the host, once per step in the step loops)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class StepProduct:
     """The recurrence's per-step matrix product a @ W^T with one weight W ([out, in]) and a few
     rows a per call, in ``W``'s dtype (``a`` is cast to it; the layers pass bf16/fp16 weights for
@@ -650,7 +656,7 @@ class StepProduct:
         """a @ W^T, in W's dtype (into ``out`` when given)."""
         if self.widened:
             return self._widened(a, None, out)
-        a = a.to(self.dtype)
+        a = as_dtype(a, self.dtype)
         if self.panels is not None:
             return self._on_panels(a, None, out)
         if self.packed is None:
@@ -668,7 +674,7 @@ class StepProduct:
             return torch.add(c, self.mm(a), out=out)
         if self.widened:
             return self._widened(a, c, out)
-        a = a.to(self.dtype)
+        a = as_dtype(a, self.dtype)
         if self.panels is not None:
             return self._on_panels(a, c if c.stride(-1) == 1 else c.contiguous(), out)
         if self.packed is None:
@@ -682,7 +688,7 @@ class StepProduct:
         output is stored (one rounding, as the separate add), which saves a pass over the rows."""
         if (bias is not None and self.panels is not None and self.dtype == torch.float32
                 and bias.dtype == torch.float32 and bias.dim() == 1 and bias.stride(0) == 1):
-            return self._on_panels(a.to(self.dtype), bias.expand(a.shape[0], -1), out)
+            return self._on_panels(as_dtype(a, self.dtype), bias.expand(a.shape[0], -1), out)
         y = self.mm(a, out=out)
         if bias is not None:
             y += bias
@@ -693,9 +699,9 @@ class StepProduct:
         if self.widened:
             return acc.add_(self.mm(a))
         if acc.dtype == self.dtype and self.panels is not None and acc.stride(-1) == 1:
-            return self._on_panels(a.to(self.dtype), acc, acc)
+            return self._on_panels(as_dtype(a, self.dtype), acc, acc)
         if acc.dtype == self.dtype and self.packed is None and self.panels is None:
-            return acc.addmm_(a.to(self.dtype), self.weight_t)
+            return acc.addmm_(as_dtype(a, self.dtype), self.weight_t)
         return acc.add_(self.mm(a))
 
 

@@ -235,12 +235,13 @@ def _lstm_step_fwd_kernel(
         tl.store(FINAL + stride_fq + out, k_u.to(tl.uint8), mask=final_mask)
 
 
-@triton.jit(do_not_specialize=["bs", "code_offset"])
+@triton.jit(do_not_specialize=["bs", "code_offset", "n_steps"])
 def _lstm_cell_kernel(
-    CODES,  # uint8 code rows (i, f, g, o)
-    C_PREV,  # [bs, H] float32/64 (ACC); strided
-    C,  # [bs, H] ACC out, contiguous
-    M,  # [bs, H] out (o * u, u's code rebuilt from c), any float dtype, contiguous; when STORE_M
+    CODES,  # uint8 code rows (i, f, g, o) of n_steps steps of bs rows, one after another
+    C_PREV,  # [bs, H] float32/64 (ACC): c before the first step; strided
+    C,  # [n_steps * bs, H] ACC out: c after each step, contiguous
+    M,  # [n_steps * bs, H] out (o * u, u's code rebuilt from c), any float dtype, contiguous;
+    # when STORE_M
     bs,
     H,
     code_offset,
@@ -248,6 +249,7 @@ def _lstm_cell_kernel(
     stride_kb,
     stride_cb,
     stride_ch,
+    n_steps,
     LEVELS: tl.constexpr,
     BITS: tl.constexpr,
     CELL_CLIP: tl.constexpr,
@@ -263,22 +265,27 @@ def _lstm_cell_kernel(
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     mask = (rows[:, None] < bs) & (cols[None, :] < H)  # [BLOCK_B, BLOCK_H]
 
-    row = CODES + code_offset + rows * stride_kb  # [BLOCK_B]; plane q at + q * stride_kq
-    k_i = _load_codes(row, cols, mask, BITS)
-    k_f = _load_codes(row + stride_kq, cols, mask, BITS)
-    k_g = _load_codes(row + 2 * stride_kq, cols, mask, BITS)
-    c_prev = tl.load(C_PREV + rows[:, None] * stride_cb + cols[None, :] * stride_ch, mask=mask,
-                     other=0.0)
-    i = _decode(k_i, LEVELS, "sigmoid", ACC)
-    f = _decode(k_f, LEVELS, "sigmoid", ACC)
-    g = _decode(k_g, LEVELS, "tanh", ACC)
-    c = _clamp_cell(f * c_prev + i * g, CELL_CLIP)  # the forward kernel's: c bit-identical
-    out = rows[:, None] * H + cols[None, :]  # [BLOCK_B, BLOCK_H] int64 into contiguous [bs, H]
-    tl.store(C + out, c, mask=mask)
-    if STORE_M:  # u's code as the forward kernel computed it from the same c: m bit-identical
-        o = _decode(_load_codes(row + 3 * stride_kq, cols, mask, BITS), LEVELS, "sigmoid", ACC)
-        m = o * _decode(_encode(_tanh(c), LEVELS, "tanh"), LEVELS, "tanh", ACC)
-        tl.store(M + out, _round_to(m, M.dtype.element_ty), mask=mask)
+    c = tl.load(C_PREV + rows[:, None] * stride_cb + cols[None, :] * stride_ch, mask=mask,
+                other=0.0)
+    # The recursion is elementwise, so one launch runs a whole run of steps with c in registers
+    # (on a GPU the per-step launches, not the arithmetic, set the backward's time).
+    for s in range(n_steps):
+        step_rows = s * bs + rows  # [BLOCK_B] int64: this step's rows of the code run and of C, M
+        row = CODES + code_offset + step_rows * stride_kb  # plane q at + q * stride_kq
+        k_i = _load_codes(row, cols, mask, BITS)
+        k_f = _load_codes(row + stride_kq, cols, mask, BITS)
+        k_g = _load_codes(row + 2 * stride_kq, cols, mask, BITS)
+        i = _decode(k_i, LEVELS, "sigmoid", ACC)
+        f = _decode(k_f, LEVELS, "sigmoid", ACC)
+        g = _decode(k_g, LEVELS, "tanh", ACC)
+        c = _clamp_cell(f * c + i * g, CELL_CLIP)  # the forward kernel's: c bit-identical
+        out = step_rows[:, None] * H + cols[None, :]  # [BLOCK_B, BLOCK_H] into contiguous C, M
+        tl.store(C + out, c, mask=mask)
+        if STORE_M:  # u's code as the forward kernel computed it from the same c: m bit-identical
+            o = _decode(_load_codes(row + 3 * stride_kq, cols, mask, BITS), LEVELS, "sigmoid",
+                        ACC)
+            m = o * _decode(_encode(_tanh(c), LEVELS, "tanh"), LEVELS, "tanh", ACC)
+            tl.store(M + out, _round_to(m, M.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["bs", "code_offset"])
@@ -754,25 +761,37 @@ def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store
 
 
 def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int, cell_clip: float = math.inf,
-                        m_out=None) -> torch.Tensor:
+                        m_out=None, steps: int = 1) -> torch.Tensor:
     """c_t from the saved i, f, g codes (uint8 [>=3, bs, H] or CodeRows; >= 4 planes with
     ``m_out``) and c_{t-1} [bs, H] (float32/64): bit-identical to the c that
     :func:`lstm_step_forward` returned. With ``m_out`` ([bs, H], any float dtype, contiguous) also
     m = o * u there, u's code rebuilt from c_t as the forward kernel computed it (bit-identical to
-    its m). One kernel."""
+    its m). ``steps``: the codes hold that many consecutive steps of bs rows each (steps * bs code
+    rows; ``m_out`` [steps * bs, H]), and the result is c after each of them, [steps * bs, H]
+    (step s in rows s * bs ..). One kernel, whatever ``steps``."""
     _checkcompute_dtype("c_prev", c_prev)
     bs, H = c_prev.shape
+    steps = _check_steps(steps)
     _check_device(c_prev.device)
-    code_args, bits = _code_args(codes, 3 if m_out is None else LSTM_CODES, bs, H, c_prev.device)
-    c = torch.empty(bs, H, dtype=c_prev.dtype, device=c_prev.device)
+    rows = steps * bs
+    code_args, bits = _code_args(codes, 3 if m_out is None else LSTM_CODES, rows, H,
+                                 c_prev.device)
+    c = torch.empty(rows, H, dtype=c_prev.dtype, device=c_prev.device)
     if m_out is not None:
-        m_out = _out_tensor("m_out", m_out, (bs, H), c_prev.dtype, c_prev.device, any_float=True)
+        m_out = _out_tensor("m_out", m_out, (rows, H), c_prev.dtype, c_prev.device,
+                            any_float=True)
     if bs * H:
         m = c if m_out is None else m_out  # a pointer never written without STORE_M
-        args = (code_args[0], c_prev, c, m, bs, H, *code_args[1:], *c_prev.stride())
+        args = (code_args[0], c_prev, c, m, bs, H, *code_args[1:], *c_prev.stride(), steps)
         _launch(_lstm_cell_kernel, bs, H, args, LEVELS=levels, BITS=bits,
                 CELL_CLIP=cell_clip_value(cell_clip), STORE_M=m_out is not None)
     return c
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    return steps
 
 
 def _decode_output(codes, levels: int, dtype: torch.dtype, cell: str, planes: int,

@@ -500,16 +500,26 @@ def tanh_derivative(c: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
 
 
 def lstm_recompute_cell(codes, c_prev: torch.Tensor, levels: int, cell_clip: float = math.inf,
-                        m_out=None) -> torch.Tensor:
+                        m_out=None, steps: int = 1) -> torch.Tensor:
     """c_t from the saved i, f, g codes and c_{t-1}: the same arithmetic as the forward step. With
     ``m_out`` ([bs, H], any float dtype) also m = o * u there, u's code rebuilt from c_t: the m
-    (rounded to ``m_out``'s dtype) that the forward step returned, bit for bit."""
+    (rounded to ``m_out``'s dtype) that the forward step returned, bit for bit. ``steps``: the
+    codes hold that many consecutive steps of bs rows each; the result is c after each of them,
+    [steps * bs, H], and ``m_out`` is [steps * bs, H]."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     acc, codes = c_prev.dtype, read_codes(codes)
-    i, f, g = (torch_decode(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(3))
-    c = (f * c_prev + i * g).clamp_(-cell_clip, cell_clip)
-    if m_out is not None:
-        m_out.copy_(_cell_output(codes, c, levels))
-    return c
+    bs = c_prev.shape[0]
+    cs = []
+    c = c_prev
+    for s in range(steps):
+        step = codes[:, s * bs : (s + 1) * bs]
+        i, f, g = (torch_decode(step[q], levels, _LSTM_KINDS[q], acc) for q in range(3))
+        c = (f * c + i * g).clamp_(-cell_clip, cell_clip)
+        cs.append(c)
+        if m_out is not None:
+            m_out[s * bs : (s + 1) * bs].copy_(_cell_output(step, c, levels))
+    return cs[0] if steps == 1 else torch.cat(cs)
 
 
 def _cell_output(codes: torch.Tensor, c: torch.Tensor, levels: int) -> torch.Tensor:

@@ -107,7 +107,8 @@ def _rnn_kernels():
         ("lstm_cell", rnn._lstm_cell_kernel, [(a, m) for a in ACC_DTYPES for m in dtypes if
                                               a == "fp64" or m != "fp64"],
          lambda a, m: {**codes, "C_PREV": f"*{a}", "C": f"*{a}", "M": f"*{m}",
-                       **ints("bs", "H", *code_strides, *strides("c"))}, None, "STORE_M"),
+                       **ints("bs", "H", *code_strides, *strides("c"), "n_steps")}, None,
+         "STORE_M"),
         ("lstm_out", rnn._output_kernel, [(d,) for d in dtypes],
          lambda d: {**codes, "C": "*fp64" if d == "fp64" else "*fp32", "OUT": f"*{d}",
                     **ints("bs", "H", *code_strides, *strides("c"))}, "lstm", None),

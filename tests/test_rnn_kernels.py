@@ -654,3 +654,37 @@ def test_host_helpers_match_triton_and_torch():
     for bad in (0.1, 0.0, -1.0, math.nan, 3.5e38):
         with pytest.raises(ValueError, match="cell_clip must be > 0 and a float32 value"):
             K.cell_clip_value(bad)
+
+
+@pytest.mark.parametrize("bits, levels", [(3, 8), (6, 64), (7, 100), (8, 256)])
+@pytest.mark.parametrize("cell_clip", [math.inf, 1.5])
+def test_recompute_cell_over_a_run_of_steps(bits, levels, cell_clip):
+    """steps=n rebuilds n consecutive steps in one launch (c in registers): bit for bit the c and m
+    of n one-step calls chained, from packed rows and from unpacked codes, in both
+    implementations."""
+    bs, H, n = 3, 13, 5
+    g = gen(bits)
+    codes = random_codes(4, n * bs, H, levels, seed=levels)
+    rows = packed_rows(n * bs, H, 4, bits)
+    R.write_codes(rows, codes)
+    c_first = 2 * torch.randn(bs, H, generator=g)
+    c, chained_c, chained_m = c_first, [], []
+    for s in range(n):
+        m = torch.empty(bs, H, dtype=BF16)
+        c = R.lstm_recompute_cell(codes[:, s * bs : (s + 1) * bs], c, levels, cell_clip, m_out=m)
+        chained_c.append(c)
+        chained_m.append(m)
+    expected_c, expected_m = torch.cat(chained_c), torch.cat(chained_m)
+    for impl in (K, R):
+        for src in (rows, codes):
+            m_out = torch.empty(n * bs, H, dtype=BF16)
+            got = impl.lstm_recompute_cell(src, c_first, levels, cell_clip, m_out=m_out, steps=n)
+            assert_bitwise(f"c ({impl.__name__})", got, expected_c)
+            assert_bitwise(f"m ({impl.__name__})", m_out, expected_m)
+            assert_bitwise("c without m", impl.lstm_recompute_cell(src, c_first, levels,
+                                                                   cell_clip, steps=n), expected_c)
+    with pytest.raises(ValueError, match=r"codes must hold >= 3 planes of \(15, 13\) codes"):
+        K.lstm_recompute_cell(codes[:, : 4 * bs], c_first, levels, steps=n)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="steps must be an int >= 1"):
+            K.lstm_recompute_cell(codes, c_first, levels, steps=bad)
