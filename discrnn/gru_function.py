@@ -312,6 +312,7 @@ class GRULayerFunction(torch.autograd.Function):
                     gx[rows.start - lo : rows.stop - lo], gh, h_in, levels, out=out,
                     final=final_codes, done=finish[s], store=keep_codes, h_out=y[rows],
                     preact_out=None if preact is None else preact[rows],
+                    check=s == 0,  # later steps: views of the same buffers
                 )
                 h_prev, prev_bs = y[rows], bs
                 if finish[s] < bs:
@@ -364,6 +365,7 @@ class GRULayerFunction(torch.autograd.Function):
         )
 
         chunks = list(cfg.chunks())
+        first_step = True
         for k in range(len(chunks) - 1, -1, -1):
             first, steps = chunks[k]
             last = first + len(steps) - 1
@@ -397,7 +399,9 @@ class GRULayerFunction(torch.autograd.Function):
                     store.rows_at(codes_data, first + j, first + j), h_prev_s[j], gh_n_s[j], dh,
                     levels, dgx_out=d_gx_s[j], dgh_out=d_gh_s[j], dh_direct_out=dh_state[:bs],
                     preact=None if preact is None else preact[layout.rows(steps[j])],
+                    check=first_step,
                 )
+                first_step = False  # later steps: views of the same buffers
                 recurrent_t.addmm_(dh_state[:bs], d_gh_s[j])
             del gh_n, gh_n_s
             weight_grad_(d_w_ih, d_gx, input_rows(ctx, cfg, kept, lo, hi).to(acc), gemm)

@@ -651,7 +651,7 @@ class LSTMLayerFunction(torch.autograd.Function):
                 _, _, m = ops.lstm_step_forward(
                     gates, c[:bs], levels, out=out, final=final_codes, done=finish[s],
                     store=keep_codes, c_out=c[:bs], m_out=y[rows] if w_hr is None else None,
-                    cell_clip=cfg.cell_clip,
+                    cell_clip=cfg.cell_clip, check=s == 0,  # later steps: views of the same buffers
                 )
                 if w_hr is not None:
                     mm(m.to(dtype), w_hr.t(), out=y[rows])
@@ -716,6 +716,7 @@ class LSTMLayerFunction(torch.autograd.Function):
             return (m if w_hr is None else mm(m, w_hr.t())).to(acc)
 
         chunks = list(cfg.chunks())
+        first_step = True
         for k in range(len(chunks) - 1, -1, -1):
             first, steps = chunks[k]
             last = first + len(steps) - 1
@@ -772,8 +773,9 @@ class LSTMLayerFunction(torch.autograd.Function):
                     step_codes[j], c_prevs[j], dm, dc_state[:bs], levels, dgates_out=dg_s[j],
                     dc_prev_out=dc_state[:bs],
                     preact=None if preact is None else preact[layout.rows(steps[j])],
-                    cell_clip=cfg.cell_clip,
+                    cell_clip=cfg.cell_clip, check=first_step,
                 )
+                first_step = False  # later steps: views of the same buffers
                 recurrent_t.mm(dg_s[j], out=dh_state[:bs])
             del c_prevs
 

@@ -630,6 +630,13 @@ def _as_float32(value: float) -> float:
         return math.copysign(math.inf, value)
 
 
+CHECK_DOC = """``check=False``: the per-step launchers skip their argument checks (shapes, dtypes,
+devices, contiguity, code rows inside their buffer) and launch on what they are given, which must
+then be what a checked call accepts: for the layers' step loops, whose first step of each kind is
+a checked call and whose later steps are views of the same buffers (the checks cost more host time
+than the launch itself, and on a GPU the host's time per step sets the layers' time)."""
+
+
 @functools.lru_cache(maxsize=64)  # a launch per step asks; the answer depends on the value only
 def cell_clip_value(cell_clip: float) -> float:
     """The LSTM cell bound as the kernels take it: a compile-time constant (one compiled variant
@@ -665,10 +672,11 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _code_args(codes, planes: int, bs: int, H: int, device) -> tuple:
+def _code_args(codes, planes: int, bs: int, H: int, device, check: bool = True) -> tuple:
     """Codes (uint8 tensor [Q, bs, H] or CodeRows) -> (kernel args, BITS) after checking them."""
     rows = as_code_rows(codes)
-    rows.check("codes", planes, bs, H, device)
+    if check:
+        rows.check("codes", planes, bs, H, device)
     return (rows.data, rows.offset, rows.plane_stride, rows.row_stride), rows.bits
 
 
@@ -682,11 +690,14 @@ def _launch(kernel, bs: int, width: int, args, **constexprs) -> None:
     kernel[grid](*args, **constexprs, BLOCK_B=block_b, BLOCK_H=block_h, enable_fp_fusion=False)
 
 
-def _out_tensor(name: str, out, shape: tuple, dtype, device, any_float: bool = False) -> torch.Tensor:
+def _out_tensor(name: str, out, shape: tuple, dtype, device, any_float: bool = False,
+                check: bool = True) -> torch.Tensor:
     """A kernel's float output: ``out`` (checked: the kernels write [bs, n] row-major) or a fresh
     tensor. ``any_float``: the kernel rounds to ``out``'s float dtype, so any is accepted."""
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
+    if not check:
+        return out
     if any_float and not out.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {out.dtype}")
     if not any_float and out.dtype != dtype:
@@ -697,7 +708,7 @@ def _out_tensor(name: str, out, shape: tuple, dtype, device, any_float: bool = F
     return out
 
 
-def _forward_target(out, planes: int, bs: int, H: int, device, store: bool):
+def _forward_target(out, planes: int, bs: int, H: int, device, store: bool, check: bool = True):
     """(CodeRows a forward launch packs its codes into or None, what it returns as codes)."""
     if not store:
         return None, None
@@ -705,7 +716,8 @@ def _forward_target(out, planes: int, bs: int, H: int, device, store: bool):
         codes = torch.empty(planes, bs, H, dtype=torch.uint8, device=device)
         return CodeRows.of_tensor(codes), codes
     rows = as_code_rows(out)
-    rows.check("out", planes, bs, H, device)
+    if check:
+        rows.check("out", planes, bs, H, device)
     return rows, out
 
 
@@ -736,21 +748,23 @@ def _code_outputs(rows: CodeRows | None, final, H: int, device):
 
 
 def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store=True,
-                      c_out=None, m_out=None, cell_clip: float = math.inf):
+                      c_out=None, m_out=None, cell_clip: float = math.inf, check: bool = True):
     """gates [bs, 4H] (pre-activations, bias included, any float dtype, any strides), c_prev [bs, H]
     (float32/64: the compute dtype) -> codes, c [bs, H], m = o * u [bs, H] (compute dtype). One
     kernel. ``out``, ``final``, ``done``, ``store``, ``c_out``, ``m_out``: as
     ``rnn_torch.lstm_step_forward`` (the codes are packed into ``out`` by this kernel; ``c_out``
-    may be ``c_prev`` itself, ``m_out`` any float dtype). ``cell_clip``: see :func:`cell_clip_value`."""
-    _checkcompute_dtype("c_prev", c_prev)
+    may be ``c_prev`` itself, ``m_out`` any float dtype). ``cell_clip``: see :func:`cell_clip_value`.
+    ``check=False`` skips the argument checks (:data:`CHECK_DOC`)."""
     bs, H = c_prev.shape
-    _check("gates", gates, (bs, 4 * H), c_prev.device)
-    _check_device(c_prev.device)
     acc, dev = c_prev.dtype, c_prev.device
-    rows, returned = _forward_target(out, LSTM_CODES, bs, H, dev, store)
-    _check_final(final, 2, bs, H, dev)
-    c = _out_tensor("c_out", c_out, (bs, H), acc, dev)
-    m = _out_tensor("m_out", m_out, (bs, H), acc, dev, any_float=True)
+    if check:
+        _checkcompute_dtype("c_prev", c_prev)
+        _check("gates", gates, (bs, 4 * H), dev)
+        _check_device(dev)
+        _check_final(final, 2, bs, H, dev)
+    rows, returned = _forward_target(out, LSTM_CODES, bs, H, dev, store, check)
+    c = _out_tensor("c_out", c_out, (bs, H), acc, dev, check=check)
+    m = _out_tensor("m_out", m_out, (bs, H), acc, dev, any_float=True, check=check)
     if bs * H:
         (codes, fin, width, offset, stride_kq, stride_kb), constexprs = _code_outputs(rows, final, H, dev)
         args = (gates, c_prev, codes, fin, c, m, bs, H, width, offset, done, *gates.stride(),
@@ -824,25 +838,28 @@ def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_prev_out=None,
-                       preact=None, cell_clip: float = math.inf):
+                       preact=None, cell_clip: float = math.inf, check: bool = True):
     """Backward of one step: codes (uint8 [4, bs, H] or CodeRows), c_prev [bs, H] (float32/64),
     dm = dL/dm_t and dc = dL/dc_t [bs, H] (converted to c_prev's dtype) -> dgates [bs, 4H]
     (i, f, g, o), dc_prev [bs, H], both in c_prev's dtype, written to ``dgates_out`` /
     ``dc_prev_out`` when given (``dc_prev_out`` may be ``dc`` itself). ``preact`` [bs, 4H]: the
-    gate pre-activations (``grad="exact"``), as ``rnn_torch.lstm_step_backward``. One kernel."""
-    _checkcompute_dtype("c_prev", c_prev)
+    gate pre-activations (``grad="exact"``), as ``rnn_torch.lstm_step_backward``. One kernel.
+    ``check=False`` skips the argument checks (:data:`CHECK_DOC`)."""
     bs, H = c_prev.shape
     acc, dev = c_prev.dtype, c_prev.device
-    for name, t in (("dm", dm), ("dc", dc)):
-        _check(name, t, (bs, H), dev)
-    _check_device(dev)
-    code_args, bits = _code_args(codes, LSTM_CODES, bs, H, dev)
+    if check:
+        _checkcompute_dtype("c_prev", c_prev)
+        for name, t in (("dm", dm), ("dc", dc)):
+            _check(name, t, (bs, H), dev)
+        _check_device(dev)
+        if preact is not None:
+            _check("preact", preact, (bs, 4 * H), dev)
+    code_args, bits = _code_args(codes, LSTM_CODES, bs, H, dev, check)
     dm, dc = _as(dm, acc), _as(dc, acc)
     if preact is not None:
-        _check("preact", preact, (bs, 4 * H), dev)
         preact = _as(preact, acc)
-    dgates = _out_tensor("dgates_out", dgates_out, (bs, 4 * H), acc, dev)
-    dc_prev = _out_tensor("dc_prev_out", dc_prev_out, (bs, H), acc, dev)
+    dgates = _out_tensor("dgates_out", dgates_out, (bs, 4 * H), acc, dev, check=check)
+    dc_prev = _out_tensor("dc_prev_out", dc_prev_out, (bs, H), acc, dev, check=check)
     if bs * H:
         pre = dm if preact is None else preact  # a pointer that is never read without EXACT
         args = (code_args[0], c_prev, dm, dc, dgates, dc_prev, pre, bs, H, *code_args[1:],
@@ -853,24 +870,26 @@ def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_p
 
 
 def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True, h_out=None,
-                     preact_out=None):
+                     preact_out=None, check: bool = True):
     """gx = x W_ih^T + b_ih [bs, 3H], gh = h W_hh^T + b_hh [bs, 3H], h_prev [bs, H] (any float
     dtype, any strides) -> codes, h [bs, H] in the compute dtype (exactly the level of the h code).
     One kernel. ``out``, ``final``, ``done``, ``store``, ``h_out`` (any float dtype),
-    ``preact_out`` ([bs, 3H], compute dtype, contiguous): as ``rnn_torch.gru_step_forward``."""
+    ``preact_out`` ([bs, 3H], compute dtype, contiguous): as ``rnn_torch.gru_step_forward``.
+    ``check=False`` skips the argument checks (:data:`CHECK_DOC`)."""
     bs, H = h_prev.shape
     dev = h_prev.device
-    _check("gx", gx, (bs, 3 * H), dev)
-    _check("gh", gh, (bs, 3 * H), dev)
-    _check_device(dev)
+    if check:
+        _check("gx", gx, (bs, 3 * H), dev)
+        _check("gh", gh, (bs, 3 * H), dev)
+        _check_device(dev)
+        _check_final(final, 1, bs, H, dev)
     acc = compute_dtype(h_prev.dtype)
     if not gx.dtype == gh.dtype == h_prev.dtype:  # one input dtype per kernel: meet in ACC
         gx, gh, h_prev = _as(gx, acc), _as(gh, acc), _as(h_prev, acc)
-    rows, returned = _forward_target(out, GRU_CODES, bs, H, dev, store)
-    _check_final(final, 1, bs, H, dev)
-    h = _out_tensor("h_out", h_out, (bs, H), acc, dev, any_float=True)
+    rows, returned = _forward_target(out, GRU_CODES, bs, H, dev, store, check)
+    h = _out_tensor("h_out", h_out, (bs, H), acc, dev, any_float=True, check=check)
     if preact_out is not None:
-        preact_out = _out_tensor("preact_out", preact_out, (bs, 3 * H), acc, dev)
+        preact_out = _out_tensor("preact_out", preact_out, (bs, 3 * H), acc, dev, check=check)
     if bs * H:
         (codes, fin, width, offset, stride_kq, stride_kb), constexprs = _code_outputs(rows, final, H, dev)
         pre = h if preact_out is None else preact_out  # a pointer never written without STORE_PRE
@@ -882,26 +901,29 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
 
 
 def gru_step_backward(codes, h_prev, gh_n, dh, levels: int, dgx_out=None, dgh_out=None,
-                      dh_direct_out=None, preact=None):
+                      dh_direct_out=None, preact=None, check: bool = True):
     """Backward of one step: codes (uint8 [4, bs, H] or CodeRows), h_prev [bs, H], gh_n =
     h_prev W_hn^T + b_hn [bs, H], dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H],
     dh_prev_direct = dh * z [bs, H], in the compute dtype of h_prev, written to the ``*_out``
     tensors when given (``dh_direct_out`` may be ``dh`` itself). ``preact`` [bs, 3H]: the
-    pre-activations of r, z, n (``grad="exact"``), as ``rnn_torch.gru_step_backward``. One kernel."""
+    pre-activations of r, z, n (``grad="exact"``), as ``rnn_torch.gru_step_backward``. One kernel.
+    ``check=False`` skips the argument checks (:data:`CHECK_DOC`)."""
     bs, H = h_prev.shape
     dev = h_prev.device
-    for name, t in (("gh_n", gh_n), ("dh", dh)):
-        _check(name, t, (bs, H), dev)
-    _check_device(dev)
-    code_args, bits = _code_args(codes, GRU_CODES, bs, H, dev)
+    if check:
+        for name, t in (("gh_n", gh_n), ("dh", dh)):
+            _check(name, t, (bs, H), dev)
+        _check_device(dev)
+        if preact is not None:
+            _check("preact", preact, (bs, 3 * H), dev)
+    code_args, bits = _code_args(codes, GRU_CODES, bs, H, dev, check)
     acc = compute_dtype(h_prev.dtype)
     h_prev, gh_n, dh = _as(h_prev, acc), _as(gh_n, acc), _as(dh, acc)
     if preact is not None:
-        _check("preact", preact, (bs, 3 * H), dev)
         preact = _as(preact, acc)
-    dgx = _out_tensor("dgx_out", dgx_out, (bs, 3 * H), acc, dev)
-    dgh = _out_tensor("dgh_out", dgh_out, (bs, 3 * H), acc, dev)
-    dh_direct = _out_tensor("dh_direct_out", dh_direct_out, (bs, H), acc, dev)
+    dgx = _out_tensor("dgx_out", dgx_out, (bs, 3 * H), acc, dev, check=check)
+    dgh = _out_tensor("dgh_out", dgh_out, (bs, 3 * H), acc, dev, check=check)
+    dh_direct = _out_tensor("dh_direct_out", dh_direct_out, (bs, H), acc, dev, check=check)
     if bs * H:
         pre = dh if preact is None else preact  # a pointer that is never read without EXACT
         args = (code_args[0], h_prev, gh_n, dh, dgx, dgh, dh_direct, pre, bs, H, *code_args[1:],

@@ -23,7 +23,8 @@ the codes alone (``torch_code_derivative``: the mean of f' over the level's bin)
 (``grad="exact"``). The LSTM's u uses tanh'(c_t) of the rebuilt c_t, and no gradient passes where
 the clamp was active.
 
-The per-step functions below keep their signatures (they are the reference of the Triton kernels);
+The per-step functions below keep their signatures (they are the reference of the Triton kernels;
+``check`` is the Triton launchers' switch for their argument checks, accepted and unused here);
 the forward ones run through :class:`LSTMForwardStep` / :class:`GRUForwardStep`, which the layers
 (``discrnn.lstm_function`` / ``gru_function``, torch backend) call directly with preallocated
 buffers, a few aten calls per step. They are bit-identical to encoding and decoding each gate with
@@ -455,7 +456,7 @@ def _emit(codes: torch.Tensor, out, final, done: int, final_planes: slice, store
 
 
 def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store=True,
-                      c_out=None, m_out=None, cell_clip: float = math.inf):
+                      c_out=None, m_out=None, cell_clip: float = math.inf, check: bool = True):
     """gates [bs, 4H] (pre-activations, bias included), c_prev [bs, H] (compute dtype) ->
     codes, c [bs, H], m = o * u [bs, H] (compute dtype). c = clamp(f c_prev + i g, -cell_clip,
     cell_clip).
@@ -547,7 +548,8 @@ def exact_derivatives(preact: torch.Tensor, kinds, acc) -> torch.Tensor:
 
 
 def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.Tensor, levels: int,
-                       dgates_out=None, dc_prev_out=None, preact=None, cell_clip: float = math.inf):
+                       dgates_out=None, dc_prev_out=None, preact=None, cell_clip: float = math.inf,
+                       check: bool = True):
     """Backward of one step: codes (i, f, g, o), c_prev = c_{t-1} [bs, H].
     dm = dL/dm_t [bs, H], dc = dL/dc_t from step t+1 [bs, H] ->
     dgates [bs, 4H] (pre-activation gradients, gate order i, f, g, o), dc_prev [bs, H]; into
@@ -577,7 +579,7 @@ def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.
 
 
 def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True, h_out=None,
-                     preact_out=None):
+                     preact_out=None, check: bool = True):
     """gx = x W_ih^T + b_ih [bs, 3H], gh = h W_hh^T + b_hh [bs, 3H], h_prev [bs, H] ->
     codes (r, z, n, h), h [bs, H] (compute dtype; exactly the level of the h code). ``out``,
     ``store``: as :func:`lstm_step_forward`; ``final`` [1, B, H] receives the h codes of rows
@@ -601,7 +603,8 @@ def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def gru_step_backward(codes, h_prev: torch.Tensor, gh_n: torch.Tensor, dh: torch.Tensor, levels: int,
-                      dgx_out=None, dgh_out=None, dh_direct_out=None, preact=None):
+                      dgx_out=None, dgh_out=None, dh_direct_out=None, preact=None,
+                      check: bool = True):
     """Backward of one step. h_prev [bs, H], gh_n = h_prev W_hn^T + b_hn [bs, H] (recomputed),
     dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H], dh_prev_direct = dh * z [bs, H]; into the
     ``*_out`` tensors when given (``dh_direct_out`` may be ``dh``). The gates' derivatives come from

@@ -688,3 +688,29 @@ def test_recompute_cell_over_a_run_of_steps(bits, levels, cell_clip):
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="steps must be an int >= 1"):
             K.lstm_recompute_cell(codes, c_first, levels, steps=bad)
+
+
+def test_unchecked_launches_match_checked_ones():
+    """check=False (the layers' later steps) launches the same kernels on the same arguments: the
+    same bits as a checked call, for every per-step launcher, in both implementations."""
+    bs, H, levels, bits = 3, 13, 64, 6
+    g = gen(7)
+    gates = 3 * torch.randn(bs, 4 * H, generator=g)
+    gx, gh = 3 * torch.randn(bs, 3 * H, generator=g), 3 * torch.randn(bs, 3 * H, generator=g)
+    c_prev, dm, dc, h_prev = (torch.randn(bs, H, generator=g) for _ in range(4))
+    for impl in (K, R):
+        results = []
+        for check in (True, False):
+            rows = packed_rows(bs, H, 4, bits)
+            final = torch.zeros(2, bs, H, dtype=torch.uint8)
+            _, c, m = impl.lstm_step_forward(gates, c_prev, levels, out=rows, final=final, done=1,
+                                             cell_clip=2.0, check=check)
+            dg, dcp = impl.lstm_step_backward(rows, c_prev, dm, dc, levels, cell_clip=2.0,
+                                              check=check)
+            grows = packed_rows(bs, H, 4, bits)
+            _, h = impl.gru_step_forward(gx, gh, h_prev, levels, out=grows, check=check)
+            gb = impl.gru_step_backward(grows, h_prev, gh[:, 2 * H :].contiguous(), dm, levels,
+                                        check=check)
+            results.append([rows.data, final, c, m, dg, dcp, grows.data, h, *gb])
+        for i, (a, b) in enumerate(zip(*results)):
+            assert_bitwise(f"{impl.__name__} output {i}", a, b)
