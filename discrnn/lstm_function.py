@@ -763,17 +763,18 @@ class LSTMLayerFunction(torch.autograd.Function):
             dy_s = split(dy[lo:hi]) if dy is not None else None
             for j in range(len(steps) - 1, -1, -1):
                 bs = psizes[j]
-                dh = dh_state[:bs] if dy_s is None else dh_state[:bs] + as_dtype(dy_s[j], acc)
+                dy_j = None if dy_s is None else dy_s[j]
                 if w_hr is not None:
+                    dh = dh_state[:bs] if dy_j is None else dh_state[:bs] + as_dtype(dy_j, acc)
                     dh_s[j].copy_(dh)
-                    dm = dh @ w_hr_a
+                    dm, dy_j = dh @ w_hr_a, None
                 else:
-                    dm = dh
+                    dm = dh_state[:bs]  # the kernel adds dy_j (one launch less per step)
                 ops.lstm_step_backward(
                     step_codes[j], c_prevs[j], dm, dc_state[:bs], levels, dgates_out=dg_s[j],
                     dc_prev_out=dc_state[:bs],
                     preact=None if preact is None else preact[layout.rows(steps[j])],
-                    cell_clip=cfg.cell_clip, check=first_step,
+                    cell_clip=cfg.cell_clip, check=first_step, dy=dy_j,
                 )
                 first_step = False  # later steps: views of the same buffers
                 recurrent_t.mm(dg_s[j], out=dh_state[:bs])

@@ -332,6 +332,7 @@ def _lstm_step_bwd_kernel(
     CODES,  # uint8 code rows (i, f, g, o)
     C_PREV,  # [bs, H] ACC; strided
     DM,  # [bs, H] ACC, dL/dm_t; strided
+    DY,  # [bs, H] any float dtype, added to DM when HAS_DY (the output's gradient); strided
     DC,  # [bs, H] ACC, dL/dc_t from step t+1; strided
     DGATES,  # [bs, 4H] ACC out (i, f, g, o), contiguous
     DC_PREV,  # [bs, H] ACC out, contiguous; may be DC itself (each element is read, then written)
@@ -345,6 +346,8 @@ def _lstm_step_bwd_kernel(
     stride_ch,
     stride_mb,
     stride_mh,
+    stride_yb,
+    stride_yh,
     stride_db,
     stride_dh,
     stride_pb,
@@ -352,6 +355,7 @@ def _lstm_step_bwd_kernel(
     LEVELS: tl.constexpr,
     BITS: tl.constexpr,
     EXACT: tl.constexpr,  # gate derivatives f'(pre-activation) instead of from the codes
+    HAS_DY: tl.constexpr,
     CELL_CLIP: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -372,6 +376,9 @@ def _lstm_step_bwd_kernel(
     c_prev = tl.load(C_PREV + rows[:, None] * stride_cb + cols[None, :] * stride_ch, mask=mask,
                      other=0.0)
     dm = tl.load(DM + rows[:, None] * stride_mb + cols[None, :] * stride_mh, mask=mask, other=0.0)
+    if HAS_DY:  # one rounding, as torch's dm + dy.to(ACC) (fusion is off)
+        dm = dm + tl.load(DY + rows[:, None] * stride_yb + cols[None, :] * stride_yh, mask=mask,
+                          other=0.0).to(ACC)
     dc = tl.load(DC + rows[:, None] * stride_db + cols[None, :] * stride_dh, mask=mask, other=0.0)
 
     i = _decode(k_i, LEVELS, "sigmoid", ACC)
@@ -504,6 +511,7 @@ def _gru_step_bwd_kernel(
     H_PREV,  # [bs, H] ACC; strided
     GH_N,  # [bs, H] ACC, h_prev W_hn^T + b_hn; strided
     DH,  # [bs, H] ACC, dL/dh_t; strided
+    DY,  # [bs, H] any float dtype, added to DH when HAS_DY (the output's gradient); strided
     DGX,  # [bs, 3H] ACC out, contiguous
     DGH,  # [bs, 3H] ACC out, contiguous
     DH_DIRECT,  # [bs, H] ACC out (dh * z), contiguous; may be DH itself
@@ -521,9 +529,12 @@ def _gru_step_bwd_kernel(
     stride_dh,
     stride_eb,
     stride_eh,
+    stride_yb,
+    stride_yh,
     LEVELS: tl.constexpr,
     BITS: tl.constexpr,
     EXACT: tl.constexpr,  # gate derivatives f'(pre-activation) instead of from the codes
+    HAS_DY: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -544,6 +555,9 @@ def _gru_step_bwd_kernel(
     gh_n = tl.load(GH_N + rows[:, None] * stride_nb + cols[None, :] * stride_nh, mask=mask,
                    other=0.0)
     dh = tl.load(DH + rows[:, None] * stride_db + cols[None, :] * stride_dh, mask=mask, other=0.0)
+    if HAS_DY:  # one rounding, as torch's dh + dy.to(ACC) (fusion is off)
+        dh = dh + tl.load(DY + rows[:, None] * stride_yb + cols[None, :] * stride_yh, mask=mask,
+                          other=0.0).to(ACC)
 
     r = _decode(k_r, LEVELS, "sigmoid", ACC)
     z = _decode(k_z, LEVELS, "sigmoid", ACC)
@@ -666,6 +680,11 @@ def _check_device(device: torch.device) -> None:
 def _checkcompute_dtype(name: str, t: torch.Tensor) -> None:
     if t.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name} must be float32 or float64 (the compute dtype), got {t.dtype}")
+
+
+def _check_float(name: str, t) -> None:
+    if t is not None and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -838,19 +857,21 @@ def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_prev_out=None,
-                       preact=None, cell_clip: float = math.inf, check: bool = True):
+                       preact=None, cell_clip: float = math.inf, check: bool = True, dy=None):
     """Backward of one step: codes (uint8 [4, bs, H] or CodeRows), c_prev [bs, H] (float32/64),
     dm = dL/dm_t and dc = dL/dc_t [bs, H] (converted to c_prev's dtype) -> dgates [bs, 4H]
     (i, f, g, o), dc_prev [bs, H], both in c_prev's dtype, written to ``dgates_out`` /
     ``dc_prev_out`` when given (``dc_prev_out`` may be ``dc`` itself). ``preact`` [bs, 4H]: the
-    gate pre-activations (``grad="exact"``), as ``rnn_torch.lstm_step_backward``. One kernel.
-    ``check=False`` skips the argument checks (:data:`CHECK_DOC`)."""
+    gate pre-activations (``grad="exact"``), as ``rnn_torch.lstm_step_backward``. ``dy`` [bs, H]
+    (any float dtype): added to dm in the kernel (the step's output gradient; dm + dy is dL/dm_t).
+    One kernel. ``check=False`` skips the argument checks (:data:`CHECK_DOC`)."""
     bs, H = c_prev.shape
     acc, dev = c_prev.dtype, c_prev.device
     if check:
         _checkcompute_dtype("c_prev", c_prev)
-        for name, t in (("dm", dm), ("dc", dc)):
+        for name, t in (("dm", dm), ("dc", dc)) + ((("dy", dy),) if dy is not None else ()):
             _check(name, t, (bs, H), dev)
+        _check_float("dy", dy)
         _check_device(dev)
         if preact is not None:
             _check("preact", preact, (bs, 4 * H), dev)
@@ -862,10 +883,12 @@ def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_p
     dc_prev = _out_tensor("dc_prev_out", dc_prev_out, (bs, H), acc, dev, check=check)
     if bs * H:
         pre = dm if preact is None else preact  # a pointer that is never read without EXACT
-        args = (code_args[0], c_prev, dm, dc, dgates, dc_prev, pre, bs, H, *code_args[1:],
-                *c_prev.stride(), *dm.stride(), *dc.stride(), *pre.stride())
+        dy_arg = dm if dy is None else dy  # a pointer that is never read without HAS_DY
+        args = (code_args[0], c_prev, dm, dy_arg, dc, dgates, dc_prev, pre, bs, H, *code_args[1:],
+                *c_prev.stride(), *dm.stride(), *dy_arg.stride(), *dc.stride(), *pre.stride())
         _launch(_lstm_step_bwd_kernel, bs, H, args, LEVELS=levels, BITS=bits,
-                EXACT=preact is not None, CELL_CLIP=cell_clip_value(cell_clip))
+                EXACT=preact is not None, HAS_DY=dy is not None,
+                CELL_CLIP=cell_clip_value(cell_clip))
     return dgates, dc_prev
 
 
@@ -901,18 +924,21 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
 
 
 def gru_step_backward(codes, h_prev, gh_n, dh, levels: int, dgx_out=None, dgh_out=None,
-                      dh_direct_out=None, preact=None, check: bool = True):
+                      dh_direct_out=None, preact=None, check: bool = True, dy=None):
     """Backward of one step: codes (uint8 [4, bs, H] or CodeRows), h_prev [bs, H], gh_n =
     h_prev W_hn^T + b_hn [bs, H], dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H],
     dh_prev_direct = dh * z [bs, H], in the compute dtype of h_prev, written to the ``*_out``
     tensors when given (``dh_direct_out`` may be ``dh`` itself). ``preact`` [bs, 3H]: the
-    pre-activations of r, z, n (``grad="exact"``), as ``rnn_torch.gru_step_backward``. One kernel.
-    ``check=False`` skips the argument checks (:data:`CHECK_DOC`)."""
+    pre-activations of r, z, n (``grad="exact"``), as ``rnn_torch.gru_step_backward``. ``dy``
+    [bs, H] (any float dtype): added to dh in the kernel (the step's output gradient; dh + dy is
+    dL/dh_t; ``dh_direct_out`` may still be ``dh``). One kernel. ``check=False`` skips the argument
+    checks (:data:`CHECK_DOC`)."""
     bs, H = h_prev.shape
     dev = h_prev.device
     if check:
-        for name, t in (("gh_n", gh_n), ("dh", dh)):
+        for name, t in (("gh_n", gh_n), ("dh", dh)) + ((("dy", dy),) if dy is not None else ()):
             _check(name, t, (bs, H), dev)
+        _check_float("dy", dy)
         _check_device(dev)
         if preact is not None:
             _check("preact", preact, (bs, 3 * H), dev)
@@ -926,8 +952,10 @@ def gru_step_backward(codes, h_prev, gh_n, dh, levels: int, dgx_out=None, dgh_ou
     dh_direct = _out_tensor("dh_direct_out", dh_direct_out, (bs, H), acc, dev, check=check)
     if bs * H:
         pre = dh if preact is None else preact  # a pointer that is never read without EXACT
-        args = (code_args[0], h_prev, gh_n, dh, dgx, dgh, dh_direct, pre, bs, H, *code_args[1:],
-                *h_prev.stride(), *gh_n.stride(), *dh.stride(), *pre.stride())
+        dy_arg = dh if dy is None else dy  # a pointer that is never read without HAS_DY
+        args = (code_args[0], h_prev, gh_n, dh, dy_arg, dgx, dgh, dh_direct, pre, bs, H,
+                *code_args[1:], *h_prev.stride(), *gh_n.stride(), *dh.stride(), *pre.stride(),
+                *dy_arg.stride())
         _launch(_gru_step_bwd_kernel, bs, H, args, LEVELS=levels, BITS=bits,
-                EXACT=preact is not None)
+                EXACT=preact is not None, HAS_DY=dy is not None)
     return dgx, dgh, dh_direct

@@ -549,7 +549,7 @@ def exact_derivatives(preact: torch.Tensor, kinds, acc) -> torch.Tensor:
 
 def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.Tensor, levels: int,
                        dgates_out=None, dc_prev_out=None, preact=None, cell_clip: float = math.inf,
-                       check: bool = True):
+                       check: bool = True, dy=None):
     """Backward of one step: codes (i, f, g, o), c_prev = c_{t-1} [bs, H].
     dm = dL/dm_t [bs, H], dc = dL/dc_t from step t+1 [bs, H] ->
     dgates [bs, 4H] (pre-activation gradients, gate order i, f, g, o), dc_prev [bs, H]; into
@@ -559,9 +559,12 @@ def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.
     (it fades as |c| grows, as the true one does); where the clamp to [-cell_clip, cell_clip] was
     active, no gradient passes to the gates and c_prev (the clamp's derivative, as torch.clamp).
     The gates' derivatives come from their codes (the bin mean), or with ``preact`` (the step's
-    pre-activations [bs, 4H], ``grad="exact"``) are f' at the pre-activation."""
+    pre-activations [bs, 4H], ``grad="exact"``) are f' at the pre-activation. ``dy`` [bs, H]: the
+    step's output gradient, added to dm first (dm + dy is dL/dm_t)."""
     acc, codes = c_prev.dtype, read_codes(codes)
     dm = dm.to(acc)
+    if dy is not None:
+        dm = dm + dy.to(acc)
     i, f, g, o = (torch_decode(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(4))
     if preact is None:
         d = [torch_code_derivative(codes[q], levels, _LSTM_KINDS[q], acc) for q in range(4)]
@@ -604,14 +607,17 @@ def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
 
 def gru_step_backward(codes, h_prev: torch.Tensor, gh_n: torch.Tensor, dh: torch.Tensor, levels: int,
                       dgx_out=None, dgh_out=None, dh_direct_out=None, preact=None,
-                      check: bool = True):
+                      check: bool = True, dy=None):
     """Backward of one step. h_prev [bs, H], gh_n = h_prev W_hn^T + b_hn [bs, H] (recomputed),
     dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H], dh_prev_direct = dh * z [bs, H]; into the
     ``*_out`` tensors when given (``dh_direct_out`` may be ``dh``). The gates' derivatives come from
     their codes, or with ``preact`` (the pre-activations of r, z, n [bs, 3H], ``grad="exact"``) are
-    f' at the pre-activation."""
+    f' at the pre-activation. ``dy`` [bs, H]: the step's output gradient, added to dh first (dh + dy
+    is dL/dh_t)."""
     acc, codes = compute_dtype(h_prev.dtype), read_codes(codes)
     dh, h_prev, gh_n = dh.to(acc), h_prev.to(acc), gh_n.to(acc)
+    if dy is not None:
+        dh = dh + dy.to(acc)
     r, z, n = (torch_decode(codes[q], levels, _GRU_KINDS[q], acc) for q in range(3))
     if preact is None:
         d_r, d_z, d_n = (torch_code_derivative(codes[q], levels, _GRU_KINDS[q], acc) for q in range(3))

@@ -116,18 +116,20 @@ def _rnn_kernels():
          lambda d: {**codes, "C": f"*{d}", "OUT": f"*{d}",
                     **ints("bs", "H", *code_strides, *strides("c"))}, "gru", None),
         ("lstm_bwd", rnn._lstm_step_bwd_kernel, [(a,) for a in ACC_DTYPES],
-         lambda a: {**codes, "C_PREV": f"*{a}", "DM": f"*{a}", "DC": f"*{a}",
+         lambda a: {**codes, "C_PREV": f"*{a}", "DM": f"*{a}", "DY": f"*{a}", "DC": f"*{a}",
                     "DGATES": f"*{a}", "DC_PREV": f"*{a}", "PRE": f"*{a}",
-                    **ints("bs", "H", *code_strides, *strides("c", "m", "d", "p"))}, None, "EXACT"),
+                    **ints("bs", "H", *code_strides, *strides("c", "m", "y", "d", "p"))}, None,
+         "EXACT"),
         ("gru_fwd", rnn._gru_step_fwd_kernel, [(d,) for d in dtypes],
          lambda d: {"GX": f"*{d}", "GH": f"*{d}", "H_PREV": f"*{d}", **codes, "FINAL": "*u8",
                     "H_OUT": f"*{d}", "PRE": "*fp64" if d == "fp64" else "*fp32",
                     **ints("bs", "H", "H_PAD", "done", *strides("x", "g", "p"), *code_strides)},
          "forward", "STORE_PRE"),
         ("gru_bwd", rnn._gru_step_bwd_kernel, [(a,) for a in ACC_DTYPES],
-         lambda a: {**codes, "H_PREV": f"*{a}", "GH_N": f"*{a}", "DH": f"*{a}",
+         lambda a: {**codes, "H_PREV": f"*{a}", "GH_N": f"*{a}", "DH": f"*{a}", "DY": f"*{a}",
                     "DGX": f"*{a}", "DGH": f"*{a}", "DH_DIRECT": f"*{a}", "PRE": f"*{a}",
-                    **ints("bs", "H", *code_strides, *strides("p", "n", "d", "e"))}, None, "EXACT"),
+                    **ints("bs", "H", *code_strides, *strides("p", "n", "d", "e", "y"))}, None,
+         "EXACT"),
     ]
 
 
@@ -168,6 +170,10 @@ def rnn_kernel_specs(full: bool):
             # the LSTM cell bound: the layers' default, and inf (no clamp) in the step functions
             clips = [{}] if not name.startswith("lstm_") or name == "lstm_out" else (
                 [{"CELL_CLIP": c} for c in CELL_CLIPS] if full else [{"CELL_CLIP": CELL_CLIPS[k % 2]}])
+            # backward kernels: the output gradient added in the kernel, or not
+            if name.endswith("_bwd"):
+                dys = [True, False] if full else [k % 3 != 1]
+                clips = [{**c, "HAS_DY": d} for c in clips for d in dys]
             for code, grad, clip in itertools.product(
                     _code_constexprs(role, levels, 0 if full else k), grad_modes, clips):
                 constexprs = dict(LEVELS=levels, **code, **grad, **clip, BLOCK_B=block_b,
@@ -175,7 +181,8 @@ def rnn_kernel_specs(full: bool):
                 tag = f"b{code['BITS']}" + ("" if code.get("STORE_CODES", True) else "-nocodes")
                 tag += "" if code.get("STORE_FINAL", True) else "-nofinal"
                 tag += ("-m" if switch == "STORE_M" else "-exact") if any(grad.values()) else ""
-                tag += f"-clip{clip['CELL_CLIP']}" if clip else ""
+                tag += f"-clip{clip['CELL_CLIP']}" if "CELL_CLIP" in clip else ""
+                tag += "-dy" if clip.get("HAS_DY") else ""
                 specs.append((f"rnn_{name}-{'-'.join(dts)}-L{levels}-{tag}-{block_b}x{block_h}",
                               kernel, signature(*dts), constexprs))
     return specs

@@ -714,3 +714,29 @@ def test_unchecked_launches_match_checked_ones():
             results.append([rows.data, final, c, m, dg, dcp, grows.data, h, *gb])
         for i, (a, b) in enumerate(zip(*results)):
             assert_bitwise(f"{impl.__name__} output {i}", a, b)
+
+
+@pytest.mark.parametrize("dy_dtype", [torch.float32, BF16])
+def test_backward_adds_the_output_gradient_in_the_kernel(dy_dtype):
+    """dy= (the layers pass the step's output gradient) gives the bits of passing dm + dy (dh + dy)
+    computed by torch, in both implementations; a GRU's dh_direct_out may still alias dh."""
+    bs, H, levels = 3, 13, 64
+    g = gen(11)
+    codes = random_codes(4, bs, H, levels, seed=5)
+    c_prev, dm, dc, h_prev = (torch.randn(bs, H, generator=g) for _ in range(4))
+    gh_n = torch.randn(bs, H, generator=g)
+    dy = torch.randn(bs, H, generator=g).to(dy_dtype)
+    for impl in (K, R):
+        for a, b in zip(impl.lstm_step_backward(codes, c_prev, dm, dc, levels, cell_clip=2.0, dy=dy),
+                        impl.lstm_step_backward(codes, c_prev, dm + dy.float(), dc, levels,
+                                                cell_clip=2.0)):
+            assert_bitwise(f"lstm ({impl.__name__})", a, b)
+        expected = impl.gru_step_backward(codes, h_prev, gh_n, dm + dy.float(), levels)
+        dh = dm.clone()
+        got = impl.gru_step_backward(codes, h_prev, gh_n, dh, levels, dh_direct_out=dh, dy=dy)
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert_bitwise(f"gru {i} ({impl.__name__})", a, b)
+    with pytest.raises(ValueError, match=r"dy must have shape \(3, 13\)"):
+        K.lstm_step_backward(codes, c_prev, dm, dc, levels, dy=dy[:2])
+    with pytest.raises(TypeError, match="dy must be a floating-point tensor"):
+        K.gru_step_backward(codes, h_prev, gh_n, dm, levels, dy=dy.to(torch.int32))
