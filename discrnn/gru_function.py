@@ -300,20 +300,22 @@ class GRULayerFunction(torch.autograd.Function):
         for first, steps in cfg.chunks():
             lo, hi = layout.row_span(steps)
             gx = input_proj.linear(x[lo:hi], b_ih)
-            for s, t in enumerate(steps, start=first):
-                bs, rows = layout.batch_sizes[t], layout.rows(t)
+            # every step's rows as views made in one call per chunk (host time per step)
+            gx_s, y_s = split_steps(gx, cfg, steps, lo), split_steps(y[lo:hi], cfg, steps, lo)
+            pre_s = split_steps(preact[lo:hi], cfg, steps, lo) if preact is not None else None
+            for j, (s, t) in enumerate(enumerate(steps, start=first)):
+                bs = layout.batch_sizes[t]
                 h_in = step_input(h_prev, prev_bs, bs, h0)
                 gh = recurrent.mm(h_in)
                 if b_hh is not None:
                     gh += b_hh  # as the torch path (addmm rounds differently in bfloat16)
                 out = store.rows_at(codes_data, s, s) if keep_codes else None
                 ops.gru_step_forward(
-                    gx[rows.start - lo : rows.stop - lo], gh, h_in, levels, out=out,
-                    final=final_codes, done=finish[s], store=keep_codes, h_out=y[rows],
-                    preact_out=None if preact is None else preact[rows],
+                    gx_s[j], gh, h_in, levels, out=out, final=final_codes, done=finish[s],
+                    store=keep_codes, h_out=y_s[j], preact_out=None if pre_s is None else pre_s[j],
                     check=s == 0,  # later steps: views of the same buffers
                 )
-                h_prev, prev_bs = y[rows], bs
+                h_prev, prev_bs = y_s[j], bs
                 if finish[s] < bs:
                     h_n[finish[s] : bs] = h_prev[finish[s] :]
         return y, h_n, final_codes

@@ -636,26 +636,29 @@ class LSTMLayerFunction(torch.autograd.Function):
                 checkpoints.append(c.clone())
             lo, hi = layout.row_span(steps)
             xproj = input_proj.linear(x[lo:hi], b)
-            for s, t in enumerate(steps, start=first):
-                bs, rows = layout.batch_sizes[t], layout.rows(t)
+            # every step's rows as views made in one call per chunk (host time per step)
+            xp_s, y_s = split_steps(xproj, cfg, steps, lo), split_steps(y[lo:hi], cfg, steps, lo)
+            pre_s = split_steps(preact[lo:hi], cfg, steps, lo) if preact is not None else None
+            for j, (s, t) in enumerate(enumerate(steps, start=first)):
+                bs = layout.batch_sizes[t]
                 h_in = step_input(h_prev, prev_bs, bs, h0)
-                xp = xproj[rows.start - lo : rows.stop - lo]
-                if preact is None:
-                    gates = recurrent.addmm(xp, h_in)
+                c_s = c if bs == B else c[:bs]
+                if pre_s is None:
+                    gates = recurrent.addmm(xp_s[j], h_in)
                 elif preact.dtype == dtype:
-                    gates = recurrent.addmm(xp, h_in, out=preact[rows])
+                    gates = recurrent.addmm(xp_s[j], h_in, out=pre_s[j])
                 else:
-                    gates = preact[rows]
-                    gates.copy_(recurrent.addmm(xp, h_in))
+                    gates = pre_s[j]
+                    gates.copy_(recurrent.addmm(xp_s[j], h_in))
                 out = store.rows_at(codes_data, s, s) if keep_codes else None
                 _, _, m = ops.lstm_step_forward(
-                    gates, c[:bs], levels, out=out, final=final_codes, done=finish[s],
-                    store=keep_codes, c_out=c[:bs], m_out=y[rows] if w_hr is None else None,
+                    gates, c_s, levels, out=out, final=final_codes, done=finish[s],
+                    store=keep_codes, c_out=c_s, m_out=y_s[j] if w_hr is None else None,
                     cell_clip=cfg.cell_clip, check=s == 0,  # later steps: views of the same buffers
                 )
                 if w_hr is not None:
-                    mm(m.to(dtype), w_hr.t(), out=y[rows])
-                h_prev, prev_bs = y[rows], bs
+                    mm(m.to(dtype), w_hr.t(), out=y_s[j])
+                h_prev, prev_bs = y_s[j], bs
                 if finish[s] < bs:
                     h_n[finish[s] : bs] = h_prev[finish[s] :]
         return y, h_n, c, final_codes, checkpoints
