@@ -152,10 +152,14 @@ class CodeStore:
     def rows_at(self, data: torch.Tensor, first: int, last: int) -> rnn_torch.CodeRows:
         """Steps first..last (processing order) of ``data`` as one run of packed code rows, which
         the Triton step kernels write and read in place."""
-        rows = sum(self.layout.proc_sizes(first, last))
-        return rnn_torch.CodeRows.packed(
-            data, self.step_offsets[first], rows, self.n_codes, self.hidden, self.bits
-        )
+        layout = self.layout
+        if first == last:  # the step loops ask once per step: no list of sizes
+            rows = layout.batch_sizes[layout.order[first]]
+        else:
+            rows = sum(layout.proc_sizes(first, last))
+        row_bytes = self.padded * self.bits // 8
+        return rnn_torch.CodeRows(data, self.step_offsets[first], rows, self.n_codes, self.hidden,
+                                  self.padded, self.bits, row_bytes, self.n_codes * row_bytes)
 
 
 class TableCache(dict):
