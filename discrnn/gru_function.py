@@ -351,9 +351,9 @@ class GRULayerFunction(torch.autograd.Function):
         store, layout, levels, ops = cfg.store, cfg.layout, cfg.levels, cfg.ops
         sizes = layout.batch_sizes
         dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
-        H = w_hh.shape[1]
+        H, B = w_hh.shape[1], h0.shape[0]
         gemm = backward_gemm_dtype(dtype)  # as _gru_backward_chunked
-        recurrent_t = StepProduct(w_hh.to(gemm or acc).t(), h0.shape[0], len(sizes))
+        recurrent_t = StepProduct(w_hh.to(gemm or acc).t(), B, len(sizes))
         input_t = None
         if ctx.needs_input_grad[0]:
             input_t = chunk_product(w_ih.to(gemm or acc).t(), cfg, h0.shape[0])
@@ -393,17 +393,18 @@ class GRULayerFunction(torch.autograd.Function):
             d_gh = torch.empty(hi - lo, 3 * H, dtype=acc, device=device)
             h_prev_s, gh_n_s, d_gx_s, d_gh_s = split(h_prev), split(gh_n), split(d_gx), split(d_gh)
             dy_s = split(dy[lo:hi]) if dy is not None else None
+            pre_s = split(preact[lo:hi]) if preact is not None else None
             for j in range(len(steps) - 1, -1, -1):
                 bs = psizes[j]
+                dh_j = dh_state if bs == B else dh_state[:bs]  # no view for the whole batch
                 ops.gru_step_backward(  # dh_state + dy_j in the kernel (one launch less per step)
                     store.rows_at(codes_data, first + j, first + j), h_prev_s[j], gh_n_s[j],
-                    dh_state[:bs], levels, dgx_out=d_gx_s[j], dgh_out=d_gh_s[j],
-                    dh_direct_out=dh_state[:bs],
-                    preact=None if preact is None else preact[layout.rows(steps[j])],
+                    dh_j, levels, dgx_out=d_gx_s[j], dgh_out=d_gh_s[j], dh_direct_out=dh_j,
+                    preact=None if pre_s is None else pre_s[j],
                     check=first_step, dy=None if dy_s is None else dy_s[j],
                 )
                 first_step = False  # later steps: views of the same buffers
-                recurrent_t.addmm_(dh_state[:bs], d_gh_s[j])
+                recurrent_t.addmm_(dh_j, d_gh_s[j])
             del gh_n, gh_n_s
             weight_grad_(d_w_ih, d_gx, input_rows(ctx, cfg, kept, lo, hi).to(acc), gemm)
             weight_grad_(d_w_hh, d_gh, h_prev, gemm)

@@ -701,9 +701,9 @@ class LSTMLayerFunction(torch.autograd.Function):
         store, layout, levels, ops = cfg.store, cfg.layout, cfg.levels, cfg.ops
         sizes = layout.batch_sizes
         dtype, acc, device = ctx.x_dtype, compute_dtype(ctx.x_dtype), ctx.x_device
-        P, H = h0.shape[1], c0.shape[1]
+        (B, P), H = h0.shape, c0.shape[1]
         gemm = backward_gemm_dtype(dtype)  # as _lstm_backward_chunked
-        recurrent_t = StepProduct(w_hh.to(gemm or acc).t(), h0.shape[0], len(sizes))
+        recurrent_t = StepProduct(w_hh.to(gemm or acc).t(), B, len(sizes))
         input_t = None
         if ctx.needs_input_grad[0]:
             input_t = chunk_product(w_ih.to(gemm or acc).t(), cfg, h0.shape[0])
@@ -764,23 +764,25 @@ class LSTMLayerFunction(torch.autograd.Function):
             dhs = torch.empty(hi - lo, P, dtype=acc, device=device) if w_hr is not None else None
             dg_s, dh_s = split(dgates), split(dhs) if dhs is not None else None
             dy_s = split(dy[lo:hi]) if dy is not None else None
+            pre_s = split(preact[lo:hi]) if preact is not None else None
             for j in range(len(steps) - 1, -1, -1):
                 bs = psizes[j]
+                # the state rows of this step (no view where the whole batch runs: host time)
+                dh_j, dc_j = (dh_state, dc_state) if bs == B else (dh_state[:bs], dc_state[:bs])
                 dy_j = None if dy_s is None else dy_s[j]
                 if w_hr is not None:
-                    dh = dh_state[:bs] if dy_j is None else dh_state[:bs] + as_dtype(dy_j, acc)
+                    dh = dh_j if dy_j is None else dh_j + as_dtype(dy_j, acc)
                     dh_s[j].copy_(dh)
                     dm, dy_j = dh @ w_hr_a, None
                 else:
-                    dm = dh_state[:bs]  # the kernel adds dy_j (one launch less per step)
+                    dm = dh_j  # the kernel adds dy_j (one launch less per step)
                 ops.lstm_step_backward(
-                    step_codes[j], c_prevs[j], dm, dc_state[:bs], levels, dgates_out=dg_s[j],
-                    dc_prev_out=dc_state[:bs],
-                    preact=None if preact is None else preact[layout.rows(steps[j])],
+                    step_codes[j], c_prevs[j], dm, dc_j, levels, dgates_out=dg_s[j],
+                    dc_prev_out=dc_j, preact=None if pre_s is None else pre_s[j],
                     cell_clip=cfg.cell_clip, check=first_step, dy=dy_j,
                 )
                 first_step = False  # later steps: views of the same buffers
-                recurrent_t.mm(dg_s[j], out=dh_state[:bs])
+                recurrent_t.mm(dg_s[j], out=dh_j)
             del c_prevs
 
             h_prev = previous_rows(as_output(m_chunk), before, h_init, cfg, steps, lo, acc)
