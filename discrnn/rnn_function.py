@@ -157,9 +157,9 @@ class CodeStore:
             rows = layout.batch_sizes[layout.order[first]]
         else:
             rows = sum(layout.proc_sizes(first, last))
-        row_bytes = self.padded * self.bits // 8
-        return rnn_torch.CodeRows(data, self.step_offsets[first], rows, self.n_codes, self.hidden,
-                                  self.padded, self.bits, row_bytes, self.n_codes * row_bytes)
+        return rnn_torch.CodeRows.packed(
+            data, self.step_offsets[first], rows, self.n_codes, self.hidden, self.bits
+        )
 
 
 class TableCache(dict):
