@@ -2,14 +2,14 @@
 """Host time per time step of the Triton (per-step) path, measured without a GPU.
 
 On a GPU the layers' Triton path launches a matmul and one or two step kernels per time step from
-Python; at the sizes users train (H=1024, B=64) the GPU finishes each of them sooner than Python
-issues the next, so the host's work per step sets the time (README, "On an NVIDIA H200"). This
-script measures that work on any machine: it runs DiscreteLSTM / DiscreteGRU with
-``backend="triton"`` under the Triton interpreter with every kernel launch replaced by a no-op
-(outputs are garbage; nothing is checked), so what is timed is everything but the kernels: the
-layers' Python, the launchers' argument checks, torch's allocations and views, and the recurrent
-products (torch ops on small CPU tensors here, cuBLAS calls there). Triton's own launch cost on a
-GPU (argument binding, the driver call) is not in it.
+Python; each is small at the sizes users train (H=1024, B=64), and the H200 run looked bound by
+issuing them (bf16 took longer than fp32; README, "On an NVIDIA H200"). This script measures the
+host's part on any machine: it runs DiscreteLSTM / DiscreteGRU with ``backend="triton"`` under the
+Triton interpreter with every kernel launch replaced by a no-op (outputs are garbage; nothing is
+checked), so what is timed is everything but the kernels: the layers' Python, the launchers'
+argument checks, torch's allocations and views, and the recurrent products (discrnn's CPU products
+on small tensors here, cuBLAS calls there). Triton's own launch cost on a GPU (argument binding,
+the driver call) is not in it.
 
 Columns: microseconds per layer and time step (the call's time / T / layers), forward only and
 forward + backward, the best of ``--repeats`` calls after one warm-up call.
