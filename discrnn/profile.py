@@ -7,7 +7,9 @@ seeded token stream for every variant, the recurrent state carried from step to 
 ``lstm-ckpt-sqrt`` / ``lstm-ckpt-quarter`` (torch.nn.LSTM in checkpointed segments of ceil(sqrt(T))
 / ceil(T/4) steps, ``use_reentrant=False``, state carried between segments), ``lstm-bf16`` (under
 bf16 autocast), ``dlstm-L`` / ``dgru-L`` (discrnn.DiscreteLSTM / DiscreteGRU at L levels, one per
-``--levels``) and ``dlstm-L-ckpt-sqrt`` (DiscreteLSTM in the same checkpointed segments).
+``--levels``) and ``dlstm-L-ckpt-sqrt`` (DiscreteLSTM in the same checkpointed segments); on CUDA
+also ``BASE-graph`` on request (the recurrent layers through ``torch.cuda.make_graphed_callables``;
+no kept bytes: a replay runs no saved-tensor hooks).
 
 Measured, per variant and sequence length T (``--lengths``):
 
@@ -276,6 +278,10 @@ def resolve(argv=None):
             if reason:
                 args.left_out[name] = reason
     args.variants = [v for v in args.variants if v not in args.left_out]
+    graphed = [v for v in args.variants if parse_variant(v).graph]
+    if graphed and device.type != "cuda":
+        parser.error(f"argument --variants: {' '.join(graphed)} run under CUDA graphs, which need "
+                     f"a CUDA device (this run: {device.type})")
     if not args.variants:
         parser.error("argument --variants: none of them can run here: "
                      + "; ".join(f"{k}: {r}" for k, r in args.left_out.items()))
@@ -369,6 +375,7 @@ def build_points(args, memory: dict, timing: dict) -> list[dict]:
             p = {
                 "variant": name, "description": v.description, "cell": v.cell,
                 "levels": v.levels, "bf16_autocast": v.bf16, "checkpoint": v.ckpt or "",
+                "cuda_graphs": v.graph,
                 "segment_length": v.segment_length(T), "length": T, "batch": cfg.batch,
                 "hidden": cfg.hidden, "layers": cfg.layers, "embed": cfg.embed,
                 "vocab": cfg.vocab, "dtype": cfg.dtype,
@@ -389,7 +396,8 @@ def build_points(args, memory: dict, timing: dict) -> list[dict]:
                          total_mib=round(mem["total_bytes"] / MIB, 3),
                          peak_per_unit=round(mem["peak_bytes"] / units, 4),
                          kept_rnn_bytes=mem["kept_rnn_bytes"],
-                         kept_per_unit=round(mem["kept_rnn_bytes"] / units, 4),
+                         kept_per_unit=(None if mem["kept_rnn_bytes"] is None
+                                        else round(mem["kept_rnn_bytes"] / units, 4)),
                          kept_step_bytes=mem["kept_step_bytes"],
                          # A step whose RSS high-water mark stays at or under the RSS after the
                          # warm-up (a tiny model reusing freed heap blocks, e.g. --quick) has no

@@ -249,9 +249,44 @@ def test_variant_names():
     assert parse_variant("lstm-bf16").bf16
     v = parse_variant("dgru-64-bf16-ckpt-sqrt")
     assert (v.cell, v.levels, v.bf16, v.ckpt) == ("gru", 64, True, "sqrt")
-    for bad in ["lstm-", "dlstm", "dlstm-1", "dlstm-bf16", "dgru-64-ckpt-sqrt-bf16", "LSTM"]:
+    for bad in ["lstm-", "dlstm", "dlstm-1", "dlstm-bf16", "dgru-64-ckpt-sqrt-bf16", "LSTM",
+                "dlstm-64-graph-ckpt-sqrt", "dlstm-64-bf16-graph", "lstm-graph-bf16"]:
         with pytest.raises(ValueError):
             parse_variant(bad)
+    v = parse_variant("dlstm-64-graph")
+    assert (v.cell, v.levels, v.bf16, v.ckpt, v.graph) == ("lstm", 64, False, None, True)
+    assert v.description == "DiscreteLSTM L=64, CUDA graphs" and v.segment_length(100) is None
+    assert parse_variant("gru-graph").graph and not parse_variant("dgru-8").graph
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refuses graphs where there is no CUDA")
+def test_graph_variants_need_cuda(capsys):
+    with pytest.raises(SystemExit) as info:
+        resolve(["--device", "cpu", "--variants", "lstm", "dlstm-8-graph"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"{PROG}: error: argument --variants: dlstm-8-graph run under CUDA graphs, which need a "
+        "CUDA device (this run: cpu)"]
+    cfg = StackConfig(vocab=8, embed=4, hidden=4, layers=1, batch=2, device="cpu")
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        build(parse_variant("dlstm-8-graph"), cfg)
+
+
+@pytest.mark.gpu
+def test_graph_variant_trains_as_the_eager_one():
+    """dlstm-L-graph on CUDA: the same losses as dlstm-L over steps at two lengths (a capture per
+    shape; Adam updates the weights in place between replays)."""
+    cfg = StackConfig(vocab=16, embed=8, hidden=16, layers=2, batch=3, device="cuda")
+    losses = {}
+    for name in ("dlstm-16", "dlstm-16-graph"):
+        model, optimizer, state = build(parse_variant(name), cfg)
+        tokens = token_stream(cfg, 4 * 12 + 1)
+        got = []
+        for r, length in enumerate((12, 12, 7, 12)):
+            loss, state = train_step(model, optimizer, tokens[r * 12: r * 12 + length + 1], state)
+            got.append(float(loss))
+        losses[name] = got
+    assert losses["dlstm-16-graph"] == pytest.approx(losses["dlstm-16"], rel=1e-5, abs=1e-6)
 
 
 def _linear_run(a, b, calls):

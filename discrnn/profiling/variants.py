@@ -1,7 +1,7 @@
 """The variants ``discrnn-profile`` compares, the language-model stack each one trains, its data and
 one training step.
 
-A variant name reads ``BASE[-bf16][-ckpt-sqrt|-ckpt-quarter]``:
+A variant name reads ``BASE[-bf16][-ckpt-sqrt|-ckpt-quarter]`` or ``BASE-graph``:
 
 * ``BASE``: ``lstm`` / ``gru`` (torch.nn.LSTM / GRU; cuDNN on CUDA), ``dlstm-L`` / ``dgru-L``
   (discrnn.DiscreteLSTM / DiscreteGRU with ``levels=L``, 2 <= L <= 256);
@@ -11,7 +11,10 @@ A variant name reads ``BASE[-bf16][-ckpt-sqrt|-ckpt-quarter]``:
 * ``-ckpt-sqrt`` / ``-ckpt-quarter``: the recurrent layers run in consecutive segments of
   ceil(sqrt(T)) / ceil(T/4) steps, each under ``torch.utils.checkpoint.checkpoint(...,
   use_reentrant=False)``, the state carried from segment to segment: what users do today to save
-  memory. Embedding and head stay outside the segments.
+  memory. Embedding and head stay outside the segments;
+* ``-graph`` (CUDA only): the recurrent layers run through ``torch.cuda.make_graphed_callables``,
+  captured once per input shape (the first step at a new length pays the capture), so their
+  forward and backward are one CUDA graph replay each; embedding, head, loss and Adam stay eager.
 
 The stack is ``nn.Embedding(vocab, embed) -> N recurrent layers (hidden) -> nn.Linear(hidden,
 vocab)``, sequence-first ([T, B] tokens), trained with Adam on next-token cross-entropy; the state at
@@ -42,7 +45,7 @@ LEARNING_RATE = 2e-3  # Adam, as scripts/train_char_lm.py
 WORDS, WORD_MIN, WORD_MAX = 512, 2, 8
 
 _NAME = re.compile(r"(?P<base>lstm|gru|d(?P<dcell>lstm|gru)-(?P<levels>\d+))"
-                   r"(?P<bf16>-bf16)?(?:-ckpt-(?P<ckpt>sqrt|quarter))?")
+                   r"(?:(?P<bf16>-bf16)?(?:-ckpt-(?P<ckpt>sqrt|quarter))?|(?P<graph>-graph))")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Variant:
     levels: int | None  # None: torch.nn.LSTM / GRU
     bf16: bool = False
     ckpt: str | None = None  # None, "sqrt" or "quarter"
+    graph: bool = False  # the recurrent layers under CUDA graphs
 
     @property
     def description(self) -> str:
@@ -65,6 +69,8 @@ class Variant:
             text += ", bf16 autocast"
         if self.ckpt:
             text += ", checkpoint " + ("sqrt(T)" if self.ckpt == "sqrt" else "T/4") + " segments"
+        if self.graph:
+            text += ", CUDA graphs"
         return text
 
     def segment_length(self, steps: int) -> int | None:
@@ -82,14 +88,14 @@ def parse_variant(name: str) -> Variant:
     if m is None:
         raise ValueError(
             f"unknown variant {name!r}: expected lstm, gru, dlstm-L or dgru-L (L levels, 2..256), "
-            "optionally followed by -bf16 and/or -ckpt-sqrt or -ckpt-quarter")
+            "optionally followed by -bf16 and/or -ckpt-sqrt or -ckpt-quarter, or by -graph")
     levels = None
     if m["levels"] is not None:
         levels = int(m["levels"])
         if not 2 <= levels <= 256:
             raise ValueError(f"variant {name!r}: levels must lie in [2, 256], got {levels}")
     cell = m["dcell"] or m["base"]
-    return Variant(name, cell, levels, bool(m["bf16"]), m["ckpt"])
+    return Variant(name, cell, levels, bool(m["bf16"]), m["ckpt"], bool(m["graph"]))
 
 
 _UNSUPPORTED: dict = {}
@@ -158,7 +164,13 @@ class LMStack(nn.Module):
 
     def __init__(self, variant: Variant, cfg: StackConfig):
         super().__init__()
+        if variant.graph and torch.device(cfg.device).type != "cuda":
+            raise ValueError(f"variant {variant.name!r}: CUDA graphs need a CUDA device, got "
+                             f"{cfg.device!r}")
         self.variant, self.cfg = variant, cfg
+        # -graph: one captured callable per input shape (a plain dict: not submodules, so the
+        # parameters are listed once)
+        self._graphed: dict = {}
         self.embed = nn.Embedding(cfg.vocab, cfg.embed)
         if variant.levels is None:
             rnn_cls = nn.LSTM if variant.cell == "lstm" else nn.GRU
@@ -176,10 +188,22 @@ class LMStack(nn.Module):
         return tuple(torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(n))
 
     def _rnn(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        y, new = self.rnn(x, state if len(state) == 2 else state[0])
-        return (y, *(new if isinstance(new, tuple) else (new,)))
+        return _call_rnn(self.rnn, x, state)
+
+    def _graphed_rnn(self, x: torch.Tensor, state: tuple[torch.Tensor, ...]):
+        """``_rnn`` through a CUDA graph captured for this shape (``-graph``)."""
+        key = (tuple(x.shape), x.requires_grad, tuple(s.shape for s in state))
+        if key not in self._graphed:
+            # static inputs of their own (each call copies into them), not this step's tensors
+            static = (x.detach().clone().requires_grad_(x.requires_grad),
+                      *(s.detach().clone() for s in state))
+            self._graphed[key] = torch.cuda.make_graphed_callables(_RNNCall(self.rnn), static)
+        return self._graphed[key](x, *state)
 
     def run_rnn(self, x: torch.Tensor, state: tuple[torch.Tensor, ...]):
+        if self.variant.graph:
+            y, *state = self._graphed_rnn(x, state)
+            return y, tuple(state)
         seg = self.variant.segment_length(x.shape[0])
         if seg is None:
             y, *state = self._rnn(x, *state)
@@ -205,6 +229,24 @@ class LMStack(nn.Module):
             # exist anyway): the figure BASELINES.md and tests/test_rnn.py::kept_bytes count.
             kept.rnn_exclude = [x, y, *state, *self.rnn.parameters()]
         return logits, state
+
+
+class _RNNCall(nn.Module):
+    """``rnn(x, state)`` with flat tensor arguments and results, the form
+    ``torch.cuda.make_graphed_callables`` captures; ``rnn``'s parameters are its parameters."""
+
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _call_rnn(self.rnn, x, state)
+
+
+def _call_rnn(rnn: nn.Module, x: torch.Tensor, state: tuple[torch.Tensor, ...]):
+    """rnn(x, state) as a flat tuple (y, h_n[, c_n]): the form checkpoint and CUDA graphs take."""
+    y, new = rnn(x, state if len(state) == 2 else state[0])
+    return (y, *(new if isinstance(new, tuple) else (new,)))
 
 
 class StageKept:
