@@ -49,6 +49,26 @@ def test_triton_layers_read_no_value_on_the_host(name, device):
 
 
 @pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_triton_layers_under_bf16_autocast_read_no_value_on_the_host(cls, device):
+    """The same under bf16 autocast (the dtype the layer reads off autocast, its casts and bf16
+    products; on the CPU the GRU stays float32, as torch.nn.GRU does there): no value reaches the
+    host once warmed up."""
+    torch.manual_seed(0)
+    module = cls(8, 16, 2, levels=64, backend="triton", check_finite=False).to(device)
+    x = torch.randn(12, 3, 8, device=device, requires_grad=True)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y, _ = module(x)
+        y.float().sum().backward()
+
+    step()
+    with dt.HostSyncs() as syncs:
+        step()
+    syncs.assert_none(f"{cls.__name__} under bf16 autocast")
+
+
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
 def test_value_checks_during_a_capture_read_no_value_on_the_host(cls, device, monkeypatch):
     """check_finite=True under a CUDA graph capture (values_unreadable() is then true, as while
     torch.compile traces) puts the NaN/Inf conditions into the graph as torch._assert_async: no
