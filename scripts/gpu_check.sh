@@ -37,12 +37,12 @@ TESTS="$PY -m pytest -q -rfE -p no:cacheprovider $XDIST"
 # name, seconds, command
 STEPS=(
   "env|15|nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))'"
-  "tests_gpu|45|$TESTS -m gpu"
+  "tests_gpu|40|$TESTS -m gpu"
   "tests_kernels|95|$TESTS -vv --maxfail=20 tests/test_codec.py tests/test_rnn_kernels.py tests/test_triton_layers_reference.py tests/test_cuda_graphs.py"
-  "bench_codec|35|$PY scripts/bench_codec.py --device cuda --numel $((1 << 28)) --skip-compile --out $DEST/bench_codec/bench_codec_cuda.csv"
-  "tune_codec|25|$PY scripts/tune_codec.py --out $DEST/tune_codec.csv"
+  "bench_codec|30|$PY scripts/bench_codec.py --device cuda --numel $((1 << 28)) --skip-compile --out $DEST/bench_codec/bench_codec_cuda.csv"
+  "tune_codec|40|$PY scripts/tune_codec.py --out $DEST/tune_codec.csv"
   "bench_rnn|105|$PY scripts/bench_rnn.py --device cuda --hidden 1024 --batch 64 --steps 1024 --dtype float32 bfloat16 --levels 64 --cuda-graphs --repeats 5 --out $DEST/bench_rnn/bench_rnn_cuda.csv"
-  "profile|125|$PY -m discrnn.profile --device cuda --lengths 1024 --variants lstm lstm-ckpt-sqrt lstm-bf16 dlstm-64 dlstm-64-ckpt-sqrt dlstm-64-graph --budget-variants lstm dlstm-64 --steps 5 --warmup 1 --resolution 0.25 --max-length 65536 --out $DEST/profile"
+  "profile|120|$PY -m discrnn.profile --device cuda --lengths 1024 --variants lstm lstm-ckpt-sqrt lstm-bf16 dlstm-64 dlstm-64-ckpt-sqrt dlstm-64-graph --budget-variants lstm dlstm-64 --steps 5 --warmup 1 --resolution 0.25 --max-length 65536 --out $DEST/profile"
 )
 # GPU_CHECK_STEPS="tests_gpu bench_rnn" runs only those steps (install always runs).
 ONLY=" ${GPU_CHECK_STEPS:-} "
