@@ -14,13 +14,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "bench_rnn.py")
 
 
+def _run(args, timeout=300):
+    """scripts/bench_rnn.py in a subprocess (compiled kernels or the torch path, never the
+    interpreter the tests set up)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
 def test_quick_run_with_autocast_and_all_products(tmp_path):
     out = tmp_path / "bench.csv"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, SCRIPT, "--quick", "--device", "cpu", "--threads", "1", "--no-memory",
-           "--no-plot", "--levels", "64", "--dtype", "float32", "bf16-autocast", "--products", "all",
-           "--repeats", "1", "--warmup", "0", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    proc = _run(["--quick", "--device", "cpu", "--threads", "1", "--no-memory", "--no-plot",
+                 "--levels", "64", "--dtype", "float32", "bf16-autocast", "--products", "all",
+                 "--repeats", "1", "--warmup", "0", "--out", str(out)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = list(csv.DictReader(out.open()))
     labels = {(r["dtype"], r["label"]) for r in rows}
@@ -57,15 +63,8 @@ def test_autocast_case_runs_its_forward_in_bfloat16():
     assert y32.dtype == x.dtype
 
 
-def _run(args, tmp_path, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
-
-
 def test_cuda_graphs_refused_on_the_cpu(tmp_path):
-    proc = _run(["--quick", "--device", "cpu", "--cuda-graphs", "--out", str(tmp_path / "b.csv")],
-                tmp_path)
+    proc = _run(["--quick", "--device", "cpu", "--cuda-graphs", "--out", str(tmp_path / "b.csv")])
     assert proc.returncode != 0 and "--cuda-graphs needs a CUDA device" in proc.stderr
 
 
@@ -73,7 +72,7 @@ def test_cuda_graphs_refused_on_the_cpu(tmp_path):
 def test_quick_run_with_cuda_graphs(tmp_path):
     out = tmp_path / "bench.csv"
     proc = _run(["--quick", "--device", "cuda", "--levels", "64", "--dtype", "float32",
-                 "--cuda-graphs", "--repeats", "3", "--no-plot", "--out", str(out)], tmp_path)
+                 "--cuda-graphs", "--repeats", "3", "--no-plot", "--out", str(out)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {r["label"]: r for r in csv.DictReader(out.open())}
     for cell in ("LSTM", "GRU"):
