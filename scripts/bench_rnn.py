@@ -50,6 +50,17 @@ rounds; ``--products all`` adds a row with the panels off (oneDNN where it pays)
 with no per-step launches from Python (``x`` is the graph's static input). Its peak includes the
 capture (the graph's memory pool and static tensors, which stay allocated) and its kept bytes are
 not counted (a replay runs no saved-tensor hooks).
+``--tf32`` (CUDA, float32 rows) adds torch's module with cuDNN's TF32 setting flipped and each
+discrnn configuration with cuBLAS's flipped: by default torch.nn.LSTM / GRU on CUDA run float32 on
+TF32 tensor cores (``torch.backends.cudnn.allow_tf32``, True) while discrnn's recurrent products
+are torch matmuls in IEEE float32 (``torch.backends.cuda.matmul.allow_tf32``, False), so the
+default rows do not compute alike; ``x torch`` stays against torch's default row.
+``--trace`` profiles one more call of each row after the timing (torch.profiler) and adds
+``busy_ms`` (CUDA: the time the device ran anything, the union of its kernels' and copies'
+intervals), ``busy_share`` (busy_ms / the median: near 1 the device is the limit, far below it the
+host's launches are, and busy_ms is about what a CUDA graph replay of that work can reach) and
+``activities_per_step``, prints the activities (CUDA: kernels and copies; CPU: operators by self
+time) that took the most time and writes them to ``<out>_trace.csv``.
 Writes ``results/bench_rnn_<device>.csv`` (``_quick`` appended for --quick runs) and a PNG beside it
 when matplotlib imports.
 
@@ -134,13 +145,17 @@ class Case:
     # off) or "addmm" (torch.addmm always), for comparison
     products: str = "default"
     cuda_graph: bool = False  # run through torch.cuda.make_graphed_callables (discrnn rows)
+    # TF32 tensor cores for float32 products where given (see ``precision_of``); None: as the
+    # process has it (torch's defaults: on for cuDNN's RNNs, off for cuBLAS's matmuls)
+    tf32: bool | None = None
 
     @property
     def label(self) -> str:
         if self.levels is None:
             name = f"torch.nn.{self.cell.upper()}"
-            return name + (" (cuDNN)" if self.device.startswith("cuda")
-                           and torch.backends.cudnn.enabled else "")
+            cudnn = self.device.startswith("cuda") and torch.backends.cudnn.enabled
+            tf32 = {None: "", True: ", TF32 on", False: ", TF32 off"}[self.tf32]
+            return name + (f" (cuDNN{tf32})" if cudnn else "")
         # The backend that will run, so a table never hides which step kernels were timed.
         try:
             backend = resolve_backend(self.backend, torch.device(self.device))
@@ -148,7 +163,8 @@ class Case:
             backend = f"{self.backend}?"
         products = {"default": "", "onednn": ", oneDNN", "addmm": ", addmm"}[self.products]
         graph = ", CUDA graph" if self.cuda_graph else ""
-        return f"Discrete{self.cell.upper()} L={self.levels} [{backend}{products}{graph}]"
+        tf32 = {None: "", True: ", TF32 matmuls", False: ", IEEE matmuls"}[self.tf32]
+        return f"Discrete{self.cell.upper()} L={self.levels} [{backend}{products}{tf32}{graph}]"
 
     def codes_bytes_per_unit(self) -> float:
         """Kept bytes per step x batch x unit that the DiscreteLSTM/GRU docstrings promise."""
@@ -193,7 +209,7 @@ def graphed(module: nn.Module, x: torch.Tensor, case: Case) -> nn.Module:
     where the case asks for it; the module itself otherwise."""
     if not case.cuda_graph:
         return module
-    with products_of(case):
+    with settings_of(case):
         return torch.cuda.make_graphed_callables(module, (x,))
 
 
@@ -220,6 +236,31 @@ def products_of(case: Case):
         rnn_function.ONEDNN_STEP_PRODUCTS, rnn_function.PANEL_STEP_PRODUCTS = previous
 
 
+@contextlib.contextmanager
+def precision_of(case: Case):
+    """TF32 as ``case.tf32`` asks, restored afterwards. torch.nn's rows set cuDNN's flag (its RNNs
+    use TF32 tensor cores for float32 by default: ``torch.backends.cudnn.allow_tf32``), discrnn's
+    rows cuBLAS's (its recurrent products are torch matmuls, IEEE float32 by default:
+    ``torch.backends.cuda.matmul.allow_tf32``), so a TF32 row of each computes alike."""
+    if case.tf32 is None:
+        yield
+        return
+    owner = torch.backends.cudnn if case.levels is None else torch.backends.cuda.matmul
+    previous = owner.allow_tf32
+    owner.allow_tf32 = case.tf32
+    try:
+        yield
+    finally:
+        owner.allow_tf32 = previous
+
+
+@contextlib.contextmanager
+def settings_of(case: Case):
+    """Every process-wide setting a case asks for: discrnn's products and the TF32 flags."""
+    with products_of(case), precision_of(case):
+        yield
+
+
 def run_forward(module: nn.Module, x: torch.Tensor, case: Case | None = None):
     """module(x), under bf16 autocast for the "bf16-autocast" dtype (the forward only, as torch
     recommends; backward runs each op in the dtype its forward used)."""
@@ -229,7 +270,7 @@ def run_forward(module: nn.Module, x: torch.Tensor, case: Case | None = None):
 
 
 def forward_backward(module: nn.Module, x: torch.Tensor, case: Case | None = None):
-    with products_of(case) if case is not None else contextlib.nullcontext():
+    with settings_of(case) if case is not None else contextlib.nullcontext():
         y, states = run_forward(module, x, case)
         return y, backward(module, x, y, states)
 
@@ -255,7 +296,7 @@ def memory_worker(case: Case) -> dict:
 
     # A graphed module is captured here, inside the measurement: its pool and static tensors stay.
     module = graphed(module, x, case)
-    with products_of(case):
+    with settings_of(case):
         with KeptBytes() as kept:
             y, states = run_forward(module, x, case)
         grads = backward(module, x, y, states)
@@ -345,6 +386,64 @@ def time_cuda(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Where the time goes (--trace)
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Microseconds covered by the union of [start, end) intervals (overlaps counted once)."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def summarize_trace(events, cuda: bool, top: int = 8) -> dict:
+    """What one profiled call ran: on CUDA every device activity (kernels, copies, sets) by name
+    with its calls and time, and the time the device was busy at all (the union of their
+    intervals, so a replayed graph's kernels or concurrent streams are not counted twice); on the
+    CPU the operators by self time (no busy figure: the host is the device there). ``events`` are
+    torch.profiler FunctionEvents (anything with name, device_type, time_range and
+    self_cpu_time_total)."""
+    device = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    by_name: dict[str, list[float]] = {}
+    intervals = []
+    for e in events:
+        if e.device_type != device:
+            continue
+        if cuda:
+            us = e.time_range.end - e.time_range.start
+            intervals.append((e.time_range.start, e.time_range.end))
+        else:
+            us = e.self_cpu_time_total
+        calls_us = by_name.setdefault(e.name, [0, 0.0])
+        calls_us[0] += 1
+        calls_us[1] += us
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    return {
+        "busy_ms": busy_us(intervals) / 1e3 if cuda else math.nan,
+        "activities": sum(calls for calls, _ in by_name.values()),
+        "top": [(name, int(calls), us / 1e3) for name, (calls, us) in ranked[:top]],
+    }
+
+
+def trace_call(fn: Callable[[], object], cuda: bool) -> dict:
+    """summarize_trace of one call of ``fn`` under torch.profiler (after the timing: warm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    # CUDA: the device's activities only (the host's thousands of operator events would cost
+    # seconds to parse per row and say nothing about the device)
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+    del out
+    return summarize_trace(prof.events(), cuda)
+
+
+# ---------------------------------------------------------------------------------------------
 # Rows and reporting
 
 
@@ -359,6 +458,7 @@ class Row:
     steps: int
     input_size: int
     chunk_size: int
+    tf32: str = ""  # "on" / "off" where the case sets TF32 (precision_of), "" where it does not
     ms: float = math.nan
     min_ms: float = math.nan
     ratio: float = math.nan  # ms / ms of the torch module of the same cell and dtype
@@ -369,6 +469,10 @@ class Row:
     peak_per_unit: float = math.nan
     peak_ratio: float = math.nan  # peak / peak of the torch module
     end_mib: float = math.nan  # memory still held after backward (output + gradients)
+    # --trace: one profiled call (summarize_trace); busy_share = busy_ms / ms (CUDA only)
+    busy_ms: float = math.nan
+    busy_share: float = math.nan
+    activities_per_step: float = math.nan
     times_ms: list = field(default_factory=list)
     error: str = ""
     unsupported: str = ""  # why the module cannot run here (not timed, not an error)
@@ -427,6 +531,38 @@ def print_gpu_goals(rows: list[Row]) -> None:
         print(f"{r.label:>26} {r.dtype:>8}: {r.ratio:.2f}x cuDNN time "
               f"({'met' if t_ok else 'NOT met'}: <= {GPU_TIME_GOAL}), {r.peak_ratio:.3f}x its peak "
               f"({'met' if m_ok else 'NOT met'}: <= {GPU_PEAK_GOAL})")
+
+
+def print_traces(rows: list[Row], traces: dict[int, dict], steps: int, cuda: bool) -> None:
+    """--trace: per row, the device's busy share of the timed median (CUDA: near 1 means the
+    device is the limit, far below 1 means the host's launches are, and the busy time is roughly
+    what a CUDA graph replay could reach) and the activities that take the most time."""
+    what = "device activities (kernels, copies)" if cuda else "operators by self CPU time"
+    print(f"\n== Trace: one profiled forward+backward per row, {what}")
+    for i, trace in traces.items():
+        r = rows[i]
+        head = f"{r.label}, {r.dtype}: {trace['activities'] / steps:.1f} per time step"
+        if cuda:
+            head += (f", device busy {r.busy_ms:.1f} ms = {r.busy_share:.2f} of the median "
+                     f"{r.ms:.1f} ms")
+        print(head)
+        for name, calls, ms in trace["top"]:
+            print(f"    {ms:9.2f} ms {calls:7d} x  {name[:90]}")
+
+
+def write_trace_csv(path: Path, rows: list[Row], traces: dict[int, dict], steps: int,
+                    meta: dict) -> None:
+    names = [*meta, "label", "dtype", "rank", "name", "calls", "calls_per_step", "total_ms",
+             "share_of_busy"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=names)
+        writer.writeheader()
+        for i, trace in traces.items():
+            r = rows[i]
+            for rank, (name, calls, ms) in enumerate(trace["top"], start=1):
+                writer.writerow({**meta, "label": r.label, "dtype": r.dtype, "rank": rank,
+                                 "name": name, "calls": calls, "calls_per_step": calls / steps,
+                                 "total_ms": ms, "share_of_busy": ms / r.busy_ms})
 
 
 def write_csv(path: Path, rows: list[Row], meta: dict) -> None:
@@ -499,6 +635,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CUDA: also run each discrnn configuration through "
                         "torch.cuda.make_graphed_callables (forward and backward one graph replay "
                         "each)")
+    p.add_argument("--tf32", action="store_true",
+                   help="CUDA, float32: also run torch.nn with cuDNN's TF32 off and discrnn with "
+                        "TF32 matmuls (cuDNN's RNNs use TF32 by default, torch matmuls do not)")
+    p.add_argument("--trace", action="store_true",
+                   help="after the timing, profile one call of each row (torch.profiler): device "
+                        "busy time and the top kernels on CUDA, the top operators on the CPU; "
+                        "writes <out>_trace.csv")
     p.add_argument("--chunk-size", type=int, default=32, help="discrnn chunk_size")
     p.add_argument("--backends", choices=("auto", "torch", "triton"), nargs="+", default=["auto"],
                    help="discrnn backends to run; auto = by device (Triton on CUDA, torch on CPU)")
@@ -535,6 +678,8 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     if args.cuda_graphs and not cuda:
         sys.exit("--cuda-graphs needs a CUDA device (CUDA graphs exist only there)")
+    if args.tf32 and not cuda:
+        sys.exit("--tf32 needs a CUDA device (TF32 tensor cores exist only there)")
     torch.set_num_threads(args.threads)
 
     # Sizes: the device's default configuration, shrunk by --quick, overridden by explicit flags.
@@ -556,6 +701,9 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(), "load_avg_1min": load_average(),
         "timing": f"do_bench median, >= {repeats} calls" if cuda
         else f"perf_counter median of {repeats} interleaved rounds after {args.warmup}",
+        # the process's TF32 defaults, which every row without a tf32 entry runs under
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
     }
     print("discrnn recurrent-layer benchmark: forward+backward of one layer")
     for key, value in meta.items():
@@ -570,15 +718,24 @@ def main(argv=None) -> int:
     products = {"both": ["default", "addmm"],
                 "all": ["default", "onednn", "addmm"]}.get(args.products, [args.products])
     graph_choices = [False, True] if args.cuda_graphs else [False]
-    cases = [
-        Case(cell, levels, H, B, T, I, dtype, str(device), args.chunk_size, args.seed,
-             torch.get_num_threads(), backend, prods, graph)
-        for dtype in dtypes for cell in args.cells
-        for levels, backend, prods, graph in [(None, None, "default", False)]
-        + [(L, b, p, g) for L in args.levels for b in backends for p in products
-           for g in graph_choices]
-    ]
+
+    def tf32_choices(dtype: str, default: bool) -> list[bool | None]:
+        """The process's setting, then (--tf32, float32 products only) the other one."""
+        return [None, not default] if args.tf32 and dtype == "float32" else [None]
+
+    cases = []
+    for dtype in dtypes:
+        for cell in args.cells:
+            cases += [Case(cell, None, H, B, T, I, dtype, str(device), args.chunk_size, args.seed,
+                           torch.get_num_threads(), tf32=t)
+                      for t in tf32_choices(dtype, torch.backends.cudnn.allow_tf32)]
+            cases += [Case(cell, L, H, B, T, I, dtype, str(device), args.chunk_size, args.seed,
+                           torch.get_num_threads(), b, p, g, t)
+                      for L in args.levels for b in backends for p in products
+                      for t in tf32_choices(dtype, torch.backends.cuda.matmul.allow_tf32)
+                      for g in graph_choices]
     rows = [Row(c.label, c.cell, c.levels, c.dtype, H, B, T, I, args.chunk_size,
+                tf32={None: "", True: "on", False: "off"}[c.tf32],
                 codes_per_unit=c.codes_bytes_per_unit()) for c in cases]
 
     # -- time -------------------------------------------------------------------------------
@@ -619,9 +776,26 @@ def main(argv=None) -> int:
             if times:
                 rows[i].times_ms = times
                 rows[i].ms, rows[i].min_ms = statistics.median(times), min(times)
+    print(f"\ntiming took {time.perf_counter() - start:.0f} s")
+
+    traces = {}
+    if args.trace:
+        start = time.perf_counter()
+        for i in live:
+            if rows[i].error:
+                continue
+            try:
+                traces[i] = trace_call(call(i), cuda)
+            except Exception as exc:  # noqa: BLE001 - a trace is a diagnosis, not a result
+                print(f"trace of {rows[i].label} {rows[i].dtype} failed: "
+                      f"{type(exc).__name__}: {exc}")
+                continue
+            rows[i].busy_ms = traces[i]["busy_ms"]
+            rows[i].busy_share = rows[i].busy_ms / rows[i].ms
+            rows[i].activities_per_step = traces[i]["activities"] / T
+        print(f"tracing took {time.perf_counter() - start:.0f} s")
     del built
     gc.collect()
-    print(f"\ntiming took {time.perf_counter() - start:.0f} s")
 
     # -- memory: one fresh process per configuration -----------------------------------------
     if not args.no_memory:
@@ -646,14 +820,16 @@ def main(argv=None) -> int:
 
     # Ratios against the torch module of the same cell and dtype, measured in this run.
     for row in rows:
-        ref = next(r for r in rows
-                   if r.cell == row.cell and r.dtype == row.dtype and r.levels is None)
+        ref = next(r for r in rows if r.cell == row.cell and r.dtype == row.dtype
+                   and r.levels is None and not r.tf32)  # torch's module as the process runs it
         row.ratio = row.ms / ref.ms
         row.peak_ratio = row.peak_mib / ref.peak_mib if ref.peak_mib else math.nan
 
     for dtype in dtypes:
         print_table(f"{dtype}, T={T} B={B} H={H} input_size={I} on {name}",
                     [r for r in rows if r.dtype == dtype], cuda)
+    if traces:
+        print_traces(rows, traces, T, cuda)
     if cuda:
         print_gpu_goals(rows)
     print("  BASELINES.md, torch.nn CPU fp32 kept B/u: LSTM 62-68, GRU 28-29; discrnn goals: "
@@ -667,6 +843,10 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out, rows, {**meta, "load_avg_1min_end": load_average()})
     print(f"\nwrote {out}")
+    if traces:
+        trace_out = out.with_name(out.stem + "_trace.csv")
+        write_trace_csv(trace_out, rows, traces, T, meta)
+        print(f"wrote {trace_out}")
     if not args.no_plot and plot(out.with_suffix(".png"), rows,
                                  f"discrnn vs torch.nn, T={T} B={B} H={H}, {name} "
                                  f"(torch {torch.__version__}, triton {triton.__version__})"):

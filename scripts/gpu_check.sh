@@ -2,7 +2,8 @@
 # One command for a lent GPU (sized for one H100/H200, under 8 minutes): the GPU-marked tests, the
 # codec, layer kernel and CUDA-graph tests compiled natively, bench_codec.py at 2^28 values,
 # bench_rnn.py against cuDNN (H=1024, B=64, T=1024, fp32 and bf16, 64 levels, also under CUDA
-# graphs) and discrnn-profile at its GPU sizes (H=1024, B=16, 4 GiB budget) at T=1024 on the LSTM
+# graphs and, in fp32, with TF32 flipped on both sides; a profiled call per row says what kept the
+# device busy) and discrnn-profile at its GPU sizes (H=1024, B=16, 4 GiB budget) at T=1024 on the LSTM
 # variants, dlstm-64-graph among them (its full GPU defaults take longer). Every log and figure
 # goes to one folder: $1, else results/gpu_check.
 #
@@ -36,13 +37,13 @@ TESTS="$PY -m pytest -q -rfE -p no:cacheprovider $XDIST"
 
 # name, seconds, command
 STEPS=(
-  "env|15|nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))'"
+  "env|10|nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))'"
   "tests_gpu|40|$TESTS -m gpu"
   "tests_kernels|95|$TESTS -vv --maxfail=20 tests/test_codec.py tests/test_rnn_kernels.py tests/test_triton_layers_reference.py tests/test_cuda_graphs.py"
-  "bench_codec|30|$PY scripts/bench_codec.py --device cuda --numel $((1 << 28)) --skip-compile --out $DEST/bench_codec/bench_codec_cuda.csv"
+  "bench_codec|25|$PY scripts/bench_codec.py --device cuda --numel $((1 << 28)) --skip-compile --out $DEST/bench_codec/bench_codec_cuda.csv"
   "tune_codec|40|$PY scripts/tune_codec.py --out $DEST/tune_codec.csv"
-  "bench_rnn|105|$PY scripts/bench_rnn.py --device cuda --hidden 1024 --batch 64 --steps 1024 --dtype float32 bfloat16 --levels 64 --cuda-graphs --repeats 5 --out $DEST/bench_rnn/bench_rnn_cuda.csv"
-  "profile|120|$PY -m discrnn.profile --device cuda --lengths 1024 --variants lstm lstm-ckpt-sqrt lstm-bf16 dlstm-64 dlstm-64-ckpt-sqrt dlstm-64-graph --budget-variants lstm dlstm-64 --steps 5 --warmup 1 --resolution 0.25 --max-length 65536 --out $DEST/profile"
+  "bench_rnn|135|$PY scripts/bench_rnn.py --device cuda --hidden 1024 --batch 64 --steps 1024 --dtype float32 bfloat16 --levels 64 --cuda-graphs --tf32 --trace --repeats 5 --out $DEST/bench_rnn/bench_rnn_cuda.csv"
+  "profile|115|$PY -m discrnn.profile --device cuda --lengths 1024 --variants lstm lstm-ckpt-sqrt lstm-bf16 dlstm-64 dlstm-64-ckpt-sqrt dlstm-64-graph --budget-variants lstm dlstm-64 --steps 5 --warmup 1 --resolution 0.25 --max-length 65536 --out $DEST/profile"
 )
 # GPU_CHECK_STEPS="tests_gpu bench_rnn" runs only those steps (install always runs).
 ONLY=" ${GPU_CHECK_STEPS:-} "
@@ -55,7 +56,7 @@ pack() {
 }
 
 install() {
-  if timeout 30 $PY -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"; then return 0; fi
+  if timeout 15 $PY -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"; then return 0; fi
   echo "pip could not install discrnn; putting a folder of links on PYTHONPATH instead"
   local site=/tmp/discrnn_site
   rm -rf "$site" && mkdir -p "$site/discrnn"
@@ -65,7 +66,7 @@ install() {
 }
 
 if [ "$DRY" = 1 ]; then
-  echo "[install, at most 30 s] $PY -m pip install --no-deps --no-build-isolation -e . (else links on PYTHONPATH)"
+  echo "[install, at most 15 s] $PY -m pip install --no-deps --no-build-isolation -e . (else links on PYTHONPATH)"
 else
   start=$(date +%s)
   install > "$DEST/install.log" 2>&1

@@ -20,7 +20,7 @@ def test_gpu_check_plan(tmp_path):
     assert sum(limits) < 8 * 60  # the script's promise: under 8 minutes on the GPU machine
     assert f"--numel {1 << 28}" in out and "-m gpu" in out
     assert "--hidden 1024 --batch 64 --steps 1024 --dtype float32 bfloat16" in out
-    assert "--cuda-graphs" in out and "tests/test_cuda_graphs.py" in out
+    assert "--cuda-graphs --tf32 --trace" in out and "tests/test_cuda_graphs.py" in out
     assert all(str(tmp_path / "gc") in line for line in steps if "--out" in line)
 
 
