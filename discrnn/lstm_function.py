@@ -49,6 +49,11 @@ from .rnn_function import (
     uniform_runs,
 )
 
+# Set to False to run a bf16 / fp16 layer's per-step backward products through compute-dtype
+# buffers, one cast before and after each (the route before the step kernels rounded dgates
+# themselves; tests compare the two bit for bit).
+LOW_PRECISION_STEP_GRADS = True
+
 
 def _rebuild_start(layout, chunk, tensors, first, acc):
     """(code buffer, c_0 in ``acc``, the first processing step s0 of the chunk that holds step
@@ -713,6 +718,17 @@ class LSTMLayerFunction(torch.autograd.Function):
         (dh_state, dc_state), (d_w_ih, d_w_hh, d_w_hr), (d_b,), dx = backward_buffers(
             ctx, acc, (h0, c0), (dh_n, dc_n), (w_ih, w_hh, w_hr), (w_ih.shape[0],)
         )
+        # A bf16 / fp16 layer's per-step product dgates W_hh runs in that dtype (as torch's
+        # backward): the step kernel also writes its operand rounded, and its result dh (a value
+        # of that dtype) stays in it for the next step's kernel, which widens it exactly. The same
+        # bits as casting dgates and widening dh per step, two launches a step fewer. dh_n must
+        # be of that dtype too (it is: autograd gives h_n's gradient h_n's dtype).
+        low = None
+        if (LOW_PRECISION_STEP_GRADS and gemm is not None and gemm == dtype and w_hr is None
+                and (dh_n is None or dh_n.dtype == gemm)):
+            low = gemm
+            dh_low = dh_state.to(low)  # exact: dh_n's values, or zeros
+            dg_low_rows = torch.empty(B, w_ih.shape[0], dtype=low, device=device)
 
         def as_output(m):  # h_t exactly as the forward pass fed it to the next step, in acc
             m = m.to(dtype)
@@ -769,6 +785,10 @@ class LSTMLayerFunction(torch.autograd.Function):
                 bs = psizes[j]
                 # the state rows of this step (no view where the whole batch runs: host time)
                 dh_j, dc_j = (dh_state, dc_state) if bs == B else (dh_state[:bs], dc_state[:bs])
+                low_out = {}
+                if low is not None:
+                    dh_j = dh_low if bs == B else dh_low[:bs]
+                    low_out["dgates_low_out"] = dg_low_rows if bs == B else dg_low_rows[:bs]
                 dy_j = None if dy_s is None else dy_s[j]
                 if w_hr is not None:
                     dh = dh_j if dy_j is None else dh_j + as_dtype(dy_j, acc)
@@ -779,14 +799,16 @@ class LSTMLayerFunction(torch.autograd.Function):
                 ops.lstm_step_backward(
                     step_codes[j], c_prevs[j], dm, dc_j, levels, dgates_out=dg_s[j],
                     dc_prev_out=dc_j, preact=None if pre_s is None else pre_s[j],
-                    cell_clip=cfg.cell_clip, check=first_step, dy=dy_j,
+                    cell_clip=cfg.cell_clip, check=first_step, dy=dy_j, **low_out,
                 )
                 first_step = False  # later steps: views of the same buffers
-                recurrent_t.mm(dg_s[j], out=dh_j)
+                recurrent_t.mm(low_out.get("dgates_low_out", dg_s[j]), out=dh_j)
             del c_prevs
 
             h_prev = previous_rows(as_output(m_chunk), before, h_init, cfg, steps, lo, acc)
             _chunk_weight_grads(ctx, kept, dgates, h_prev, dhs, m_chunk, input_t, lo, hi,
                                 d_w_ih, d_w_hh, d_b, d_w_hr, dx, gemm)
             del h_prev
+        if low is not None:
+            dh_state.copy_(dh_low)
         return dx, dh_state, dc_state, d_w_ih, d_w_hh, d_b, d_w_hr

@@ -331,11 +331,12 @@ def _output_kernel(
 def _lstm_step_bwd_kernel(
     CODES,  # uint8 code rows (i, f, g, o)
     C_PREV,  # [bs, H] ACC; strided
-    DM,  # [bs, H] ACC, dL/dm_t; strided
+    DM,  # [bs, H] any float dtype, dL/dm_t (widened to ACC exactly); strided
     DY,  # [bs, H] any float dtype, added to DM when HAS_DY (the output's gradient); strided
     DC,  # [bs, H] ACC, dL/dc_t from step t+1; strided
     DGATES,  # [bs, 4H] ACC out (i, f, g, o), contiguous
     DC_PREV,  # [bs, H] ACC out, contiguous; may be DC itself (each element is read, then written)
+    DG_LOW,  # [bs, 4H] out when HAS_DG_LOW: DGATES rounded to its dtype (the product's), contiguous
     PRE,  # [bs, 4H] ACC gate pre-activations (i, f, g, o); strided; read when EXACT
     bs,
     H,
@@ -356,6 +357,7 @@ def _lstm_step_bwd_kernel(
     BITS: tl.constexpr,
     EXACT: tl.constexpr,  # gate derivatives f'(pre-activation) instead of from the codes
     HAS_DY: tl.constexpr,
+    HAS_DG_LOW: tl.constexpr,
     CELL_CLIP: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -375,7 +377,8 @@ def _lstm_step_bwd_kernel(
     k_o = _load_codes(row + 3 * stride_kq, cols, mask, BITS)
     c_prev = tl.load(C_PREV + rows[:, None] * stride_cb + cols[None, :] * stride_ch, mask=mask,
                      other=0.0)
-    dm = tl.load(DM + rows[:, None] * stride_mb + cols[None, :] * stride_mh, mask=mask, other=0.0)
+    dm = tl.load(DM + rows[:, None] * stride_mb + cols[None, :] * stride_mh, mask=mask,
+                 other=0.0).to(ACC)
     if HAS_DY:  # one rounding, as torch's dm + dy.to(ACC) (fusion is off)
         dm = dm + tl.load(DY + rows[:, None] * stride_yb + cols[None, :] * stride_yh, mask=mask,
                           other=0.0).to(ACC)
@@ -416,6 +419,13 @@ def _lstm_step_bwd_kernel(
     tl.store(dgate + 2 * H, d_g, mask=mask)
     tl.store(dgate + 3 * H, d_o, mask=mask)
     tl.store(DC_PREV + rows[:, None] * H + cols[None, :], dc * f, mask=mask)
+    if HAS_DG_LOW:  # the backward product's operand, rounded here instead of by a cast launch
+        LOW: tl.constexpr = DG_LOW.dtype.element_ty
+        dg_low = DG_LOW + rows[:, None] * 4 * H + cols[None, :]
+        tl.store(dg_low, _round_to(d_i, LOW), mask=mask)
+        tl.store(dg_low + H, _round_to(d_f, LOW), mask=mask)
+        tl.store(dg_low + 2 * H, _round_to(d_g, LOW), mask=mask)
+        tl.store(dg_low + 3 * H, _round_to(d_o, LOW), mask=mask)
 
 
 @triton.jit(do_not_specialize=["bs", "code_offset", "done"])
@@ -857,38 +867,48 @@ def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_prev_out=None,
-                       preact=None, cell_clip: float = math.inf, check: bool = True, dy=None):
+                       preact=None, cell_clip: float = math.inf, check: bool = True, dy=None,
+                       dgates_low_out=None):
     """Backward of one step: codes (uint8 [4, bs, H] or CodeRows), c_prev [bs, H] (float32/64),
-    dm = dL/dm_t and dc = dL/dc_t [bs, H] (converted to c_prev's dtype) -> dgates [bs, 4H]
-    (i, f, g, o), dc_prev [bs, H], both in c_prev's dtype, written to ``dgates_out`` /
-    ``dc_prev_out`` when given (``dc_prev_out`` may be ``dc`` itself). ``preact`` [bs, 4H]: the
-    gate pre-activations (``grad="exact"``), as ``rnn_torch.lstm_step_backward``. ``dy`` [bs, H]
-    (any float dtype): added to dm in the kernel (the step's output gradient; dm + dy is dL/dm_t).
-    One kernel. ``check=False`` skips the argument checks (:data:`CHECK_DOC`)."""
+    dm = dL/dm_t [bs, H] (any float dtype, widened exactly in the kernel) and dc = dL/dc_t [bs, H]
+    (converted to c_prev's dtype) -> dgates [bs, 4H] (i, f, g, o), dc_prev [bs, H], both in
+    c_prev's dtype, written to ``dgates_out`` / ``dc_prev_out`` when given (``dc_prev_out`` may be
+    ``dc`` itself). ``preact`` [bs, 4H]: the gate pre-activations (``grad="exact"``), as
+    ``rnn_torch.lstm_step_backward``. ``dy`` [bs, H] (any float dtype): added to dm in the kernel
+    (the step's output gradient; dm + dy is dL/dm_t). ``dgates_low_out`` ([bs, 4H] of a lower float
+    dtype, contiguous): also receives dgates rounded to its dtype, as ``dgates.to(dtype)`` (the
+    operand of a bf16 / fp16 backward product, without a cast launch). One kernel.
+    ``check=False`` skips the argument checks (:data:`CHECK_DOC`)."""
     bs, H = c_prev.shape
     acc, dev = c_prev.dtype, c_prev.device
     if check:
         _checkcompute_dtype("c_prev", c_prev)
         for name, t in (("dm", dm), ("dc", dc)) + ((("dy", dy),) if dy is not None else ()):
             _check(name, t, (bs, H), dev)
+        _check_float("dm", dm)
         _check_float("dy", dy)
         _check_device(dev)
         if preact is not None:
             _check("preact", preact, (bs, 4 * H), dev)
     code_args, bits = _code_args(codes, LSTM_CODES, bs, H, dev, check)
-    dm, dc = _as(dm, acc), _as(dc, acc)
+    dc = _as(dc, acc)
     if preact is not None:
         preact = _as(preact, acc)
     dgates = _out_tensor("dgates_out", dgates_out, (bs, 4 * H), acc, dev, check=check)
     dc_prev = _out_tensor("dc_prev_out", dc_prev_out, (bs, H), acc, dev, check=check)
+    if dgates_low_out is not None:
+        dgates_low_out = _out_tensor("dgates_low_out", dgates_low_out, (bs, 4 * H),
+                                     dgates_low_out.dtype, dev, any_float=True, check=check)
     if bs * H:
         pre = dm if preact is None else preact  # a pointer that is never read without EXACT
         dy_arg = dm if dy is None else dy  # a pointer that is never read without HAS_DY
-        args = (code_args[0], c_prev, dm, dy_arg, dc, dgates, dc_prev, pre, bs, H, *code_args[1:],
-                *c_prev.stride(), *dm.stride(), *dy_arg.stride(), *dc.stride(), *pre.stride())
+        low = dgates if dgates_low_out is None else dgates_low_out  # written with HAS_DG_LOW only
+        args = (code_args[0], c_prev, dm, dy_arg, dc, dgates, dc_prev, low, pre, bs, H,
+                *code_args[1:], *c_prev.stride(), *dm.stride(), *dy_arg.stride(), *dc.stride(),
+                *pre.stride())
         _launch(_lstm_step_bwd_kernel, bs, H, args, LEVELS=levels, BITS=bits,
                 EXACT=preact is not None, HAS_DY=dy is not None,
-                CELL_CLIP=cell_clip_value(cell_clip))
+                HAS_DG_LOW=dgates_low_out is not None, CELL_CLIP=cell_clip_value(cell_clip))
     return dgates, dc_prev
 
 

@@ -549,11 +549,13 @@ def exact_derivatives(preact: torch.Tensor, kinds, acc) -> torch.Tensor:
 
 def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.Tensor, levels: int,
                        dgates_out=None, dc_prev_out=None, preact=None, cell_clip: float = math.inf,
-                       check: bool = True, dy=None):
+                       check: bool = True, dy=None, dgates_low_out=None):
     """Backward of one step: codes (i, f, g, o), c_prev = c_{t-1} [bs, H].
     dm = dL/dm_t [bs, H], dc = dL/dc_t from step t+1 [bs, H] ->
     dgates [bs, 4H] (pre-activation gradients, gate order i, f, g, o), dc_prev [bs, H]; into
     ``dgates_out`` / ``dc_prev_out`` when given (``dc_prev_out`` may be ``dc``).
+    ``dgates_low_out`` ([bs, 4H], a lower float dtype): also receives dgates rounded to its dtype
+    (the operand of a bf16 / fp16 backward product).
 
     The derivative of u = discrete_tanh(c_t) is tanh'(c_t) at c_t rebuilt from the codes and c_prev
     (it fades as |c| grows, as the true one does); where the clamp to [-cell_clip, cell_clip] was
@@ -578,6 +580,8 @@ def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.
     dgates = torch.cat(
         [dc * g * d[0], dc * c_prev * d[1], dc * i * d[2], dm * u * d[3]], dim=1
     )
+    if dgates_low_out is not None:
+        dgates_low_out.copy_(dgates)
     return _into(dgates, dgates_out), _into(dc * f, dc_prev_out)
 
 

@@ -115,11 +115,14 @@ def _rnn_kernels():
         ("gru_out", rnn._output_kernel, [(d,) for d in dtypes],
          lambda d: {**codes, "C": f"*{d}", "OUT": f"*{d}",
                     **ints("bs", "H", *code_strides, *strides("c"))}, "gru", None),
-        ("lstm_bwd", rnn._lstm_step_bwd_kernel, [(a,) for a in ACC_DTYPES],
-         lambda a: {**codes, "C_PREV": f"*{a}", "DM": f"*{a}", "DY": f"*{a}", "DC": f"*{a}",
-                    "DGATES": f"*{a}", "DC_PREV": f"*{a}", "PRE": f"*{a}",
-                    **ints("bs", "H", *code_strides, *strides("c", "m", "y", "d", "p"))}, None,
-         "EXACT"),
+        # dm and the rounded dgates of a bf16 / fp16 backward product (HAS_DG_LOW) in that dtype
+        ("lstm_bwd", rnn._lstm_step_bwd_kernel,
+         [(a, a) for a in ACC_DTYPES] + [("fp32", "bf16"), ("fp32", "fp16")],
+         lambda a, low: {**codes, "C_PREV": f"*{a}", "DM": f"*{low}", "DY": f"*{a}", "DC": f"*{a}",
+                         "DGATES": f"*{a}", "DC_PREV": f"*{a}", "DG_LOW": f"*{low}",
+                         "PRE": f"*{a}",
+                         **ints("bs", "H", *code_strides, *strides("c", "m", "y", "d", "p"))},
+         None, "EXACT"),
         ("gru_fwd", rnn._gru_step_fwd_kernel, [(d,) for d in dtypes],
          lambda d: {"GX": f"*{d}", "GH": f"*{d}", "H_PREV": f"*{d}", **codes, "FINAL": "*u8",
                     "H_OUT": f"*{d}", "PRE": "*fp64" if d == "fp64" else "*fp32",
@@ -174,6 +177,8 @@ def rnn_kernel_specs(full: bool):
             if name.endswith("_bwd"):
                 dys = [True, False] if full else [k % 3 != 1]
                 clips = [{**c, "HAS_DY": d} for c in clips for d in dys]
+            if name == "lstm_bwd":
+                clips = [{**c, "HAS_DG_LOW": dts[1] != dts[0]} for c in clips]
             for code, grad, clip in itertools.product(
                     _code_constexprs(role, levels, 0 if full else k), grad_modes, clips):
                 constexprs = dict(LEVELS=levels, **code, **grad, **clip, BLOCK_B=block_b,
@@ -183,6 +188,7 @@ def rnn_kernel_specs(full: bool):
                 tag += ("-m" if switch == "STORE_M" else "-exact") if any(grad.values()) else ""
                 tag += f"-clip{clip['CELL_CLIP']}" if "CELL_CLIP" in clip else ""
                 tag += "-dy" if clip.get("HAS_DY") else ""
+                tag += "-dglow" if clip.get("HAS_DG_LOW") else ""
                 specs.append((f"rnn_{name}-{'-'.join(dts)}-L{levels}-{tag}-{block_b}x{block_h}",
                               kernel, signature(*dts), constexprs))
     return specs

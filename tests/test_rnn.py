@@ -701,6 +701,37 @@ class _StepwiseTorchOps:
     unpack = staticmethod(lambda *a: _StepwiseTorchOps._codec.torch_unpack(*a))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ops", ["triton", "stepwise-torch"])
+def test_low_precision_step_grads_keep_the_bits(monkeypatch, ops, dtype):
+    """A bf16 / fp16 LSTM's per-step backward product reads dgates rounded by the step function
+    and leaves dh in that dtype (lstm_function.LOW_PRECISION_STEP_GRADS): outputs and every
+    gradient bit for bit as through float32 buffers with a cast before and after each product.
+    Packed batches (rows join as backward goes), two bidirectional layers, carried states."""
+    import discrnn.lstm_function as lstm_function
+    import discrnn.rnn as rnn_module
+
+    if ops == "stepwise-torch":
+        monkeypatch.setattr(rnn_module, "_step_ops", lambda backend: _StepwiseTorchOps)
+    torch.manual_seed(0)
+    module = DiscreteLSTM(5, 9, num_layers=2, bidirectional=True, levels=64, chunk_size=3,
+                          backend="triton" if ops == "triton" else None).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 4, 5, generator=g).to(dtype).requires_grad_()
+    hx = tuple((0.5 * torch.randn(4, 4, 9, generator=g)).to(dtype).requires_grad_()
+               for _ in range(2))
+    lengths = torch.tensor([5, 8, 2, 8])
+    results = {}
+    for on in (True, False):
+        monkeypatch.setattr(lstm_function, "LOW_PRECISION_STEP_GRADS", on)
+        outs, _, grads = _run_for_paths(module, x, hx, lengths)
+        results[on] = outs + grads
+    names = ["output", "h_n", "c_n", "d_input", "d_h0", "d_c0"]
+    names += [n for n, _ in module.named_parameters()]
+    for name, a, b in zip(names, results[True], results[False]):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
 def _run_for_paths(module, x, hx, lengths, seed=3):
     """Outputs, packed final state and gradients of one call (packed input when ``lengths``)."""
     params = list(module.parameters())

@@ -740,3 +740,32 @@ def test_backward_adds_the_output_gradient_in_the_kernel(dy_dtype):
         K.lstm_step_backward(codes, c_prev, dm, dc, levels, dy=dy[:2])
     with pytest.raises(TypeError, match="dy must be a floating-point tensor"):
         K.gru_step_backward(codes, h_prev, gh_n, dm, levels, dy=dy.to(torch.int32))
+
+
+@pytest.mark.parametrize("low", [BF16, torch.float16])
+def test_lstm_backward_rounds_dgates_for_a_low_precision_product(low):
+    """dgates_low_out= (the layers' bf16 / fp16 backward product reads it) receives dgates.to(low)
+    bit for bit, and a dm in that dtype gives the bits of its float32 value, in both
+    implementations."""
+    bs, H, levels = 3, 13, 64
+    g = gen(12)
+    codes = random_codes(4, bs, H, levels, seed=6)
+    c_prev, dc, dy = (torch.randn(bs, H, generator=g) for _ in range(3))
+    dm = torch.randn(bs, H, generator=g).to(low)
+    for impl in (K, R):
+        dg_low = torch.full((bs, 4 * H), float("nan"), dtype=low)
+        got = impl.lstm_step_backward(codes, c_prev, dm, dc.clone(), levels, cell_clip=2.0,
+                                      dy=dy, dgates_low_out=dg_low)
+        want = impl.lstm_step_backward(codes, c_prev, dm.float(), dc.clone(), levels,
+                                       cell_clip=2.0, dy=dy)
+        for name, a, b in zip(("dgates", "dc_prev"), got, want):
+            assert_bitwise(f"{name} ({impl.__name__})", a, b)
+        assert_bitwise(f"dgates_low_out ({impl.__name__})", dg_low, want[0].to(low))
+    with pytest.raises(ValueError, match=r"dgates_low_out must have shape \(3, 52\)"):
+        K.lstm_step_backward(codes, c_prev, dm, dc, levels, dgates_low_out=dg_low[:2])
+    with pytest.raises(TypeError, match="dgates_low_out must be a floating-point tensor"):
+        K.lstm_step_backward(codes, c_prev, dm, dc, levels,
+                             dgates_low_out=torch.empty(bs, 4 * H, dtype=torch.int16))
+    with pytest.raises(ValueError, match="dgates_low_out must be contiguous"):
+        K.lstm_step_backward(codes, c_prev, dm, dc, levels,
+                             dgates_low_out=torch.empty(4 * H, bs, dtype=low).t())
