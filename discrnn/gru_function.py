@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from . import rnn_function
 from .kernels import rnn_cpu, rnn_torch
 from .kernels.codec_torch import compute_dtype
 from .rnn_function import (
@@ -364,6 +365,12 @@ class GRULayerFunction(torch.autograd.Function):
         (dh_state,), (d_w_ih, d_w_hh), (d_b_ih, d_b_hh), dx = backward_buffers(
             ctx, acc, (h0,), (dh_n,), (w_ih, w_hh), (3 * H, 3 * H)
         )
+        # A bf16 / fp16 layer's per-step product dgh W_hh runs in that dtype (as torch's
+        # backward): the step kernel also writes its operand rounded (the same bits as casting
+        # dgh, one launch a step fewer). dh itself stays in the compute dtype: it sums dh * z.
+        dgh_low_rows = None
+        if rnn_function.LOW_PRECISION_STEP_GRADS and gemm is not None:
+            dgh_low_rows = torch.empty(B, 3 * H, dtype=gemm, device=device)
 
         chunks = list(cfg.chunks())
         first_step = True
@@ -397,14 +404,17 @@ class GRULayerFunction(torch.autograd.Function):
             for j in range(len(steps) - 1, -1, -1):
                 bs = psizes[j]
                 dh_j = dh_state if bs == B else dh_state[:bs]  # no view for the whole batch
+                low_out = {}
+                if dgh_low_rows is not None:
+                    low_out["dgh_low_out"] = dgh_low_rows if bs == B else dgh_low_rows[:bs]
                 ops.gru_step_backward(  # dh_state + dy_j in the kernel (one launch less per step)
                     store.rows_at(codes_data, first + j, first + j), h_prev_s[j], gh_n_s[j],
                     dh_j, levels, dgx_out=d_gx_s[j], dgh_out=d_gh_s[j], dh_direct_out=dh_j,
                     preact=None if pre_s is None else pre_s[j],
-                    check=first_step, dy=None if dy_s is None else dy_s[j],
+                    check=first_step, dy=None if dy_s is None else dy_s[j], **low_out,
                 )
                 first_step = False  # later steps: views of the same buffers
-                recurrent_t.addmm_(dh_j, d_gh_s[j])
+                recurrent_t.addmm_(dh_j, low_out.get("dgh_low_out", d_gh_s[j]))
             del gh_n, gh_n_s
             weight_grad_(d_w_ih, d_gx, input_rows(ctx, cfg, kept, lo, hi).to(acc), gemm)
             weight_grad_(d_w_hh, d_gh, h_prev, gemm)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from . import rnn_function
 from .kernels import rnn_cpu, rnn_torch
 from .kernels.codec_torch import compute_dtype
 from .rnn_function import (
@@ -48,11 +49,6 @@ from .rnn_function import (
     step_input,
     uniform_runs,
 )
-
-# Set to False to run a bf16 / fp16 layer's per-step backward products through compute-dtype
-# buffers, one cast before and after each (the route before the step kernels rounded dgates
-# themselves; tests compare the two bit for bit).
-LOW_PRECISION_STEP_GRADS = True
 
 
 def _rebuild_start(layout, chunk, tensors, first, acc):
@@ -724,8 +720,8 @@ class LSTMLayerFunction(torch.autograd.Function):
         # bits as casting dgates and widening dh per step, two launches a step fewer. dh_n must
         # be of that dtype too (it is: autograd gives h_n's gradient h_n's dtype).
         low = None
-        if (LOW_PRECISION_STEP_GRADS and gemm is not None and gemm == dtype and w_hr is None
-                and (dh_n is None or dh_n.dtype == gemm)):
+        if (rnn_function.LOW_PRECISION_STEP_GRADS and gemm is not None and gemm == dtype
+                and w_hr is None and (dh_n is None or dh_n.dtype == gemm)):
             low = gemm
             dh_low = dh_state.to(low)  # exact: dh_n's values, or zeros
             dg_low_rows = torch.empty(B, w_ih.shape[0], dtype=low, device=device)

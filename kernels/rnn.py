@@ -30,8 +30,11 @@ Inputs are read through their strides (row slices of a chunk's input projection 
 state prefixes ``c[:bs]``), never copied; float outputs are fresh contiguous tensors. Dtypes: the
 compute dtype ACC is float64 for float64 and float32 otherwise. The LSTM takes ACC from ``c_prev``
 (which must be float32 or float64, as in the layers) and reads gates of any float dtype directly.
-GRU inputs of mixed dtypes, and ``dm``/``dc``/``dh``/``h_prev``/``gh_n`` of a backward call that
-are not in ACC, are converted to ACC on the host first (the layers never need that).
+GRU inputs of mixed dtypes, and ``dc``/``dh``/``h_prev``/``gh_n`` of a backward call that are not
+in ACC, are converted to ACC on the host first (the layers never need that); the LSTM's ``dm`` may
+be of any float dtype (a bf16 / fp16 layer's backward keeps it so) and is widened in the kernel.
+The backward kernels can also write their product operand (``dgates_low_out`` / ``dgh_low_out``)
+rounded to a lower float dtype, to nearest even as ``Tensor.to``.
 
 Exactness against the torch reference:
 
@@ -525,6 +528,7 @@ def _gru_step_bwd_kernel(
     DGX,  # [bs, 3H] ACC out, contiguous
     DGH,  # [bs, 3H] ACC out, contiguous
     DH_DIRECT,  # [bs, H] ACC out (dh * z), contiguous; may be DH itself
+    DGH_LOW,  # [bs, 3H] out when HAS_DGH_LOW: DGH rounded to its dtype (the product's), contiguous
     PRE,  # [bs, 3H] ACC pre-activations of r, z, n; strided; read when EXACT
     bs,
     H,
@@ -545,6 +549,7 @@ def _gru_step_bwd_kernel(
     BITS: tl.constexpr,
     EXACT: tl.constexpr,  # gate derivatives f'(pre-activation) instead of from the codes
     HAS_DY: tl.constexpr,
+    HAS_DGH_LOW: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -595,6 +600,11 @@ def _gru_step_bwd_kernel(
     tl.store(DGH + gate + H, dpre_z, mask=mask)
     tl.store(DGH + gate + 2 * H, dpre_n * r, mask=mask)
     tl.store(DH_DIRECT + rows[:, None] * H + cols[None, :], dh * z, mask=mask)
+    if HAS_DGH_LOW:  # the backward product's operand, rounded here instead of by a cast launch
+        LOW: tl.constexpr = DGH_LOW.dtype.element_ty
+        tl.store(DGH_LOW + gate, _round_to(dpre_r, LOW), mask=mask)
+        tl.store(DGH_LOW + gate + H, _round_to(dpre_z, LOW), mask=mask)
+        tl.store(DGH_LOW + gate + 2 * H, _round_to(dpre_n * r, LOW), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -944,15 +954,18 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
 
 
 def gru_step_backward(codes, h_prev, gh_n, dh, levels: int, dgx_out=None, dgh_out=None,
-                      dh_direct_out=None, preact=None, check: bool = True, dy=None):
+                      dh_direct_out=None, preact=None, check: bool = True, dy=None,
+                      dgh_low_out=None):
     """Backward of one step: codes (uint8 [4, bs, H] or CodeRows), h_prev [bs, H], gh_n =
     h_prev W_hn^T + b_hn [bs, H], dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H],
     dh_prev_direct = dh * z [bs, H], in the compute dtype of h_prev, written to the ``*_out``
     tensors when given (``dh_direct_out`` may be ``dh`` itself). ``preact`` [bs, 3H]: the
     pre-activations of r, z, n (``grad="exact"``), as ``rnn_torch.gru_step_backward``. ``dy``
     [bs, H] (any float dtype): added to dh in the kernel (the step's output gradient; dh + dy is
-    dL/dh_t; ``dh_direct_out`` may still be ``dh``). One kernel. ``check=False`` skips the argument
-    checks (:data:`CHECK_DOC`)."""
+    dL/dh_t; ``dh_direct_out`` may still be ``dh``). ``dgh_low_out`` ([bs, 3H] of a lower float
+    dtype, contiguous): also receives dgh rounded to its dtype, as ``dgh.to(dtype)`` (the operand
+    of a bf16 / fp16 backward product, without a cast launch). One kernel. ``check=False`` skips
+    the argument checks (:data:`CHECK_DOC`)."""
     bs, H = h_prev.shape
     dev = h_prev.device
     if check:
@@ -970,12 +983,17 @@ def gru_step_backward(codes, h_prev, gh_n, dh, levels: int, dgx_out=None, dgh_ou
     dgx = _out_tensor("dgx_out", dgx_out, (bs, 3 * H), acc, dev, check=check)
     dgh = _out_tensor("dgh_out", dgh_out, (bs, 3 * H), acc, dev, check=check)
     dh_direct = _out_tensor("dh_direct_out", dh_direct_out, (bs, H), acc, dev, check=check)
+    if dgh_low_out is not None:
+        dgh_low_out = _out_tensor("dgh_low_out", dgh_low_out, (bs, 3 * H), dgh_low_out.dtype, dev,
+                                  any_float=True, check=check)
     if bs * H:
         pre = dh if preact is None else preact  # a pointer that is never read without EXACT
         dy_arg = dh if dy is None else dy  # a pointer that is never read without HAS_DY
-        args = (code_args[0], h_prev, gh_n, dh, dy_arg, dgx, dgh, dh_direct, pre, bs, H,
+        low = dgh if dgh_low_out is None else dgh_low_out  # written with HAS_DGH_LOW only
+        args = (code_args[0], h_prev, gh_n, dh, dy_arg, dgx, dgh, dh_direct, low, pre, bs, H,
                 *code_args[1:], *h_prev.stride(), *gh_n.stride(), *dh.stride(), *pre.stride(),
                 *dy_arg.stride())
         _launch(_gru_step_bwd_kernel, bs, H, args, LEVELS=levels, BITS=bits,
-                EXACT=preact is not None, HAS_DY=dy is not None)
+                EXACT=preact is not None, HAS_DY=dy is not None,
+                HAS_DGH_LOW=dgh_low_out is not None)
     return dgx, dgh, dh_direct

@@ -86,8 +86,10 @@ def _rnn_kernels():
     launched (code offsets i64: a code store can pass 2 GiB); pointer dtypes: the LSTM gates take
     any float dtype with an fp32/fp64 cell state and write m in the gates' dtype (the layer's
     output rows); the GRU forward takes one dtype for gx, gh, h_prev and writes h in it; the
-    output kernel writes any float dtype; the rest are in the compute dtype (the launchers convert
-    other inputs first)."""
+    output kernel writes any float dtype; the LSTM backward reads dm and writes the rounded
+    dgates (HAS_DG_LOW), the GRU backward the rounded dgh (HAS_DGH_LOW), in bf16 / fp16 for such a
+    layer's products; the rest are in the compute dtype (the launchers convert other inputs
+    first)."""
     dtypes = list(TRITON_DTYPES.values())
 
     def ints(*names):
@@ -128,11 +130,14 @@ def _rnn_kernels():
                     "H_OUT": f"*{d}", "PRE": "*fp64" if d == "fp64" else "*fp32",
                     **ints("bs", "H", "H_PAD", "done", *strides("x", "g", "p"), *code_strides)},
          "forward", "STORE_PRE"),
-        ("gru_bwd", rnn._gru_step_bwd_kernel, [(a,) for a in ACC_DTYPES],
-         lambda a: {**codes, "H_PREV": f"*{a}", "GH_N": f"*{a}", "DH": f"*{a}", "DY": f"*{a}",
-                    "DGX": f"*{a}", "DGH": f"*{a}", "DH_DIRECT": f"*{a}", "PRE": f"*{a}",
-                    **ints("bs", "H", *code_strides, *strides("p", "n", "d", "e", "y"))}, None,
-         "EXACT"),
+        # the rounded dgh of a bf16 / fp16 backward product (HAS_DGH_LOW) in that dtype
+        ("gru_bwd", rnn._gru_step_bwd_kernel,
+         [(a, a) for a in ACC_DTYPES] + [("fp32", "bf16"), ("fp32", "fp16")],
+         lambda a, low: {**codes, "H_PREV": f"*{a}", "GH_N": f"*{a}", "DH": f"*{a}",
+                         "DY": f"*{a}", "DGX": f"*{a}", "DGH": f"*{a}", "DH_DIRECT": f"*{a}",
+                         "DGH_LOW": f"*{low}", "PRE": f"*{a}",
+                         **ints("bs", "H", *code_strides, *strides("p", "n", "d", "e", "y"))},
+         None, "EXACT"),
     ]
 
 
@@ -177,8 +182,9 @@ def rnn_kernel_specs(full: bool):
             if name.endswith("_bwd"):
                 dys = [True, False] if full else [k % 3 != 1]
                 clips = [{**c, "HAS_DY": d} for c in clips for d in dys]
-            if name == "lstm_bwd":
-                clips = [{**c, "HAS_DG_LOW": dts[1] != dts[0]} for c in clips]
+            if name in ("lstm_bwd", "gru_bwd"):
+                low = "HAS_DG_LOW" if name == "lstm_bwd" else "HAS_DGH_LOW"
+                clips = [{**c, low: dts[1] != dts[0]} for c in clips]
             for code, grad, clip in itertools.product(
                     _code_constexprs(role, levels, 0 if full else k), grad_modes, clips):
                 constexprs = dict(LEVELS=levels, **code, **grad, **clip, BLOCK_B=block_b,
@@ -188,7 +194,7 @@ def rnn_kernel_specs(full: bool):
                 tag += ("-m" if switch == "STORE_M" else "-exact") if any(grad.values()) else ""
                 tag += f"-clip{clip['CELL_CLIP']}" if "CELL_CLIP" in clip else ""
                 tag += "-dy" if clip.get("HAS_DY") else ""
-                tag += "-dglow" if clip.get("HAS_DG_LOW") else ""
+                tag += "-dglow" if clip.get("HAS_DG_LOW") or clip.get("HAS_DGH_LOW") else ""
                 specs.append((f"rnn_{name}-{'-'.join(dts)}-L{levels}-{tag}-{block_b}x{block_h}",
                               kernel, signature(*dts), constexprs))
     return specs

@@ -703,30 +703,34 @@ class _StepwiseTorchOps:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ops", ["triton", "stepwise-torch"])
-def test_low_precision_step_grads_keep_the_bits(monkeypatch, ops, dtype):
-    """A bf16 / fp16 LSTM's per-step backward product reads dgates rounded by the step function
-    and leaves dh in that dtype (lstm_function.LOW_PRECISION_STEP_GRADS): outputs and every
-    gradient bit for bit as through float32 buffers with a cast before and after each product.
-    Packed batches (rows join as backward goes), two bidirectional layers, carried states."""
-    import discrnn.lstm_function as lstm_function
+@pytest.mark.parametrize("cls", [DiscreteLSTM, DiscreteGRU])
+def test_low_precision_step_grads_keep_the_bits(monkeypatch, cls, ops, dtype):
+    """A bf16 / fp16 layer's per-step backward product reads its operand rounded by the step
+    function, and the LSTM keeps dh in that dtype between steps
+    (rnn_function.LOW_PRECISION_STEP_GRADS): outputs and every gradient bit for bit as through
+    float32 buffers with a cast before and after each product. Packed batches (rows join as
+    backward goes), two bidirectional layers, carried states."""
     import discrnn.rnn as rnn_module
+    from discrnn import rnn_function
 
     if ops == "stepwise-torch":
         monkeypatch.setattr(rnn_module, "_step_ops", lambda backend: _StepwiseTorchOps)
     torch.manual_seed(0)
-    module = DiscreteLSTM(5, 9, num_layers=2, bidirectional=True, levels=64, chunk_size=3,
-                          backend="triton" if ops == "triton" else None).to(dtype)
+    module = cls(5, 9, num_layers=2, bidirectional=True, levels=64, chunk_size=3,
+                 backend="triton" if ops == "triton" else None).to(dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, 4, 5, generator=g).to(dtype).requires_grad_()
-    hx = tuple((0.5 * torch.randn(4, 4, 9, generator=g)).to(dtype).requires_grad_()
-               for _ in range(2))
+    hx = tuple((0.9 * torch.rand(4, 4, 9, generator=g) - 0.45).to(dtype).requires_grad_()
+               for _ in range(2 if cls is DiscreteLSTM else 1))
+    hx = hx if cls is DiscreteLSTM else hx[0]
     lengths = torch.tensor([5, 8, 2, 8])
     results = {}
     for on in (True, False):
-        monkeypatch.setattr(lstm_function, "LOW_PRECISION_STEP_GRADS", on)
+        monkeypatch.setattr(rnn_function, "LOW_PRECISION_STEP_GRADS", on)
         outs, _, grads = _run_for_paths(module, x, hx, lengths)
         results[on] = outs + grads
-    names = ["output", "h_n", "c_n", "d_input", "d_h0", "d_c0"]
+    names = ["output", "h_n", "c_n", "d_input", "d_h0", "d_c0"] if cls is DiscreteLSTM else [
+        "output", "h_n", "d_input", "d_h0"]
     names += [n for n, _ in module.named_parameters()]
     for name, a, b in zip(names, results[True], results[False]):
         assert a.dtype == b.dtype and torch.equal(a, b), name

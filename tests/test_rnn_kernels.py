@@ -743,6 +743,29 @@ def test_backward_adds_the_output_gradient_in_the_kernel(dy_dtype):
 
 
 @pytest.mark.parametrize("low", [BF16, torch.float16])
+def test_gru_backward_rounds_dgh_for_a_low_precision_product(low):
+    """dgh_low_out= (the layers' bf16 / fp16 backward product reads it) receives dgh.to(low) bit
+    for bit, the other outputs unchanged, in both implementations."""
+    bs, H, levels = 3, 13, 64
+    g = gen(13)
+    codes = random_codes(4, bs, H, levels, seed=7)
+    h_prev, gh_n, dh, dy = (torch.randn(bs, H, generator=g) for _ in range(4))
+    for impl in (K, R):
+        dgh_low = torch.full((bs, 3 * H), float("nan"), dtype=low)
+        got = impl.gru_step_backward(codes, h_prev, gh_n, dh.clone(), levels, dy=dy,
+                                     dgh_low_out=dgh_low)
+        want = impl.gru_step_backward(codes, h_prev, gh_n, dh.clone(), levels, dy=dy)
+        for name, a, b in zip(("dgx", "dgh", "dh_direct"), got, want):
+            assert_bitwise(f"{name} ({impl.__name__})", a, b)
+        assert_bitwise(f"dgh_low_out ({impl.__name__})", dgh_low, want[1].to(low))
+    with pytest.raises(ValueError, match=r"dgh_low_out must have shape \(3, 39\)"):
+        K.gru_step_backward(codes, h_prev, gh_n, dh, levels, dgh_low_out=dgh_low[:2])
+    with pytest.raises(TypeError, match="dgh_low_out must be a floating-point tensor"):
+        K.gru_step_backward(codes, h_prev, gh_n, dh, levels,
+                            dgh_low_out=torch.empty(bs, 3 * H, dtype=torch.int16))
+
+
+@pytest.mark.parametrize("low", [BF16, torch.float16])
 def test_lstm_backward_rounds_dgates_for_a_low_precision_product(low):
     """dgates_low_out= (the layers' bf16 / fp16 backward product reads it) receives dgates.to(low)
     bit for bit, and a dm in that dtype gives the bits of its float32 value, in both
