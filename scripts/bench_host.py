@@ -16,6 +16,7 @@ forward + backward, the best of ``--repeats`` calls after one warm-up call.
 
     python scripts/bench_host.py                  # LSTM and GRU, 1 and 2 layers, T=256
     python scripts/bench_host.py --cells lstm --out results/bench_host.csv
+    python scripts/bench_host.py --dtypes float32 bfloat16
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_env import git_commit, load_average  # noqa: E402
 
 CELLS = {"lstm": DiscreteLSTM, "gru": DiscreteGRU}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def stub_kernels() -> None:
@@ -72,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="B (small: the products are host work too)")
     p.add_argument("--hidden", type=int, default=16)
     p.add_argument("--levels", type=int, default=64)
+    p.add_argument("--dtypes", choices=tuple(DTYPES), nargs="+", default=["float32"],
+                   help="the layers' dtype (bfloat16: its backward products run in bf16)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("results") / "bench_host.csv")
@@ -86,18 +90,20 @@ def main(argv=None) -> int:
     print("host time per layer-step of the Triton path, kernels stubbed out: "
           + ", ".join(f"{k} {v}" for k, v in meta.items()))
     rows = []
-    for cell in args.cells:
-        for layers in args.layers:
-            torch.manual_seed(0)
-            module = CELLS[cell](args.hidden, args.hidden, layers, levels=args.levels,
-                                 backend="triton", check_finite=False)
-            x = torch.randn(args.steps, args.batch, args.hidden, requires_grad=True)
-            fwd = per_step_us(module, x, False, args.repeats)
-            both = per_step_us(module, x, True, args.repeats)
-            rows.append({"cell": cell, "layers": layers, "forward_us": round(fwd, 2),
-                         "forward_backward_us": round(both, 2)})
-            print(f"  {cell:4} layers={layers}: forward {fwd:6.1f} us, forward+backward "
-                  f"{both:6.1f} us per layer-step")
+    for dtype in args.dtypes:
+        for cell in args.cells:
+            for layers in args.layers:
+                torch.manual_seed(0)
+                module = CELLS[cell](args.hidden, args.hidden, layers, levels=args.levels,
+                                     backend="triton", check_finite=False).to(DTYPES[dtype])
+                x = torch.randn(args.steps, args.batch, args.hidden, dtype=DTYPES[dtype],
+                                requires_grad=True)
+                fwd = per_step_us(module, x, False, args.repeats)
+                both = per_step_us(module, x, True, args.repeats)
+                rows.append({"dtype": dtype, "cell": cell, "layers": layers,
+                             "forward_us": round(fwd, 2), "forward_backward_us": round(both, 2)})
+                print(f"  {dtype:8} {cell:4} layers={layers}: forward {fwd:6.1f} us, "
+                      f"forward+backward {both:6.1f} us per layer-step")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(meta) + list(rows[0]))

@@ -11,10 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_host_writes_every_row(tmp_path):
     out = tmp_path / "host.csv"
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_host.py"), "--steps", "8",
-           "--repeats", "1", "--layers", "1", "2", "--out", str(out)]
+           "--repeats", "1", "--layers", "1", "2", "--dtypes", "float32", "bfloat16",
+           "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = list(csv.DictReader(out.open()))
-    assert [(r["cell"], r["layers"]) for r in rows] == [("lstm", "1"), ("lstm", "2"),
-                                                         ("gru", "1"), ("gru", "2")]
+    assert [(r["dtype"], r["cell"], r["layers"]) for r in rows] == [
+        (d, c, n) for d in ("float32", "bfloat16") for c in ("lstm", "gru") for n in ("1", "2")]
     assert all(0 < float(r["forward_us"]) < float(r["forward_backward_us"]) for r in rows)
