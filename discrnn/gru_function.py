@@ -295,8 +295,11 @@ class GRULayerFunction(torch.autograd.Function):
         h_n = torch.empty_like(h0)
         final_codes = torch.empty(1, *h0.shape, dtype=torch.uint8, device=x.device)
         finish = finish_rows(layout)
-        recurrent = StepProduct(w_hh, h0.shape[0], len(layout.batch_sizes))
-        input_proj = chunk_product(w_ih, cfg, h0.shape[0])
+        B = h0.shape[0]
+        recurrent = StepProduct(w_hh, B, len(layout.batch_sizes))
+        input_proj = chunk_product(w_ih, cfg, B)
+        # h W_hh^T of every step into one buffer (no allocation a step); the kernel adds b_hh
+        gh_rows = torch.empty(B, w_hh.shape[0], dtype=recurrent.dtype, device=x.device)
         h_prev, prev_bs = None, 0
         for first, steps in cfg.chunks():
             lo, hi = layout.row_span(steps)
@@ -307,14 +310,13 @@ class GRULayerFunction(torch.autograd.Function):
             for j, (s, t) in enumerate(enumerate(steps, start=first)):
                 bs = layout.batch_sizes[t]
                 h_in = step_input(h_prev, prev_bs, bs, h0)
-                gh = recurrent.mm(h_in)
-                if b_hh is not None:
-                    gh += b_hh  # as the torch path (addmm rounds differently in bfloat16)
+                gh = recurrent.mm(h_in, out=gh_rows if bs == B else gh_rows[:bs])
                 out = store.rows_at(codes_data, s, s) if keep_codes else None
-                ops.gru_step_forward(
+                ops.gru_step_forward(  # gh += b_hh in the kernel, rounded as the torch path's
                     gx_s[j], gh, h_in, levels, out=out, final=final_codes, done=finish[s],
                     store=keep_codes, h_out=y_s[j], preact_out=None if pre_s is None else pre_s[j],
                     check=s == 0,  # later steps: views of the same buffers
+                    b_hh=b_hh,
                 )
                 h_prev, prev_bs = y_s[j], bs
                 if finish[s] < bs:

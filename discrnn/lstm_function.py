@@ -630,6 +630,9 @@ class LSTMLayerFunction(torch.autograd.Function):
         finish = finish_rows(layout)
         recurrent = StepProduct(w_hh, B, len(layout.batch_sizes))
         input_proj = chunk_product(w_ih, cfg, B)
+        # every step's gates into one buffer (no allocation a step)
+        gate_rows = torch.empty(B, w_hh.shape[0], dtype=dtype, device=x.device) \
+            if preact is None else None
         checkpoints = []
         h_prev, prev_bs = None, 0
         for first, steps in cfg.chunks():
@@ -645,7 +648,8 @@ class LSTMLayerFunction(torch.autograd.Function):
                 h_in = step_input(h_prev, prev_bs, bs, h0)
                 c_s = c if bs == B else c[:bs]
                 if pre_s is None:
-                    gates = recurrent.addmm(xp_s[j], h_in)
+                    gates = recurrent.addmm(xp_s[j], h_in,
+                                            out=gate_rows if bs == B else gate_rows[:bs])
                 elif preact.dtype == dtype:
                     gates = recurrent.addmm(xp_s[j], h_in, out=pre_s[j])
                 else:

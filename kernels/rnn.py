@@ -434,7 +434,8 @@ def _lstm_step_bwd_kernel(
 @triton.jit(do_not_specialize=["bs", "code_offset", "done"])
 def _gru_step_fwd_kernel(
     GX,  # [bs, 3H] x W_ih^T + b_ih (r, z, n); strided
-    GH,  # [bs, 3H] h W_hh^T + b_hh; strided
+    GH,  # [bs, 3H] h W_hh^T (+ b_hh: then not HAS_BIAS); strided
+    B_HH,  # [3H] in GH's dtype, contiguous: added to GH (rounded to GH's dtype) when HAS_BIAS
     H_PREV,  # [bs, H]; strided. GX, GH, H_PREV share one float dtype; ACC follows it
     CODES,  # uint8 code rows out (r, z, n, h), when STORE_CODES
     FINAL,  # [1, B, H] uint8 out (h codes of rows done..bs-1), contiguous, when STORE_FINAL
@@ -460,6 +461,7 @@ def _gru_step_fwd_kernel(
     STORE_CODES: tl.constexpr,
     STORE_FINAL: tl.constexpr,
     STORE_PRE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -482,6 +484,15 @@ def _gru_step_fwd_kernel(
     h_r = tl.load(gh + cols[None, :] * stride_gh, mask=mask, other=0.0).to(ACC)
     h_z = tl.load(gh + (cols + H)[None, :] * stride_gh, mask=mask, other=0.0).to(ACC)
     h_n = tl.load(gh + (cols + 2 * H)[None, :] * stride_gh, mask=mask, other=0.0).to(ACC)
+    if HAS_BIAS:  # torch's gh += b_hh (one launch a step less): summed in ACC, rounded to GH's
+        GH_T: tl.constexpr = GH.dtype.element_ty
+        col_ok = cols < H
+        h_r = _round_to(h_r + tl.load(B_HH + cols, mask=col_ok, other=0.0).to(ACC)[None, :],
+                        GH_T).to(ACC)
+        h_z = _round_to(h_z + tl.load(B_HH + H + cols, mask=col_ok, other=0.0).to(ACC)[None, :],
+                        GH_T).to(ACC)
+        h_n = _round_to(h_n + tl.load(B_HH + 2 * H + cols, mask=col_ok,
+                                      other=0.0).to(ACC)[None, :], GH_T).to(ACC)
     h_prev = tl.load(H_PREV + rows[:, None] * stride_pb + cols[None, :] * stride_ph, mask=mask,
                      other=0.0)
     h_prev = h_prev.to(ACC)
@@ -923,12 +934,13 @@ def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_p
 
 
 def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True, h_out=None,
-                     preact_out=None, check: bool = True):
+                     preact_out=None, check: bool = True, b_hh=None):
     """gx = x W_ih^T + b_ih [bs, 3H], gh = h W_hh^T + b_hh [bs, 3H], h_prev [bs, H] (any float
     dtype, any strides) -> codes, h [bs, H] in the compute dtype (exactly the level of the h code).
     One kernel. ``out``, ``final``, ``done``, ``store``, ``h_out`` (any float dtype),
-    ``preact_out`` ([bs, 3H], compute dtype, contiguous): as ``rnn_torch.gru_step_forward``.
-    ``check=False`` skips the argument checks (:data:`CHECK_DOC`)."""
+    ``preact_out`` ([bs, 3H], compute dtype, contiguous), ``b_hh`` ([3H] in gh's dtype: gh is then
+    h W_hh^T, and the kernel adds the bias as ``gh += b_hh`` rounds): as
+    ``rnn_torch.gru_step_forward``. ``check=False`` skips the argument checks (:data:`CHECK_DOC`)."""
     bs, H = h_prev.shape
     dev = h_prev.device
     if check:
@@ -936,8 +948,16 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
         _check("gh", gh, (bs, 3 * H), dev)
         _check_device(dev)
         _check_final(final, 1, bs, H, dev)
+        if b_hh is not None:
+            _check("b_hh", b_hh, (3 * H,), dev)
+            if b_hh.dtype != gh.dtype:
+                raise TypeError(f"b_hh must have gh's dtype {gh.dtype}, got {b_hh.dtype}")
     acc = compute_dtype(h_prev.dtype)
+    if b_hh is not None and b_hh.stride(0) != 1:
+        b_hh = b_hh.contiguous()
     if not gx.dtype == gh.dtype == h_prev.dtype:  # one input dtype per kernel: meet in ACC
+        if b_hh is not None:  # added in gh's own dtype first, as the kernel would
+            gh, b_hh = gh + b_hh, None
         gx, gh, h_prev = _as(gx, acc), _as(gh, acc), _as(h_prev, acc)
     rows, returned = _forward_target(out, GRU_CODES, bs, H, dev, store, check)
     h = _out_tensor("h_out", h_out, (bs, H), acc, dev, any_float=True, check=check)
@@ -946,10 +966,11 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
     if bs * H:
         (codes, fin, width, offset, stride_kq, stride_kb), constexprs = _code_outputs(rows, final, H, dev)
         pre = h if preact_out is None else preact_out  # a pointer never written without STORE_PRE
-        args = (gx, gh, h_prev, codes, fin, h, pre, bs, H, width, offset, done, *gx.stride(),
-                *gh.stride(), *h_prev.stride(), stride_kq, stride_kb)
+        bias = gh if b_hh is None else b_hh  # a pointer never read without HAS_BIAS
+        args = (gx, gh, bias, h_prev, codes, fin, h, pre, bs, H, width, offset, done,
+                *gx.stride(), *gh.stride(), *h_prev.stride(), stride_kq, stride_kb)
         _launch(_gru_step_fwd_kernel, bs, width, args, LEVELS=levels,
-                STORE_PRE=preact_out is not None, **constexprs)
+                STORE_PRE=preact_out is not None, HAS_BIAS=b_hh is not None, **constexprs)
     return returned, h
 
 

@@ -586,12 +586,15 @@ def lstm_step_backward(codes, c_prev: torch.Tensor, dm: torch.Tensor, dc: torch.
 
 
 def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store=True, h_out=None,
-                     preact_out=None, check: bool = True):
+                     preact_out=None, check: bool = True, b_hh=None):
     """gx = x W_ih^T + b_ih [bs, 3H], gh = h W_hh^T + b_hh [bs, 3H], h_prev [bs, H] ->
     codes (r, z, n, h), h [bs, H] (compute dtype; exactly the level of the h code). ``out``,
     ``store``: as :func:`lstm_step_forward`; ``final`` [1, B, H] receives the h codes of rows
     done..bs-1; ``h_out`` (any float dtype) receives h; ``preact_out`` ([bs, 3H], compute dtype)
-    the pre-activations of r, z and n (what ``grad="exact"`` keeps)."""
+    the pre-activations of r, z and n (what ``grad="exact"`` keeps). ``b_hh`` ([3H], gh's dtype):
+    gh is h W_hh^T and the bias is added here, rounded to gh's dtype (as ``gh += b_hh``)."""
+    if b_hh is not None:
+        gh = gh + b_hh
     acc = compute_dtype(h_prev.dtype)
     gx, gh, h_prev = gx.to(acc), gh.to(acc), h_prev.to(acc)
     bs, H = h_prev.shape

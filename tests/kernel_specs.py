@@ -126,8 +126,8 @@ def _rnn_kernels():
                          **ints("bs", "H", *code_strides, *strides("c", "m", "y", "d", "p"))},
          None, "EXACT"),
         ("gru_fwd", rnn._gru_step_fwd_kernel, [(d,) for d in dtypes],
-         lambda d: {"GX": f"*{d}", "GH": f"*{d}", "H_PREV": f"*{d}", **codes, "FINAL": "*u8",
-                    "H_OUT": f"*{d}", "PRE": "*fp64" if d == "fp64" else "*fp32",
+         lambda d: {"GX": f"*{d}", "GH": f"*{d}", "B_HH": f"*{d}", "H_PREV": f"*{d}", **codes,
+                    "FINAL": "*u8", "H_OUT": f"*{d}", "PRE": "*fp64" if d == "fp64" else "*fp32",
                     **ints("bs", "H", "H_PAD", "done", *strides("x", "g", "p"), *code_strides)},
          "forward", "STORE_PRE"),
         # the rounded dgh of a bf16 / fp16 backward product (HAS_DGH_LOW) in that dtype
@@ -182,6 +182,9 @@ def rnn_kernel_specs(full: bool):
             if name.endswith("_bwd"):
                 dys = [True, False] if full else [k % 3 != 1]
                 clips = [{**c, "HAS_DY": d} for c in clips for d in dys]
+            if name == "gru_fwd":  # b_hh added in the kernel, or already in gh
+                biases = [True, False] if full else [k % 2 == 0]
+                clips = [{**c, "HAS_BIAS": b} for c in clips for b in biases]
             if name in ("lstm_bwd", "gru_bwd"):
                 low = "HAS_DG_LOW" if name == "lstm_bwd" else "HAS_DGH_LOW"
                 clips = [{**c, low: dts[1] != dts[0]} for c in clips]
@@ -195,6 +198,7 @@ def rnn_kernel_specs(full: bool):
                 tag += f"-clip{clip['CELL_CLIP']}" if "CELL_CLIP" in clip else ""
                 tag += "-dy" if clip.get("HAS_DY") else ""
                 tag += "-dglow" if clip.get("HAS_DG_LOW") or clip.get("HAS_DGH_LOW") else ""
+                tag += "-bias" if clip.get("HAS_BIAS") else ""
                 specs.append((f"rnn_{name}-{'-'.join(dts)}-L{levels}-{tag}-{block_b}x{block_h}",
                               kernel, signature(*dts), constexprs))
     return specs

@@ -251,6 +251,37 @@ def test_gru_step_forward_keeps_preactivations(dtype):
     assert_bitwise("pre n", pre[:, 2 * H :], gx[:, 2 * H :].to(acc) + r * gh[:, 2 * H :].to(acc))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, BF16, torch.float16, F64])
+def test_gru_step_forward_adds_the_recurrent_bias_in_the_kernel(dtype):
+    """b_hh= (the layers pass h W_hh^T and the bias apart: one launch a step less) gives the bits
+    of passing gh += b_hh, rounded to gh's dtype, codes, h and pre-activations, in both
+    implementations; with mixed input dtypes the bias is added in gh's dtype first."""
+    g = gen(17)
+    bs, H, levels = 5, 12, 64
+    gx = (2 * torch.randn(bs, 3 * H, generator=g, dtype=F64)).to(dtype)
+    gh = as_layout(torch.randn(bs, 3 * H, generator=g, dtype=F64).to(dtype), "slice")
+    b_hh = torch.randn(3 * H, generator=g, dtype=F64).to(dtype)
+    h_prev = torch_decode(random_codes(1, bs, H, levels, seed=3)[0], levels, TANH, dtype)
+    acc = compute_dtype(dtype)
+    summed = gh.clone()
+    summed += b_hh
+    for impl in (K, R):
+        for gx_in in (gx, gx.to(F64 if dtype == F64 else torch.float32)):  # one dtype, mixed
+            outs = []
+            for gh_in, bias in ((gh, b_hh), (summed, None)):
+                pre = torch.empty(bs, 3 * H, dtype=acc)
+                codes, h = impl.gru_step_forward(gx_in, gh_in, h_prev, levels, preact_out=pre,
+                                                 b_hh=bias)
+                outs.append((codes, h, pre))
+            for name, a, b in zip(("codes", "h", "pre"), *outs):
+                assert_bitwise(f"{name} ({impl.__name__}, gx {gx_in.dtype})", a, b)
+    with pytest.raises(ValueError, match=r"b_hh must have shape \(36,\)"):
+        K.gru_step_forward(gx, gh, h_prev, levels, b_hh=b_hh[:5])
+    other = torch.float64 if dtype != F64 else torch.float32
+    with pytest.raises(TypeError, match="b_hh must have gh's dtype"):
+        K.gru_step_forward(gx, gh, h_prev, levels, b_hh=b_hh.to(other))
+
+
 def test_gru_step_forward_mixed_input_dtypes():
     # gx in bfloat16 with gh and h_prev in float32: torch converts everything to float32 first.
     g = gen(3)
