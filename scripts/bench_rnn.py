@@ -542,7 +542,9 @@ def print_traces(rows: list[Row], traces: dict[int, dict], steps: int, cuda: boo
     for i, trace in traces.items():
         r = rows[i]
         head = f"{r.label}, {r.dtype}: {trace['activities'] / steps:.1f} per time step"
-        if cuda:
+        if not trace["activities"]:
+            head += " (the profiler recorded nothing: a graph replay may be hidden from it)"
+        elif cuda:
             head += (f", device busy {r.busy_ms:.1f} ms = {r.busy_share:.2f} of the median "
                      f"{r.ms:.1f} ms")
         print(head)
@@ -790,9 +792,10 @@ def main(argv=None) -> int:
                 print(f"trace of {rows[i].label} {rows[i].dtype} failed: "
                       f"{type(exc).__name__}: {exc}")
                 continue
-            rows[i].busy_ms = traces[i]["busy_ms"]
-            rows[i].busy_share = rows[i].busy_ms / rows[i].ms
             rows[i].activities_per_step = traces[i]["activities"] / T
+            if traces[i]["activities"]:  # none: a profiler that saw nothing (not an idle device)
+                rows[i].busy_ms = traces[i]["busy_ms"]
+                rows[i].busy_share = rows[i].busy_ms / rows[i].ms
         print(f"tracing took {time.perf_counter() - start:.0f} s")
     del built
     gc.collect()
