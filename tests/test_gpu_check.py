@@ -14,12 +14,13 @@ def test_gpu_check_plan(tmp_path):
                           str(tmp_path / "gc")], capture_output=True, text=True, check=True).stdout
     steps = [line for line in out.splitlines() if line.startswith("[")]
     names = [line[1:].split(",")[0] for line in steps]
-    assert names == ["install", "env", "tests_gpu", "tests_kernels", "bench_codec", "tune_codec", "bench_rnn",
-                     "profile"]
+    assert names == ["install", "env", "tests_gpu", "tests_kernels", "bench_codec", "tune_codec",
+                     "bench_rnn", "bench_rnn_bf16", "profile"]
     limits = [int(line.split("at most ")[1].split(" s]")[0]) for line in steps]
     assert sum(limits) < 8 * 60  # the script's promise: under 8 minutes on the GPU machine
     assert f"--numel {1 << 28}" in out and "-m gpu" in out
-    assert "--hidden 1024 --batch 64 --steps 1024 --dtype float32 bfloat16" in out
+    assert "--hidden 1024 --batch 64 --steps 1024 --dtype float32 " in out
+    assert "--hidden 1024 --batch 64 --steps 1024 --dtype bfloat16 " in out
     assert "--cuda-graphs --tf32 --trace" in out and "tests/test_cuda_graphs.py" in out
     assert all(str(tmp_path / "gc") in line for line in steps if "--out" in line)
 
