@@ -624,18 +624,23 @@ def main(argv=None) -> int:
 
     memory, timing = sweep(args)
     points = build_points(args, memory, timing)
+    # The sweep's table and CSV before the search, which can take far longer: a run stopped
+    # during the search (a time limit, Ctrl-C) keeps them. Rewritten with the final meta below.
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    print_points(args, points, shape)
+    report.write_csv(out / "profile.csv", points, meta)
     search = args.budget is not None and args.budget_variants
+    if search:
+        print(f"\nwrote {out / 'profile.csv'} (the sweep); the budget search follows")
     budget_rows = budget_search(args, points) if search else []
     meta["load_avg_1min_end"] = report.load_average()
     meta["wall_s"] = round(time.perf_counter() - started, 1)
 
-    print_points(args, points, shape)
     if budget_rows:
         print_budget(args, budget_rows)
     print_summary(args, points, budget_rows)
 
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     written = [out / "profile.csv", out / "profile.json"]
     report.write_csv(out / "profile.csv", points, meta)
     if budget_rows:

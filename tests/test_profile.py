@@ -455,3 +455,22 @@ def test_one_frontier_per_cell():
     timing = {64: {v: {"times_ms": [t * 1e3] * 3, "losses": [1.0]} for v, (_, t) in figures.items()}}
     front = {p["variant"]: p["pareto"] for p in build_points(args, memory, timing)}
     assert front == {"lstm": True, "lstm-ckpt-sqrt": True, "gru": True, "dgru-64": False}
+
+
+def test_sweep_table_is_written_before_the_budget_search(tmp_path, monkeypatch, capsys):
+    """The sweep's table and profile.csv come before the budget search, which can take far longer:
+    a run stopped there (a time limit, Ctrl-C) keeps them."""
+    import discrnn.profile as profile
+
+    def stopped(args, points):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(profile, "budget_search", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        profile.main(["--quick", "--device", "cpu", "--no-progress", "--variants", "lstm",
+                      "dlstm-64", "--lengths", "16", "--out", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "profile.csv").open()))
+    assert [r["variant"] for r in rows] == ["lstm", "dlstm-64"]
+    assert all(float(r["ms_median"]) > 0 for r in rows), rows
+    out = capsys.readouterr().out
+    assert "== T=16" in out and "the budget search follows" in out
