@@ -630,9 +630,9 @@ class LSTMLayerFunction(torch.autograd.Function):
         finish = finish_rows(layout)
         recurrent = StepProduct(w_hh, B, len(layout.batch_sizes))
         input_proj = chunk_product(w_ih, cfg, B)
-        # every step's gates into one buffer (no allocation a step)
-        gate_rows = torch.empty(B, w_hh.shape[0], dtype=dtype, device=x.device) \
-            if preact is None else None
+        # every step's gates into one buffer (no allocation a step; grad="exact" keeps them all)
+        gate_rows = (torch.empty(B, w_hh.shape[0], dtype=dtype, device=x.device)
+                     if preact is None else None)
         checkpoints = []
         h_prev, prev_bs = None, 0
         for first, steps in cfg.chunks():
