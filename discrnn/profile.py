@@ -597,6 +597,10 @@ def main(argv=None) -> int:
         "commit": report.git_commit(), "threads_per_process": args.threads,
         "processes_at_once": args.jobs, "cpu_count": os.cpu_count(),
         "load_avg_1min_start": report.load_average(),
+        # on CUDA torch.nn.LSTM / GRU (cuDNN) use TF32 for float32 by default, torch matmuls
+        # (discrnn's products, the head) do not: the precision each side ran in
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "timing_method": (f"median of {args.steps} interleaved rounds after {args.warmup} "
                           "untimed, one process per T, default allocator settings"),
         "memory_method": ("torch.cuda.max_memory_allocated - memory_allocated after "

@@ -245,13 +245,24 @@ def precision_of(case: Case):
     if case.tf32 is None:
         yield
         return
-    owner = torch.backends.cudnn if case.levels is None else torch.backends.cuda.matmul
-    previous = owner.allow_tf32
-    owner.allow_tf32 = case.tf32
+    if case.levels is None:
+        # the setter under torch.backends.cudnn.allow_tf32, which refuses plain assignment once
+        # torch.backends.disable_global_flags() has run (torch's own test harness calls it)
+        get, put = torch._C._get_cudnn_allow_tf32, torch._C._set_cudnn_allow_tf32
+    else:
+        matmul = torch.backends.cuda.matmul
+
+        def get():
+            return matmul.allow_tf32
+
+        def put(value):
+            matmul.allow_tf32 = value
+    previous = get()
+    put(case.tf32)
     try:
         yield
     finally:
-        owner.allow_tf32 = previous
+        put(previous)
 
 
 @contextlib.contextmanager

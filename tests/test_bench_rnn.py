@@ -102,7 +102,15 @@ def test_tf32_refused_on_the_cpu(tmp_path):
     assert proc.returncode != 0 and "--tf32 needs a CUDA device" in proc.stderr
 
 
-def test_tf32_rows_set_the_flag_of_what_they_run_and_restore_it():
+@pytest.mark.parametrize("frozen", [False, True], ids=["plain", "global_flags_disabled"])
+def test_tf32_rows_set_the_flag_of_what_they_run_and_restore_it(monkeypatch, frozen):
+    """Also once torch.backends.disable_global_flags() has run (as torch's test harness does)."""
+    import torch.backends
+
+    if frozen:  # what disable_global_flags() sets, where its functions read it; undone after
+        monkeypatch.setitem(torch.backends.flags_frozen.__globals__,
+                            "__allow_nonbracketed_mutation_flag", False)
+        assert torch.backends.flags_frozen()
     bench_rnn = _bench_rnn_module()
     cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch_case = bench_rnn.Case("lstm", None, 8, 2, 3, 4, "float32", "cuda", tf32=not cudnn)

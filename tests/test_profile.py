@@ -53,7 +53,8 @@ def _check_csv(path, figures, rows_expected):
         for key, value in row.items():  # nothing that looks like a number may be nan or inf
             if value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
                 pytest.fail(f"{path.name} {row['variant']}: {key}={value!r}")
-        for key in ("device_name", "torch", "triton", "discrnn", "command"):
+        for key in ("device_name", "torch", "triton", "discrnn", "command", "cudnn_allow_tf32",
+                    "matmul_allow_tf32"):
             assert row[key], key
     return rows
 
