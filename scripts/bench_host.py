@@ -12,7 +12,10 @@ on small tensors here, cuBLAS calls there). Triton's own launch cost on a GPU (a
 the driver call) is not in it.
 
 Columns: microseconds per layer and time step (the call's time / T / layers), forward only and
-forward + backward, the best of ``--repeats`` calls after one warm-up call.
+forward + backward, the best of ``--repeats`` calls after one warm-up call; and the kernel launches
+a GPU would get per layer and step, forward and backward (one more call each, counted: every
+Triton launch, and every aten call but views and bare allocations, with the recurrent products
+through torch.addmm / torch.mm as on a GPU), with the backward's by name.
 
     python scripts/bench_host.py                  # LSTM and GRU, 1 and 2 layers, T=256
     python scripts/bench_host.py --cells lstm --out results/bench_host.csv
@@ -22,6 +25,7 @@ forward + backward, the best of ``--repeats`` calls after one warm-up call.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import os
 import sys
@@ -35,8 +39,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.runtime.interpreter as interpreter  # noqa: E402
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 import discrnn  # noqa: E402
-from discrnn import DiscreteGRU, DiscreteLSTM  # noqa: E402
+from discrnn import DiscreteGRU, DiscreteLSTM, rnn_function  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_env import git_commit, load_average  # noqa: E402
@@ -46,8 +52,69 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def stub_kernels() -> None:
-    """Every Triton kernel launch returns at once (the interpreter's entry point)."""
-    interpreter.InterpretedFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+    """Every Triton kernel launch returns at once (the interpreter's entry point); an active
+    LaunchCounter counts it."""
+    def launch(self, *args, grid, warmup, **kwargs):
+        for counter in _active_counters:
+            counter.counts[f"triton.{self.fn.__name__}"] += 1
+
+    interpreter.InterpretedFunction.run = launch
+
+
+# aten calls that make a view or only allocate: no kernel launch on a GPU
+_NO_KERNEL = frozenset({
+    "empty", "empty_strided", "empty_like", "view", "_unsafe_view", "slice", "select", "unbind",
+    "t", "transpose", "as_strided", "narrow", "expand", "split", "split_with_sizes", "unsqueeze",
+    "squeeze", "permute", "detach", "alias", "_reshape_alias", "lift_fresh", "unfold",
+})
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts, while active, the aten calls that would launch a kernel on a GPU (views and bare
+    allocations left out) and the Triton kernel launches (through the stubbed entry point)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in _NO_KERNEL:
+            self.counts[f"aten.{name}"] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        _active_counters.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _active_counters.remove(self)
+        return super().__exit__(*exc)
+
+
+_active_counters: list[LaunchCounter] = []
+
+
+def launches_per_step(module, x) -> tuple[float, float, str]:
+    """(forward, backward) kernel launches per layer and step, as a GPU would get them, and the
+    backward's launches by name. The recurrent products run through torch.addmm / torch.mm here
+    (on a GPU they are cuBLAS calls; the CPU's own panel products are not aten calls) and bf16
+    ones natively, so each is one counted call as there."""
+    saved = (rnn_function.PANEL_STEP_PRODUCTS, rnn_function.ONEDNN_STEP_PRODUCTS,
+             rnn_function.WIDEN_LOW_PRECISION_PRODUCTS)
+    rnn_function.PANEL_STEP_PRODUCTS = rnn_function.ONEDNN_STEP_PRODUCTS = False
+    rnn_function.WIDEN_LOW_PRECISION_PRODUCTS = False
+    try:
+        per = x.shape[0] * module.num_layers
+        with LaunchCounter() as forward:
+            y, _ = module(x)
+        with LaunchCounter() as backward:
+            y.sum().backward()
+    finally:
+        (rnn_function.PANEL_STEP_PRODUCTS, rnn_function.ONEDNN_STEP_PRODUCTS,
+         rnn_function.WIDEN_LOW_PRECISION_PRODUCTS) = saved
+    top = ", ".join(f"{name} {n / per:.2f}" for name, n in backward.counts.most_common(6))
+    return sum(forward.counts.values()) / per, sum(backward.counts.values()) / per, top
 
 
 def per_step_us(module, x, backward: bool, repeats: int) -> float:
@@ -100,10 +167,16 @@ def main(argv=None) -> int:
                                 requires_grad=True)
                 fwd = per_step_us(module, x, False, args.repeats)
                 both = per_step_us(module, x, True, args.repeats)
+                fwd_launches, bwd_launches, bwd_top = launches_per_step(module, x)
                 rows.append({"dtype": dtype, "cell": cell, "layers": layers,
-                             "forward_us": round(fwd, 2), "forward_backward_us": round(both, 2)})
+                             "forward_us": round(fwd, 2), "forward_backward_us": round(both, 2),
+                             "forward_launches": round(fwd_launches, 3),
+                             "backward_launches": round(bwd_launches, 3),
+                             "backward_launches_by_name": bwd_top})
                 print(f"  {dtype:8} {cell:4} layers={layers}: forward {fwd:6.1f} us, "
-                      f"forward+backward {both:6.1f} us per layer-step")
+                      f"forward+backward {both:6.1f} us per layer-step; kernel launches per "
+                      f"layer-step {fwd_launches:.2f} forward, {bwd_launches:.2f} backward "
+                      f"({bwd_top})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(meta) + list(rows[0]))

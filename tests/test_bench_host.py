@@ -10,8 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_host_writes_every_row(tmp_path):
     out = tmp_path / "host.csv"
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_host.py"), "--steps", "8",
-           "--repeats", "1", "--layers", "1", "2", "--dtypes", "float32", "bfloat16",
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_host.py"), "--steps", "32",
+           "--repeats", "3", "--layers", "1", "2", "--dtypes", "float32", "bfloat16",
            "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -19,3 +19,14 @@ def test_bench_host_writes_every_row(tmp_path):
     assert [(r["dtype"], r["cell"], r["layers"]) for r in rows] == [
         (d, c, n) for d in ("float32", "bfloat16") for c in ("lstm", "gru") for n in ("1", "2")]
     assert all(0 < float(r["forward_us"]) < float(r["forward_backward_us"]) for r in rows)
+    # Kernel launches a GPU would get per layer-step: one product and one step kernel each way,
+    # plus per-chunk work (one chunk of 32 steps here), but for the bf16 GRU's backward, whose
+    # float32 dh takes one add of the bf16 product a step. Before the step kernels added b_hh and
+    # rounded the backward product's operand: the GRU's forward about 3.2, the bf16 backward
+    # about 5 (LSTM) and 5.3 (GRU).
+    for r in rows:
+        forward, backward = float(r["forward_launches"]), float(r["backward_launches"])
+        assert 2 <= forward < 2.5, r
+        bound = 4.5 if (r["cell"], r["dtype"]) == ("gru", "bfloat16") else 3.25
+        assert 2 <= backward < bound, r
+        assert "triton._" in r["backward_launches_by_name"], r
