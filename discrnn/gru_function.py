@@ -368,11 +368,14 @@ class GRULayerFunction(torch.autograd.Function):
             ctx, acc, (h0,), (dh_n,), (w_ih, w_hh), (3 * H, 3 * H)
         )
         # A bf16 / fp16 layer's per-step product dgh W_hh runs in that dtype (as torch's
-        # backward): the step kernel also writes its operand rounded (the same bits as casting
-        # dgh, one launch a step fewer). dh itself stays in the compute dtype: it sums dh * z.
-        dgh_low_rows = None
+        # backward): the step kernel also writes its operand rounded, and the next step's kernel
+        # adds the product (left in that dtype) to dh, which stays in the compute dtype (it sums
+        # dh * z). The same bits as a cast before the product and an add after it, two launches a
+        # step fewer; the last step's product is added after the loop.
+        dgh_low_rows = product = None
         if rnn_function.LOW_PRECISION_STEP_GRADS and gemm is not None:
             dgh_low_rows = torch.empty(B, 3 * H, dtype=gemm, device=device)
+            product_rows = torch.empty(B, H, dtype=gemm, device=device)
 
         chunks = list(cfg.chunks())
         first_step = True
@@ -406,17 +409,27 @@ class GRULayerFunction(torch.autograd.Function):
             for j in range(len(steps) - 1, -1, -1):
                 bs = psizes[j]
                 dh_j = dh_state if bs == B else dh_state[:bs]  # no view for the whole batch
-                low_out = {}
+                low = {}
                 if dgh_low_rows is not None:
-                    low_out["dgh_low_out"] = dgh_low_rows if bs == B else dgh_low_rows[:bs]
+                    if product is not None and product.shape[0] > bs:
+                        # rows whose sequences start after this step (a reverse direction's
+                        # packed batch): their h_0 gradients take the rest of the product now
+                        dh_state[bs : product.shape[0]] += product[bs:]
+                        product = product[:bs]
+                    low["dgh_low_out"] = dgh_low_rows if bs == B else dgh_low_rows[:bs]
+                    low["dh_add"] = product  # the later step's product (None at the last step)
                 ops.gru_step_backward(  # dh_state + dy_j in the kernel (one launch less per step)
                     store.rows_at(codes_data, first + j, first + j), h_prev_s[j], gh_n_s[j],
                     dh_j, levels, dgx_out=d_gx_s[j], dgh_out=d_gh_s[j], dh_direct_out=dh_j,
                     preact=None if pre_s is None else pre_s[j],
-                    check=first_step, dy=None if dy_s is None else dy_s[j], **low_out,
+                    check=first_step, dy=None if dy_s is None else dy_s[j], **low,
                 )
                 first_step = False  # later steps: views of the same buffers
-                recurrent_t.addmm_(dh_j, low_out.get("dgh_low_out", d_gh_s[j]))
+                if dgh_low_rows is None:
+                    recurrent_t.addmm_(dh_j, d_gh_s[j])
+                else:
+                    product = recurrent_t.mm(low["dgh_low_out"],
+                                             out=product_rows if bs == B else product_rows[:bs])
             del gh_n, gh_n_s
             weight_grad_(d_w_ih, d_gx, input_rows(ctx, cfg, kept, lo, hi).to(acc), gemm)
             weight_grad_(d_w_hh, d_gh, h_prev, gemm)
@@ -425,4 +438,6 @@ class GRULayerFunction(torch.autograd.Function):
                 d_b_hh += d_gh.sum(0)
             if dx is not None:
                 input_t.mm(d_gx, out=dx[lo:hi])
+        if product is not None:  # the first step's product: dh_0's share through W_hh
+            dh_state[: product.shape[0]] += product
         return dx, dh_state, d_w_ih, d_w_hh, d_b_ih, d_b_hh

@@ -492,9 +492,10 @@ def weight_grad_(acc: torch.Tensor, grads: torch.Tensor, rows: torch.Tensor,
 # Set to False to run every per-step product through torch.addmm / torch.mm (benchmarks compare).
 ONEDNN_STEP_PRODUCTS = True
 # The per-step path's backward product of a bf16 / fp16 layer (dgates W_hh, in that dtype) reads
-# its operand rounded by the step function (``dgates_low_out`` / ``dgh_low_out``), and the LSTM
-# keeps dh in that dtype between steps: the same bits as a cast before and after each product,
-# one or two launches a step fewer. Set to False for the casts (tests compare the two).
+# its operand rounded by the step function (``dgates_low_out`` / ``dgh_low_out``); the LSTM keeps
+# dh in that dtype between steps, the GRU's next step function adds the product to its float32 dh
+# (``dh_add``): the same bits as a cast before each product and a copy or add after it, two
+# launches a step fewer. Set to False for the casts and adds (tests compare the two).
 LOW_PRECISION_STEP_GRADS = True
 # Reordering the weight costs about as much as two or three products (H=256: ~0.2 ms, H=1024:
 # ~4.6 ms on the 2-core CPU); below this many products per layer call it does not pay.

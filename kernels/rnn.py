@@ -529,13 +529,14 @@ def _gru_step_fwd_kernel(
         tl.store(pre + 2 * H, pre_n, mask=mask)
 
 
-@triton.jit(do_not_specialize=["bs", "code_offset"])
+@triton.jit(do_not_specialize=["bs", "code_offset", "add_rows"])
 def _gru_step_bwd_kernel(
     CODES,  # uint8 code rows (r, z, n, h)
     H_PREV,  # [bs, H] ACC; strided
     GH_N,  # [bs, H] ACC, h_prev W_hn^T + b_hn; strided
     DH,  # [bs, H] ACC, dL/dh_t; strided
     DY,  # [bs, H] any float dtype, added to DH when HAS_DY (the output's gradient); strided
+    DH_ADD,  # [add_rows, H] any float dtype, added to DH's first rows when HAS_DH_ADD; strided
     DGX,  # [bs, 3H] ACC out, contiguous
     DGH,  # [bs, 3H] ACC out, contiguous
     DH_DIRECT,  # [bs, H] ACC out (dh * z), contiguous; may be DH itself
@@ -556,10 +557,14 @@ def _gru_step_bwd_kernel(
     stride_eh,
     stride_yb,
     stride_yh,
+    add_rows,
+    stride_ab,
+    stride_ah,
     LEVELS: tl.constexpr,
     BITS: tl.constexpr,
     EXACT: tl.constexpr,  # gate derivatives f'(pre-activation) instead of from the codes
     HAS_DY: tl.constexpr,
+    HAS_DH_ADD: tl.constexpr,
     HAS_DGH_LOW: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -581,6 +586,11 @@ def _gru_step_bwd_kernel(
     gh_n = tl.load(GH_N + rows[:, None] * stride_nb + cols[None, :] * stride_nh, mask=mask,
                    other=0.0)
     dh = tl.load(DH + rows[:, None] * stride_db + cols[None, :] * stride_dh, mask=mask, other=0.0)
+    if HAS_DH_ADD:  # the later step's product, as torch's dh[:add_rows] += dh_add; other rows kept
+        added = (rows < add_rows)[:, None]
+        dh = tl.where(added, dh + tl.load(DH_ADD + rows[:, None] * stride_ab
+                                          + cols[None, :] * stride_ah, mask=mask & added,
+                                          other=0.0).to(ACC), dh)
     if HAS_DY:  # one rounding, as torch's dh + dy.to(ACC) (fusion is off)
         dh = dh + tl.load(DY + rows[:, None] * stride_yb + cols[None, :] * stride_yh, mask=mask,
                           other=0.0).to(ACC)
@@ -976,7 +986,7 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
 
 def gru_step_backward(codes, h_prev, gh_n, dh, levels: int, dgx_out=None, dgh_out=None,
                       dh_direct_out=None, preact=None, check: bool = True, dy=None,
-                      dgh_low_out=None):
+                      dgh_low_out=None, dh_add=None):
     """Backward of one step: codes (uint8 [4, bs, H] or CodeRows), h_prev [bs, H], gh_n =
     h_prev W_hn^T + b_hn [bs, H], dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H],
     dh_prev_direct = dh * z [bs, H], in the compute dtype of h_prev, written to the ``*_out``
@@ -985,14 +995,22 @@ def gru_step_backward(codes, h_prev, gh_n, dh, levels: int, dgx_out=None, dgh_ou
     [bs, H] (any float dtype): added to dh in the kernel (the step's output gradient; dh + dy is
     dL/dh_t; ``dh_direct_out`` may still be ``dh``). ``dgh_low_out`` ([bs, 3H] of a lower float
     dtype, contiguous): also receives dgh rounded to its dtype, as ``dgh.to(dtype)`` (the operand
-    of a bf16 / fp16 backward product, without a cast launch). One kernel. ``check=False`` skips
-    the argument checks (:data:`CHECK_DOC`)."""
+    of a bf16 / fp16 backward product, without a cast launch). ``dh_add`` ([n, H], n <= bs, any
+    float dtype): added to dh's first n rows first, as ``dh[:n] += dh_add`` (the later step's
+    product dgh W_hh in its own dtype, without an add launch); the sum is what ``dh_direct_out``
+    scales. One kernel. ``check=False`` skips the argument checks (:data:`CHECK_DOC`)."""
     bs, H = h_prev.shape
     dev = h_prev.device
     if check:
         for name, t in (("gh_n", gh_n), ("dh", dh)) + ((("dy", dy),) if dy is not None else ()):
             _check(name, t, (bs, H), dev)
         _check_float("dy", dy)
+        if dh_add is not None:
+            _check_float("dh_add", dh_add)
+            if dh_add.dim() != 2 or dh_add.shape[0] > bs or dh_add.shape[1] != H:
+                raise ValueError(f"dh_add must have shape (n, {H}) with n <= {bs}, got "
+                                 f"{tuple(dh_add.shape)}")
+            _check("dh_add", dh_add, tuple(dh_add.shape), dev)
         _check_device(dev)
         if preact is not None:
             _check("preact", preact, (bs, 3 * H), dev)
@@ -1011,10 +1029,11 @@ def gru_step_backward(codes, h_prev, gh_n, dh, levels: int, dgx_out=None, dgh_ou
         pre = dh if preact is None else preact  # a pointer that is never read without EXACT
         dy_arg = dh if dy is None else dy  # a pointer that is never read without HAS_DY
         low = dgh if dgh_low_out is None else dgh_low_out  # written with HAS_DGH_LOW only
-        args = (code_args[0], h_prev, gh_n, dh, dy_arg, dgx, dgh, dh_direct, low, pre, bs, H,
+        add = dh if dh_add is None else dh_add  # a pointer that is never read without HAS_DH_ADD
+        args = (code_args[0], h_prev, gh_n, dh, dy_arg, add, dgx, dgh, dh_direct, low, pre, bs, H,
                 *code_args[1:], *h_prev.stride(), *gh_n.stride(), *dh.stride(), *pre.stride(),
-                *dy_arg.stride())
+                *dy_arg.stride(), add.shape[0], *add.stride())
         _launch(_gru_step_bwd_kernel, bs, H, args, LEVELS=levels, BITS=bits,
-                EXACT=preact is not None, HAS_DY=dy is not None,
+                EXACT=preact is not None, HAS_DY=dy is not None, HAS_DH_ADD=dh_add is not None,
                 HAS_DGH_LOW=dgh_low_out is not None)
     return dgx, dgh, dh_direct

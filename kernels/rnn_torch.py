@@ -614,16 +614,20 @@ def gru_output(codes, levels: int, dtype: torch.dtype) -> torch.Tensor:
 
 def gru_step_backward(codes, h_prev: torch.Tensor, gh_n: torch.Tensor, dh: torch.Tensor, levels: int,
                       dgx_out=None, dgh_out=None, dh_direct_out=None, preact=None,
-                      check: bool = True, dy=None, dgh_low_out=None):
+                      check: bool = True, dy=None, dgh_low_out=None, dh_add=None):
     """Backward of one step. h_prev [bs, H], gh_n = h_prev W_hn^T + b_hn [bs, H] (recomputed),
     dh = dL/dh_t [bs, H] -> dgx [bs, 3H], dgh [bs, 3H], dh_prev_direct = dh * z [bs, H]; into the
     ``*_out`` tensors when given (``dh_direct_out`` may be ``dh``). The gates' derivatives come from
     their codes, or with ``preact`` (the pre-activations of r, z, n [bs, 3H], ``grad="exact"``) are
     f' at the pre-activation. ``dy`` [bs, H]: the step's output gradient, added to dh first (dh + dy
     is dL/dh_t). ``dgh_low_out`` ([bs, 3H], a lower float dtype): also receives dgh rounded to its
-    dtype (the operand of a bf16 / fp16 backward product)."""
+    dtype (the operand of a bf16 / fp16 backward product). ``dh_add`` ([n, H], n <= bs): added to
+    dh's first n rows first (``dh[:n] += dh_add``: the later step's product in its own dtype)."""
     acc, codes = compute_dtype(h_prev.dtype), read_codes(codes)
     dh, h_prev, gh_n = dh.to(acc), h_prev.to(acc), gh_n.to(acc)
+    if dh_add is not None:
+        dh = dh.clone()
+        dh[: dh_add.shape[0]] += dh_add
     if dy is not None:
         dh = dh + dy.to(acc)
     r, z, n = (torch_decode(codes[q], levels, _GRU_KINDS[q], acc) for q in range(3))

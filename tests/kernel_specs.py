@@ -88,8 +88,8 @@ def _rnn_kernels():
     output rows); the GRU forward takes one dtype for gx, gh, h_prev and writes h in it; the
     output kernel writes any float dtype; the LSTM backward reads dm and writes the rounded
     dgates (HAS_DG_LOW), the GRU backward the rounded dgh (HAS_DGH_LOW), in bf16 / fp16 for such a
-    layer's products; the rest are in the compute dtype (the launchers convert other inputs
-    first)."""
+    layer's products (and reads that product back, HAS_DH_ADD); the rest are in the compute dtype
+    (the launchers convert other inputs first)."""
     dtypes = list(TRITON_DTYPES.values())
 
     def ints(*names):
@@ -134,9 +134,10 @@ def _rnn_kernels():
         ("gru_bwd", rnn._gru_step_bwd_kernel,
          [(a, a) for a in ACC_DTYPES] + [("fp32", "bf16"), ("fp32", "fp16")],
          lambda a, low: {**codes, "H_PREV": f"*{a}", "GH_N": f"*{a}", "DH": f"*{a}",
-                         "DY": f"*{a}", "DGX": f"*{a}", "DGH": f"*{a}", "DH_DIRECT": f"*{a}",
-                         "DGH_LOW": f"*{low}", "PRE": f"*{a}",
-                         **ints("bs", "H", *code_strides, *strides("p", "n", "d", "e", "y"))},
+                         "DY": f"*{a}", "DH_ADD": f"*{low}", "DGX": f"*{a}", "DGH": f"*{a}",
+                         "DH_DIRECT": f"*{a}", "DGH_LOW": f"*{low}", "PRE": f"*{a}",
+                         **ints("bs", "H", *code_strides, *strides("p", "n", "d", "e", "y"),
+                                "add_rows", *strides("a"))},
          None, "EXACT"),
     ]
 
@@ -185,9 +186,9 @@ def rnn_kernel_specs(full: bool):
             if name == "gru_fwd":  # b_hh added in the kernel, or already in gh
                 biases = [True, False] if full else [k % 2 == 0]
                 clips = [{**c, "HAS_BIAS": b} for c in clips for b in biases]
-            if name in ("lstm_bwd", "gru_bwd"):
-                low = "HAS_DG_LOW" if name == "lstm_bwd" else "HAS_DGH_LOW"
-                clips = [{**c, low: dts[1] != dts[0]} for c in clips]
+            if name in ("lstm_bwd", "gru_bwd"):  # a bf16 / fp16 layer's backward product
+                lows = ["HAS_DG_LOW"] if name == "lstm_bwd" else ["HAS_DGH_LOW", "HAS_DH_ADD"]
+                clips = [{**c, **{low: dts[1] != dts[0] for low in lows}} for c in clips]
             for code, grad, clip in itertools.product(
                     _code_constexprs(role, levels, 0 if full else k), grad_modes, clips):
                 constexprs = dict(LEVELS=levels, **code, **grad, **clip, BLOCK_B=block_b,

@@ -776,7 +776,8 @@ def test_backward_adds_the_output_gradient_in_the_kernel(dy_dtype):
 @pytest.mark.parametrize("low", [BF16, torch.float16])
 def test_gru_backward_rounds_dgh_for_a_low_precision_product(low):
     """dgh_low_out= (the layers' bf16 / fp16 backward product reads it) receives dgh.to(low) bit
-    for bit, the other outputs unchanged, in both implementations."""
+    for bit, the other outputs unchanged, and dh_add= (that product, added by the next step's
+    kernel) gives the bits of adding it to dh first, in both implementations."""
     bs, H, levels = 3, 13, 64
     g = gen(13)
     codes = random_codes(4, bs, H, levels, seed=7)
@@ -789,6 +790,25 @@ def test_gru_backward_rounds_dgh_for_a_low_precision_product(low):
         for name, a, b in zip(("dgx", "dgh", "dh_direct"), got, want):
             assert_bitwise(f"{name} ({impl.__name__})", a, b)
         assert_bitwise(f"dgh_low_out ({impl.__name__})", dgh_low, want[1].to(low))
+        # dh_add= (the later step's product, in that dtype, over its first rows): the bits of
+        # dh[:n] += dh_add first; the other rows' dh as given (a -0.0 stays -0.0)
+        product = torch.randn(2, H, generator=g).to(low)
+        dh_neg = dh.clone()
+        dh_neg[2, :3] = -0.0
+        summed = dh_neg.clone()
+        summed[:2] += product
+        got = impl.gru_step_backward(codes, h_prev, gh_n, dh_neg.clone(), levels, dy=dy,
+                                     dh_add=product)
+        want = impl.gru_step_backward(codes, h_prev, gh_n, summed, levels, dy=dy)
+        for name, a, b in zip(("dgx", "dgh", "dh_direct"), got, want):
+            assert_bitwise(f"{name} with dh_add ({impl.__name__})", a, b)
+        dh_direct = dh_neg.clone()  # in place, as the layers pass it
+        impl.gru_step_backward(codes, h_prev, gh_n, dh_direct, levels, dh_direct_out=dh_direct,
+                               dh_add=product)
+        assert_bitwise(f"dh_direct in place ({impl.__name__})", dh_direct,
+                       impl.gru_step_backward(codes, h_prev, gh_n, summed, levels)[2])
+    with pytest.raises(ValueError, match=r"dh_add must have shape \(n, 13\) with n <= 3"):
+        K.gru_step_backward(codes, h_prev, gh_n, dh, levels, dh_add=torch.zeros(4, H))
     with pytest.raises(ValueError, match=r"dgh_low_out must have shape \(3, 39\)"):
         K.gru_step_backward(codes, h_prev, gh_n, dh, levels, dgh_low_out=dgh_low[:2])
     with pytest.raises(TypeError, match="dgh_low_out must be a floating-point tensor"):
