@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Host cost of launching discrnn's step kernels, measured without a GPU.
+
+In eager mode a layer issues its step kernels one time step at a time, and on the H200 the layers
+looked bound by issuing them (README, "On an NVIDIA H200"). ``scripts/bench_host.py`` times
+everything around the launches; this script times the launches themselves as far as a machine
+without a GPU can: each step launcher of ``discrnn.kernels.rnn`` as the layers call it after
+their first step (``check=False``), once as it is and once with Triton's ``JITFunction.run``
+stubbed out. The difference is Triton's own share per launch: binding and specialising the
+runtime arguments, the cache key, the grid. A stand-in driver makes that run without CUDA: it
+reports an sm_90 target, so every kernel is compiled for real (ptxas) on the first call, and its
+launcher does nothing. So not in the figures: the C launcher's argument marshalling and the driver
+call (``cuLaunchKernelEx``), a few microseconds more on a GPU.
+
+Columns: microseconds per call, best of ``--rounds`` rounds of ``--calls`` calls: ``total`` (the
+discrnn launcher and Triton's run), ``launcher`` (discrnn's part alone), ``triton_run`` (the
+difference), and ``runtime_args`` (the kernel's non-constexpr parameters, each of which Triton's
+binder specialises on every launch).
+
+    python scripts/bench_launch.py                       # B=64, H=1024: gpu_check's shape
+    python scripts/bench_launch.py --batch 16 --out results/bench_launch.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+# Kernels decorated while the interpreter is on cannot be compiled: it must be off before import.
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("bench_launch.py: unset TRITON_INTERPRET (the kernels are compiled, not interpreted)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import discrnn  # noqa: E402
+from discrnn.kernels import rnn as K  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_env import git_commit, load_average  # noqa: E402
+
+
+class StandInDriver:
+    """What Triton's JIT asks of a driver, for an sm_90 device that runs nothing."""
+
+    class utils:  # noqa: N801 - mirrors the driver's attribute
+        @staticmethod
+        def load_binary(name, kernel, shared, device):
+            return None, 1, 32, 0, 1024  # module, function, registers, spills, max threads
+
+        @staticmethod
+        def get_device_properties(device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+                    "warpSize": 32}
+
+    class launcher_cls:  # noqa: N801
+        def __init__(self, src, metadata):
+            pass
+
+        def __call__(self, *args):
+            pass
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+def launches(batch: int, hidden: int, levels: int) -> dict:
+    """One call per step launcher, with the arguments a layer's later steps pass (CPU tensors:
+    nothing reads them)."""
+    B, H = batch, hidden
+    f32, u8 = dict(dtype=torch.float32), dict(dtype=torch.uint8)
+    c, m, dm, dc, h = (torch.randn(B, H, **f32) for _ in range(5))
+    gates, dgates = torch.randn(B, 4 * H, **f32), torch.empty(B, 4 * H, **f32)
+    gx, gh, dgx, dgh = (torch.randn(B, 3 * H, **f32) for _ in range(4))
+    b_hh = torch.randn(3 * H, **f32)
+    codes, final = torch.zeros(4, B, H, **u8), torch.zeros(2, B, H, **u8)
+    return {
+        "lstm_step_forward": lambda: K.lstm_step_forward(
+            gates, c, levels, out=codes, final=final, done=0, c_out=c, m_out=m, check=False),
+        "lstm_step_backward": lambda: K.lstm_step_backward(
+            codes, c, dm, dc, levels, dgates_out=dgates, dc_prev_out=dc, check=False),
+        "gru_step_forward": lambda: K.gru_step_forward(
+            gx, gh, h, levels, out=codes, final=final[:1], done=0, h_out=m, check=False,
+            b_hh=b_hh),
+        "gru_step_backward": lambda: K.gru_step_backward(
+            codes, h, gh[:, 2 * H:], dm, levels, dgx_out=dgx, dgh_out=dgh, dh_direct_out=dm,
+            check=False),
+    }
+
+
+KERNELS = {"lstm_step_forward": K._lstm_step_fwd_kernel,
+           "lstm_step_backward": K._lstm_step_bwd_kernel,
+           "gru_step_forward": K._gru_step_fwd_kernel,
+           "gru_step_backward": K._gru_step_bwd_kernel}
+
+
+def per_call_us(fn, calls: int, rounds: int) -> float:
+    fn()  # the first call compiles
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64, help="B")
+    p.add_argument("--hidden", type=int, default=1024, help="H")
+    p.add_argument("--levels", type=int, default=64)
+    p.add_argument("--calls", type=int, default=2000, help="calls per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("results") / "bench_launch.csv")
+    args = p.parse_args(argv)
+    if min(args.batch, args.hidden, args.calls, args.rounds) < 1:
+        p.error("--batch, --hidden, --calls and --rounds must be >= 1")
+    if not 2 <= args.levels <= 256:
+        p.error(f"--levels must lie in [2, 256], got {args.levels}")
+
+    previous = driver._active  # None where no driver was ever made (no GPU): put back as found
+    driver.set_active(StandInDriver())
+    meta = {"torch": torch.__version__, "triton": triton.__version__,
+            "discrnn": discrnn.__version__, "commit": git_commit(),
+            "load_avg_1min": load_average(), "B": args.batch, "H": args.hidden,
+            "levels": args.levels}
+    print("host cost per launch of the step kernels (stand-in sm_90 driver, nothing launched): "
+          + ", ".join(f"{k} {v}" for k, v in meta.items()))
+    rows = []
+    real_run = JITFunction.run
+    try:
+        for name, fn in launches(args.batch, args.hidden, args.levels).items():
+            total = per_call_us(fn, args.calls, args.rounds)
+            JITFunction.run = lambda self, *a, grid, warmup, **kw: None
+            try:
+                launcher = per_call_us(fn, args.calls, args.rounds)
+            finally:
+                JITFunction.run = real_run
+            n_args = sum(not param.is_constexpr for param in KERNELS[name].params)
+            rows.append({"launcher_fn": name, "total_us": round(total, 2),
+                         "launcher_us": round(launcher, 2),
+                         "triton_run_us": round(total - launcher, 2), "runtime_args": n_args})
+            print(f"  {name:20} {total:6.1f} us a call: discrnn's launcher {launcher:5.1f}, "
+                  f"Triton's run {total - launcher:5.1f} ({n_args} runtime arguments)")
+    finally:
+        driver.set_active(previous)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(meta) + list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**meta, **row})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
