@@ -10,7 +10,9 @@ stubbed out. The difference is Triton's own share per launch: binding and specia
 runtime arguments, the cache key, the grid. A stand-in driver makes that run without CUDA: it
 reports an sm_90 target, so every kernel is compiled for real (ptxas) on the first call, and its
 launcher does nothing. So not in the figures: the C launcher's argument marshalling and the driver
-call (``cuLaunchKernelEx``), a few microseconds more on a GPU.
+call (``cuLaunchKernelEx``), a few microseconds more on a GPU. ``--device cuda`` times the real
+launches on a GPU instead (host time per call; the device keeps up with them), and
+``scripts/gpu_check.sh`` runs it.
 
 Columns: microseconds per call, best of ``--rounds`` rounds of ``--calls`` calls: ``total`` (the
 discrnn launcher and Triton's run), ``launcher`` (discrnn's part alone), ``triton_run`` (the
@@ -19,6 +21,7 @@ binder specialises on every launch).
 
     python scripts/bench_launch.py                       # B=64, H=1024: gpu_check's shape
     python scripts/bench_launch.py --batch 16 --out results/bench_launch.csv
+    python scripts/bench_launch.py --device cuda          # on a GPU: the real launches
 """
 
 from __future__ import annotations
@@ -83,11 +86,11 @@ class StandInDriver:
         return True
 
 
-def launches(batch: int, hidden: int, levels: int) -> dict:
-    """One call per step launcher, with the arguments a layer's later steps pass (CPU tensors:
+def launches(batch: int, hidden: int, levels: int, device: torch.device) -> dict:
+    """One call per step launcher, with the arguments a layer's later steps pass (on the CPU
     nothing reads them)."""
     B, H = batch, hidden
-    f32, u8 = dict(dtype=torch.float32), dict(dtype=torch.uint8)
+    f32, u8 = dict(dtype=torch.float32, device=device), dict(dtype=torch.uint8, device=device)
     c, m, dm, dc, h = (torch.randn(B, H, **f32) for _ in range(5))
     gates, dgates = torch.randn(B, 4 * H, **f32), torch.empty(B, 4 * H, **f32)
     gx, gh, dgx, dgh = (torch.randn(B, 3 * H, **f32) for _ in range(4))
@@ -113,19 +116,26 @@ KERNELS = {"lstm_step_forward": K._lstm_step_fwd_kernel,
            "gru_step_backward": K._gru_step_bwd_kernel}
 
 
-def per_call_us(fn, calls: int, rounds: int) -> float:
+def per_call_us(fn, calls: int, rounds: int, sync) -> float:
+    """Host time per call. On a GPU the launches are asynchronous: as long as the device keeps up
+    with them (a step kernel takes a few microseconds there) the loop's time is the host's."""
     fn()  # the first call compiles
+    sync()
     best = float("inf")
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
         best = min(best, (time.perf_counter() - start) / calls)
+        sync()
     return best * 1e6
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: the stand-in driver (no GPU needed); cuda: real launches on the "
+                        "GPU, timed on the host")
     p.add_argument("--batch", type=int, default=64, help="B")
     p.add_argument("--hidden", type=int, default=1024, help="H")
     p.add_argument("--levels", type=int, default=64)
@@ -138,22 +148,31 @@ def main(argv=None) -> int:
     if not 2 <= args.levels <= 256:
         p.error(f"--levels must lie in [2, 256], got {args.levels}")
 
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device")
     previous = driver._active  # None where no driver was ever made (no GPU): put back as found
-    driver.set_active(StandInDriver())
-    meta = {"torch": torch.__version__, "triton": triton.__version__,
+    if not cuda:
+        driver.set_active(StandInDriver())
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    meta = {"device": torch.cuda.get_device_name(device) if cuda else "stand-in sm_90",
+            "torch": torch.__version__, "triton": triton.__version__,
             "discrnn": discrnn.__version__, "commit": git_commit(),
             "load_avg_1min": load_average(), "B": args.batch, "H": args.hidden,
             "levels": args.levels}
-    print("host cost per launch of the step kernels (stand-in sm_90 driver, nothing launched): "
+    what = ("real launches, host time per call" if cuda
+            else "stand-in sm_90 driver, nothing launched")
+    print(f"host cost per launch of the step kernels ({what}): "
           + ", ".join(f"{k} {v}" for k, v in meta.items()))
     rows = []
     real_run = JITFunction.run
     try:
-        for name, fn in launches(args.batch, args.hidden, args.levels).items():
-            total = per_call_us(fn, args.calls, args.rounds)
+        for name, fn in launches(args.batch, args.hidden, args.levels, device).items():
+            total = per_call_us(fn, args.calls, args.rounds, sync)
             JITFunction.run = lambda self, *a, grid, warmup, **kw: None
             try:
-                launcher = per_call_us(fn, args.calls, args.rounds)
+                launcher = per_call_us(fn, args.calls, args.rounds, sync)
             finally:
                 JITFunction.run = real_run
             n_args = sum(not param.is_constexpr for param in KERNELS[name].params)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One command for a lent GPU (sized for one H100/H200, under 8 minutes): the GPU-marked tests, the
 # codec, layer kernel and CUDA-graph tests compiled natively, bench_codec.py at 2^28 values,
-# bench_rnn.py against cuDNN (H=1024, B=64, T=1024, fp32 and bf16 as two steps, so that one
-# running out of time keeps the other's table; 64 levels, also under CUDA graphs and, in fp32,
-# with TF32 flipped on both sides; a profiled call per row says what kept the device busy) and discrnn-profile at its GPU sizes (H=1024, B=16, 4 GiB budget) at T=1024 on the LSTM
-# variants, dlstm-64-graph among them (its full GPU defaults take longer). Every log and figure
-# goes to one folder: $1, else results/gpu_check.
+# tune_codec.py, bench_launch.py (the host's cost per step-kernel launch), bench_rnn.py against
+# cuDNN (H=1024, B=64, T=1024, fp32 and bf16 as two steps, so that one running out of time keeps
+# the other's table; 64 levels, also under CUDA graphs and, in fp32, with TF32 flipped on both
+# sides; a profiled call per row says what kept the device busy) and discrnn-profile at its GPU
+# sizes (H=1024, B=16, 4 GiB budget) at T=1024 on the LSTM variants, dlstm-64-graph among them
+# (its full GPU defaults take longer). Every log and figure goes to one folder: $1, else
+# results/gpu_check.
 #
 #   bash scripts/gpu_check.sh                 # on the GPU machine, from the repository root
 #   bash scripts/gpu_check.sh --dry-run       # prints the steps, runs nothing (any machine)
@@ -40,8 +42,9 @@ STEPS=(
   "env|10|nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))'"
   "tests_gpu|40|$TESTS -m gpu"
   "tests_kernels|95|$TESTS -vv --maxfail=20 tests/test_codec.py tests/test_rnn_kernels.py tests/test_triton_layers_reference.py tests/test_cuda_graphs.py"
-  "bench_codec|25|$PY scripts/bench_codec.py --device cuda --numel $((1 << 28)) --skip-compile --out $DEST/bench_codec/bench_codec_cuda.csv"
-  "tune_codec|40|$PY scripts/tune_codec.py --out $DEST/tune_codec.csv"
+  "bench_codec|20|$PY scripts/bench_codec.py --device cuda --numel $((1 << 28)) --skip-compile --out $DEST/bench_codec/bench_codec_cuda.csv"
+  "tune_codec|35|$PY scripts/tune_codec.py --out $DEST/tune_codec.csv"
+  "bench_launch|10|$PY scripts/bench_launch.py --device cuda --calls 1000 --rounds 3 --out $DEST/bench_launch.csv"
   "bench_rnn|85|$PY scripts/bench_rnn.py --device cuda --hidden 1024 --batch 64 --steps 1024 --dtype float32 --levels 64 --cuda-graphs --tf32 --trace --repeats 5 --out $DEST/bench_rnn/bench_rnn_cuda.csv"
   "bench_rnn_bf16|50|$PY scripts/bench_rnn.py --device cuda --hidden 1024 --batch 64 --steps 1024 --dtype bfloat16 --levels 64 --cuda-graphs --trace --repeats 5 --out $DEST/bench_rnn/bench_rnn_cuda_bf16.csv"
   "profile|115|$PY -m discrnn.profile --device cuda --lengths 1024 --variants lstm lstm-ckpt-sqrt lstm-bf16 dlstm-64 dlstm-64-ckpt-sqrt dlstm-64-graph --budget-variants lstm dlstm-64 --steps 5 --warmup 1 --resolution 0.25 --max-length 65536 --out $DEST/profile"

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,3 +34,15 @@ def test_bench_launch_refuses_the_interpreter(tmp_path):
            str(tmp_path / "x.csv")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode != 0 and "unset TRITON_INTERPRET" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_bench_launch_times_real_launches_on_a_gpu(tmp_path):
+    out = tmp_path / "launch.csv"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_launch.py"), "--device", "cuda",
+           "--batch", "4", "--hidden", "32", "--calls", "20", "--rounds", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 4 and all(float(r["triton_run_us"]) > 0 for r in rows), rows

@@ -15,7 +15,7 @@ def test_gpu_check_plan(tmp_path):
     steps = [line for line in out.splitlines() if line.startswith("[")]
     names = [line[1:].split(",")[0] for line in steps]
     assert names == ["install", "env", "tests_gpu", "tests_kernels", "bench_codec", "tune_codec",
-                     "bench_rnn", "bench_rnn_bf16", "profile"]
+                     "bench_launch", "bench_rnn", "bench_rnn_bf16", "profile"]
     limits = [int(line.split("at most ")[1].split(" s]")[0]) for line in steps]
     assert sum(limits) < 8 * 60  # the script's promise: under 8 minutes on the GPU machine
     assert f"--numel {1 << 28}" in out and "-m gpu" in out
