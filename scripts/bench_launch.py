@@ -14,9 +14,9 @@ call (``cuLaunchKernelEx``), a few microseconds more on a GPU. ``--device cuda``
 launches on a GPU instead (host time per call; the device keeps up with them), and
 ``scripts/gpu_check.sh`` runs it.
 
-Columns: microseconds per call, best of ``--rounds`` rounds of ``--calls`` calls: ``total`` (the
-discrnn launcher and Triton's run), ``launcher`` (discrnn's part alone), ``triton_run`` (the
-difference), and ``runtime_args`` (the kernel's non-constexpr parameters, each of which Triton's
+Columns: microseconds per call, best of ``--rounds`` rounds of ``--calls`` calls (rounds with and
+without Triton's run alternate): ``total`` (the discrnn launcher and Triton's run), ``launcher``
+(discrnn's part alone), ``triton_run`` (the difference), and ``runtime_args`` (the kernel's non-constexpr parameters, each of which Triton's
 binder specialises on every launch).
 
     python scripts/bench_launch.py                       # B=64, H=1024: gpu_check's shape
@@ -56,7 +56,8 @@ class StandInDriver:
     class utils:  # noqa: N801 - mirrors the driver's attribute
         @staticmethod
         def load_binary(name, kernel, shared, device):
-            return None, 1, 32, 0, 1024  # module, function, registers, spills, max threads
+            # module (not None: Triton loads a kernel once), function, registers, spills, threads
+            return 1, 1, 32, 0, 1024
 
         @staticmethod
         def get_device_properties(device):
@@ -116,19 +117,31 @@ KERNELS = {"lstm_step_forward": K._lstm_step_fwd_kernel,
            "gru_step_backward": K._gru_step_bwd_kernel}
 
 
-def per_call_us(fn, calls: int, rounds: int, sync) -> float:
-    """Host time per call. On a GPU the launches are asynchronous: as long as the device keeps up
-    with them (a step kernel takes a few microseconds there) the loop's time is the host's."""
+def per_call_us(fn, calls: int, rounds: int, sync) -> tuple[float, float]:
+    """Host time per call (best round) with Triton's run, and without it (stubbed), in rounds
+    that alternate the two, so that a slow spell of a shared machine hits both alike. On a GPU
+    the launches are asynchronous: as long as the device keeps up with them (a step kernel takes a
+    few microseconds there) the loop's time is the host's."""
+    real_run = JITFunction.run
+
+    def stub(self, *args, grid, warmup, **kwargs):
+        return None
+
     fn()  # the first call compiles
     sync()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-        sync()
-    return best * 1e6
+    best = {real_run: float("inf"), stub: float("inf")}
+    try:
+        for _ in range(rounds):
+            for run in best:
+                JITFunction.run = run
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                best[run] = min(best[run], (time.perf_counter() - start) / calls)
+                sync()
+    finally:
+        JITFunction.run = real_run
+    return best[real_run] * 1e6, best[stub] * 1e6
 
 
 def main(argv=None) -> int:
@@ -166,15 +179,9 @@ def main(argv=None) -> int:
     print(f"host cost per launch of the step kernels ({what}): "
           + ", ".join(f"{k} {v}" for k, v in meta.items()))
     rows = []
-    real_run = JITFunction.run
     try:
         for name, fn in launches(args.batch, args.hidden, args.levels, device).items():
-            total = per_call_us(fn, args.calls, args.rounds, sync)
-            JITFunction.run = lambda self, *a, grid, warmup, **kw: None
-            try:
-                launcher = per_call_us(fn, args.calls, args.rounds, sync)
-            finally:
-                JITFunction.run = real_run
+            total, launcher = per_call_us(fn, args.calls, args.rounds, sync)
             n_args = sum(not param.is_constexpr for param in KERNELS[name].params)
             rows.append({"launcher_fn": name, "total_us": round(total, 2),
                          "launcher_us": round(launcher, 2),
