@@ -7,10 +7,10 @@ import sys
 import torch
 
 # Where a benchmark ran: the library's own helpers (shared with discrnn-profile).
-from discrnn.profiling.report import device_name, git_commit, load_average
+from discrnn.profiling.report import device_name, git_commit, load_average, write_csv
 
 __all__ = ["add_device_argument", "device_name", "git_commit", "load_average", "resolve_device",
-           "save_figure"]
+           "save_figure", "write_csv"]
 
 
 def add_device_argument(parser) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import os
 import sys
 import time
@@ -45,7 +44,7 @@ import discrnn  # noqa: E402
 from discrnn import DiscreteGRU, DiscreteLSTM, rnn_function  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_env import git_commit, load_average  # noqa: E402
+from bench_env import git_commit, load_average, write_csv  # noqa: E402
 
 CELLS = {"lstm": DiscreteLSTM, "gru": DiscreteGRU}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -178,11 +177,7 @@ def main(argv=None) -> int:
                       f"layer-step {fwd_launches:.2f} forward, {bwd_launches:.2f} backward "
                       f"({bwd_top})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(meta) + list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**meta, **row})
+    write_csv(args.out, rows, meta)
     print(f"wrote {args.out}")
     return 0
 

@@ -27,7 +27,6 @@ binder specialises on every launch).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -47,7 +46,7 @@ import discrnn  # noqa: E402
 from discrnn.kernels import rnn as K  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_env import git_commit, load_average  # noqa: E402
+from bench_env import git_commit, load_average, write_csv  # noqa: E402
 
 
 class StandInDriver:
@@ -191,11 +190,7 @@ def main(argv=None) -> int:
     finally:
         driver.set_active(previous)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(meta) + list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**meta, **row})
+    write_csv(args.out, rows, meta)
     print(f"wrote {args.out}")
     return 0
 
