@@ -747,7 +747,9 @@ def _launch(kernel, bs: int, width: int, args, **constexprs) -> None:
         raise ValueError(f"tile rows of {block_h} units cannot hold whole groups of "
                          f"{constexprs['GROUP_CODES']} packed codes (TileRule.min_h must be >= 8)")
     grid = (-(-bs // block_b), -(-width // block_h))
-    kernel[grid](*args, **constexprs, BLOCK_B=block_b, BLOCK_H=block_h, enable_fp_fusion=False)
+    # kernel.run is what kernel[grid](...) calls, without the proxy it makes per launch
+    kernel.run(*args, grid=grid, warmup=False, **constexprs, BLOCK_B=block_b, BLOCK_H=block_h,
+               enable_fp_fusion=False)
 
 
 def _out_tensor(name: str, out, shape: tuple, dtype, device, any_float: bool = False,
@@ -791,12 +793,18 @@ def _check_final(final, planes: int, bs: int, H: int, device) -> None:
     _check("final", final, tuple(final.shape), device)
 
 
+@functools.lru_cache(maxsize=64)
+def _code_constexprs(bits: int, store_codes: bool, store_final: bool) -> dict:
+    """A forward launch's code constexprs (read-only: the launchers unpack it, a step each)."""
+    return dict(BITS=bits, GROUP_CODES=group_codes(bits),
+                GROUP_BYTES_POW2=_next_pow2(group_bytes(bits)), STORE_CODES=store_codes,
+                STORE_FINAL=store_final)
+
+
 def _code_outputs(rows: CodeRows | None, final, H: int, device):
     """(CODES, FINAL, H_PAD, code_offset, stride_kq, stride_kb), constexprs of a forward launch."""
     bits = rows.bits if rows is not None else 8
-    constexprs = dict(BITS=bits, GROUP_CODES=group_codes(bits),
-                      GROUP_BYTES_POW2=_next_pow2(group_bytes(bits)),
-                      STORE_CODES=rows is not None, STORE_FINAL=final is not None)
+    constexprs = _code_constexprs(bits, rows is not None, final is not None)
     # A disabled output still needs a pointer (never written): the other output's buffer, if any.
     spare = rows.data if rows is not None else final
     if spare is None:

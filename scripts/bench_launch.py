@@ -44,6 +44,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import discrnn  # noqa: E402
 from discrnn.kernels import rnn as K  # noqa: E402
+from discrnn._validation import default_bits  # noqa: E402
+from discrnn.kernels.rnn_torch import CodeRows  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_env import git_commit, load_average, write_csv  # noqa: E402
@@ -87,25 +89,33 @@ class StandInDriver:
 
 
 def launches(batch: int, hidden: int, levels: int, device: torch.device) -> dict:
-    """One call per step launcher, with the arguments a layer's later steps pass (on the CPU
+    """One call per step launcher, with the arguments a layer's later steps pass: packed code rows
+    made for the call (as the code store's ``rows_at``), views of the same buffers (on the CPU
     nothing reads them)."""
     B, H = batch, hidden
-    f32, u8 = dict(dtype=torch.float32, device=device), dict(dtype=torch.uint8, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
     c, m, dm, dc, h = (torch.randn(B, H, **f32) for _ in range(5))
     gates, dgates = torch.randn(B, 4 * H, **f32), torch.empty(B, 4 * H, **f32)
     gx, gh, dgx, dgh = (torch.randn(B, 3 * H, **f32) for _ in range(4))
     b_hh = torch.randn(3 * H, **f32)
-    codes, final = torch.zeros(4, B, H, **u8), torch.zeros(2, B, H, **u8)
+    final = torch.zeros(2, B, H, dtype=torch.uint8, device=device)
+    bits = default_bits(levels)
+    size = CodeRows.packed(torch.empty(0, dtype=torch.uint8), 0, B, 4, H, bits).row_stride * B
+    store = torch.zeros(size, dtype=torch.uint8, device=device)
+
+    def codes():
+        return CodeRows.packed(store, 0, B, 4, H, bits)
+
     return {
         "lstm_step_forward": lambda: K.lstm_step_forward(
-            gates, c, levels, out=codes, final=final, done=0, c_out=c, m_out=m, check=False),
+            gates, c, levels, out=codes(), final=final, done=0, c_out=c, m_out=m, check=False),
         "lstm_step_backward": lambda: K.lstm_step_backward(
-            codes, c, dm, dc, levels, dgates_out=dgates, dc_prev_out=dc, check=False),
+            codes(), c, dm, dc, levels, dgates_out=dgates, dc_prev_out=dc, check=False),
         "gru_step_forward": lambda: K.gru_step_forward(
-            gx, gh, h, levels, out=codes, final=final[:1], done=0, h_out=m, check=False,
+            gx, gh, h, levels, out=codes(), final=final[:1], done=0, h_out=m, check=False,
             b_hh=b_hh),
         "gru_step_backward": lambda: K.gru_step_backward(
-            codes, h, gh[:, 2 * H:], dm, levels, dgx_out=dgx, dgh_out=dgh, dh_direct_out=dm,
+            codes(), h, gh[:, 2 * H:], dm, levels, dgx_out=dgx, dgh_out=dgh, dh_direct_out=dm,
             check=False),
     }
 
