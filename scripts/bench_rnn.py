@@ -578,6 +578,12 @@ def write_trace_csv(path: Path, rows: list[Row], traces: dict[int, dict], steps:
                                  "total_ms": ms, "share_of_busy": ms / r.busy_ms})
 
 
+def reference_row(rows: list[Row], row: Row) -> Row:
+    """The torch module of ``row``'s cell and dtype as the process runs it (no TF32 change)."""
+    return next(r for r in rows if r.cell == row.cell and r.dtype == row.dtype
+                and r.levels is None and not r.tf32)
+
+
 def write_csv(path: Path, rows: list[Row], meta: dict) -> None:
     names = list(meta) + [f.name for f in fields(Row)]
     with open(path, "w", newline="") as f:
@@ -790,6 +796,13 @@ def main(argv=None) -> int:
                 rows[i].times_ms = times
                 rows[i].ms, rows[i].min_ms = statistics.median(times), min(times)
     print(f"\ntiming took {time.perf_counter() - start:.0f} s")
+    # The times now, before the trace and the memory processes: a run stopped during those (a
+    # time limit) keeps them in its log.
+    for row in rows:
+        ref = reference_row(rows, row)
+        if not math.isnan(row.ms):
+            ratio = "" if math.isnan(ref.ms) else f", {row.ms / ref.ms:.2f}x {ref.label}"
+            print(f"  {row.label}, {row.dtype}: {row.ms:.1f} ms median{ratio}")
 
     traces = {}
     if args.trace:
@@ -834,8 +847,7 @@ def main(argv=None) -> int:
 
     # Ratios against the torch module of the same cell and dtype, measured in this run.
     for row in rows:
-        ref = next(r for r in rows if r.cell == row.cell and r.dtype == row.dtype
-                   and r.levels is None and not r.tf32)  # torch's module as the process runs it
+        ref = reference_row(rows, row)
         row.ratio = row.ms / ref.ms
         row.peak_ratio = row.peak_mib / ref.peak_mib if ref.peak_mib else math.nan
 
