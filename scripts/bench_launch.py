@@ -174,8 +174,9 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device")
-    previous = driver._active  # None where no driver was ever made (no GPU): put back as found
     if not cuda:
+        # None where no driver was ever made (no GPU): put back as found
+        previous = getattr(driver, "_active", None)
         driver.set_active(StandInDriver())
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     meta = {"device": torch.cuda.get_device_name(device) if cuda else "stand-in sm_90",
@@ -198,7 +199,8 @@ def main(argv=None) -> int:
             print(f"  {name:20} {total:6.1f} us a call: discrnn's launcher {launcher:5.1f}, "
                   f"Triton's run {total - launcher:5.1f} ({n_args} runtime arguments)")
     finally:
-        driver.set_active(previous)
+        if not cuda:
+            driver.set_active(previous)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(args.out, rows, meta)
     print(f"wrote {args.out}")
