@@ -78,6 +78,7 @@ import triton.language as tl
 
 from .codec import INTERPRETING, _code_derivative, _decode, _encode, _round_to, _sigmoid, _tanh
 from .codec_torch import compute_dtype, group_bytes, group_codes
+from .launch import launch
 from .rnn_torch import CodeRows, as_code_rows
 
 __all__ = [
@@ -740,16 +741,16 @@ def _code_args(codes, planes: int, bs: int, H: int, device, check: bool = True) 
     return (rows.data, rows.offset, rows.plane_stride, rows.row_stride), rows.bits
 
 
-def _launch(kernel, bs: int, width: int, args, **constexprs) -> None:
-    """One program per tile of [bs, width] (width: H, or the padded code row when packing)."""
+def _launch(kernel, bs: int, width: int, args, relaunch: bool = False, **constexprs) -> None:
+    """One program per tile of [bs, width] (width: H, or the padded code row when packing).
+    ``relaunch``: a later step of a pass (``check=False``), see :mod:`.launch`."""
     block_b, block_h = TILE.tile(bs, width)
     if block_h % constexprs.get("GROUP_CODES", 1):
         raise ValueError(f"tile rows of {block_h} units cannot hold whole groups of "
                          f"{constexprs['GROUP_CODES']} packed codes (TileRule.min_h must be >= 8)")
     grid = (-(-bs // block_b), -(-width // block_h))
-    # kernel.run is what kernel[grid](...) calls, without the proxy it makes per launch
-    kernel.run(*args, grid=grid, warmup=False, **constexprs, BLOCK_B=block_b, BLOCK_H=block_h,
-               enable_fp_fusion=False)
+    launch(kernel, grid, args, dict(constexprs, BLOCK_B=block_b, BLOCK_H=block_h,
+                                    enable_fp_fusion=False), relaunch)
 
 
 def _out_tensor(name: str, out, shape: tuple, dtype, device, any_float: bool = False,
@@ -837,7 +838,7 @@ def lstm_step_forward(gates, c_prev, levels, out=None, final=None, done=0, store
         (codes, fin, width, offset, stride_kq, stride_kb), constexprs = _code_outputs(rows, final, H, dev)
         args = (gates, c_prev, codes, fin, c, m, bs, H, width, offset, done, *gates.stride(),
                 *c_prev.stride(), stride_kq, stride_kb, fin.stride(0) if final is not None else 0)
-        _launch(_lstm_step_fwd_kernel, bs, width, args, LEVELS=levels,
+        _launch(_lstm_step_fwd_kernel, bs, width, args, not check, LEVELS=levels,
                 CELL_CLIP=cell_clip_value(cell_clip), **constexprs)
     return returned, c, m
 
@@ -945,7 +946,7 @@ def lstm_step_backward(codes, c_prev, dm, dc, levels: int, dgates_out=None, dc_p
         args = (code_args[0], c_prev, dm, dy_arg, dc, dgates, dc_prev, low, pre, bs, H,
                 *code_args[1:], *c_prev.stride(), *dm.stride(), *dy_arg.stride(), *dc.stride(),
                 *pre.stride())
-        _launch(_lstm_step_bwd_kernel, bs, H, args, LEVELS=levels, BITS=bits,
+        _launch(_lstm_step_bwd_kernel, bs, H, args, not check, LEVELS=levels, BITS=bits,
                 EXACT=preact is not None, HAS_DY=dy is not None,
                 HAS_DG_LOW=dgates_low_out is not None, CELL_CLIP=cell_clip_value(cell_clip))
     return dgates, dc_prev
@@ -987,7 +988,7 @@ def gru_step_forward(gx, gh, h_prev, levels, out=None, final=None, done=0, store
         bias = gh if b_hh is None else b_hh  # a pointer never read without HAS_BIAS
         args = (gx, gh, bias, h_prev, codes, fin, h, pre, bs, H, width, offset, done,
                 *gx.stride(), *gh.stride(), *h_prev.stride(), stride_kq, stride_kb)
-        _launch(_gru_step_fwd_kernel, bs, width, args, LEVELS=levels,
+        _launch(_gru_step_fwd_kernel, bs, width, args, not check, LEVELS=levels,
                 STORE_PRE=preact_out is not None, HAS_BIAS=b_hh is not None, **constexprs)
     return returned, h
 
@@ -1041,7 +1042,7 @@ def gru_step_backward(codes, h_prev, gh_n, dh, levels: int, dgx_out=None, dgh_ou
         args = (code_args[0], h_prev, gh_n, dh, dy_arg, add, dgx, dgh, dh_direct, low, pre, bs, H,
                 *code_args[1:], *h_prev.stride(), *gh_n.stride(), *dh.stride(), *pre.stride(),
                 *dy_arg.stride(), add.shape[0], *add.stride())
-        _launch(_gru_step_bwd_kernel, bs, H, args, LEVELS=levels, BITS=bits,
+        _launch(_gru_step_bwd_kernel, bs, H, args, not check, LEVELS=levels, BITS=bits,
                 EXACT=preact is not None, HAS_DY=dy is not None, HAS_DH_ADD=dh_add is not None,
                 HAS_DGH_LOW=dgh_low_out is not None)
     return dgx, dgh, dh_direct

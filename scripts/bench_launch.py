@@ -5,19 +5,21 @@ In eager mode a layer issues its step kernels one time step at a time, and on th
 looked bound by issuing them (README, "On an NVIDIA H200"). ``scripts/bench_host.py`` times
 everything around the launches; this script times the launches themselves as far as a machine
 without a GPU can: each step launcher of ``discrnn.kernels.rnn`` as the layers call it after
-their first step (``check=False``), once as it is and once with Triton's ``JITFunction.run``
-stubbed out. The difference is Triton's own share per launch: binding and specialising the
-runtime arguments, the cache key, the grid. A stand-in driver makes that run without CUDA: it
-reports an sm_90 target, so every kernel is compiled for real (ptxas) on the first call, and its
-launcher does nothing. So not in the figures: the C launcher's argument marshalling and the driver
-call (``cuLaunchKernelEx``), a few microseconds more on a GPU. ``--device cuda`` times the real
-launches on a GPU instead (host time per call; the device keeps up with them), and
+their first step (``check=False``), by three routes: as the layers launch (the relaunch of
+:mod:`discrnn.kernels.launch`), with every launch through Triton's ``JITFunction.run``, and with
+Triton's run stubbed out (discrnn's launcher alone). A stand-in driver makes that run without
+CUDA: it reports an sm_90 target, so every kernel is compiled for real (ptxas) on the first call,
+and its launcher does nothing. So not in the figures: the C launcher's argument marshalling and
+the driver call (``cuLaunchKernelEx``), a few microseconds more on a GPU. ``--device cuda`` times
+the real launches on a GPU instead (host time per call; the device keeps up with them), and
 ``scripts/gpu_check.sh`` runs it.
 
-Columns: microseconds per call, best of ``--rounds`` rounds of ``--calls`` calls (rounds with and
-without Triton's run alternate): ``total`` (the discrnn launcher and Triton's run), ``launcher``
-(discrnn's part alone), ``triton_run`` (the difference), and ``runtime_args`` (the kernel's non-constexpr parameters, each of which Triton's
-binder specialises on every launch).
+Columns: microseconds per call, best of ``--rounds`` rounds of ``--calls`` calls (rounds of the
+three routes alternate): ``total`` (as the layers launch: discrnn's launcher and the relaunch),
+``launcher`` (discrnn's part alone), ``relaunch`` (total - launcher), ``full_total`` (every launch
+through Triton's run), ``triton_run`` (full_total - launcher), and ``runtime_args`` (the kernel's
+non-constexpr parameters, each of which Triton's binder specialises on every launch, the
+relaunch's included).
 
     python scripts/bench_launch.py                       # B=64, H=1024: gpu_check's shape
     python scripts/bench_launch.py --batch 16 --out results/bench_launch.csv
@@ -43,6 +45,7 @@ from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import discrnn  # noqa: E402
+from discrnn.kernels import launch  # noqa: E402
 from discrnn.kernels import rnn as K  # noqa: E402
 from discrnn._validation import default_bits  # noqa: E402
 from discrnn.kernels.rnn_torch import CodeRows  # noqa: E402
@@ -126,31 +129,35 @@ KERNELS = {"lstm_step_forward": K._lstm_step_fwd_kernel,
            "gru_step_backward": K._gru_step_bwd_kernel}
 
 
-def per_call_us(fn, calls: int, rounds: int, sync) -> tuple[float, float]:
-    """Host time per call (best round) with Triton's run, and without it (stubbed), in rounds
-    that alternate the two, so that a slow spell of a shared machine hits both alike. On a GPU
-    the launches are asynchronous: as long as the device keeps up with them (a step kernel takes a
-    few microseconds there) the loop's time is the host's."""
+def per_call_us(fn, calls: int, rounds: int, sync) -> dict:
+    """Host time per call (best round) by route: ``relaunch`` (as the layers launch their later
+    steps: :mod:`discrnn.kernels.launch`'s short route), ``full`` (every launch through Triton's
+    ``JITFunction.run``) and ``stub`` (Triton's run stubbed out: discrnn's launcher alone), in
+    rounds that alternate the three, so that a slow spell of a shared machine hits all alike. On a
+    GPU the launches are asynchronous: as long as the device keeps up with them (a step kernel
+    takes a few microseconds there) the loop's time is the host's."""
     real_run = JITFunction.run
 
     def stub(self, *args, grid, warmup, **kwargs):
         return None
 
-    fn()  # the first call compiles
+    routes = {"relaunch": (True, real_run), "full": (False, real_run), "stub": (False, stub)}
+    fn()  # the first call compiles (a full launch, which records the variant)
     sync()
-    best = {real_run: float("inf"), stub: float("inf")}
+    best = dict.fromkeys(routes, float("inf"))
     try:
         for _ in range(rounds):
-            for run in best:
-                JITFunction.run = run
+            for name, (relaunch, run) in routes.items():
+                launch.RELAUNCH, JITFunction.run = relaunch, run
+                fn()  # with RELAUNCH just switched on: a full launch records the variant again
                 start = time.perf_counter()
                 for _ in range(calls):
                     fn()
-                best[run] = min(best[run], (time.perf_counter() - start) / calls)
+                best[name] = min(best[name], (time.perf_counter() - start) / calls)
                 sync()
     finally:
-        JITFunction.run = real_run
-    return best[real_run] * 1e6, best[stub] * 1e6
+        launch.RELAUNCH, JITFunction.run = True, real_run
+    return {name: t * 1e6 for name, t in best.items()}
 
 
 def main(argv=None) -> int:
@@ -191,13 +198,17 @@ def main(argv=None) -> int:
     rows = []
     try:
         for name, fn in launches(args.batch, args.hidden, args.levels, device).items():
-            total, launcher = per_call_us(fn, args.calls, args.rounds, sync)
+            us = per_call_us(fn, args.calls, args.rounds, sync)
+            total, full, launcher = us["relaunch"], us["full"], us["stub"]
             n_args = sum(not param.is_constexpr for param in KERNELS[name].params)
             rows.append({"launcher_fn": name, "total_us": round(total, 2),
                          "launcher_us": round(launcher, 2),
-                         "triton_run_us": round(total - launcher, 2), "runtime_args": n_args})
-            print(f"  {name:20} {total:6.1f} us a call: discrnn's launcher {launcher:5.1f}, "
-                  f"Triton's run {total - launcher:5.1f} ({n_args} runtime arguments)")
+                         "relaunch_us": round(total - launcher, 2),
+                         "full_total_us": round(full, 2),
+                         "triton_run_us": round(full - launcher, 2), "runtime_args": n_args})
+            print(f"  {name:20} {total:6.1f} us a call ({full:5.1f} through Triton's run): "
+                  f"discrnn's launcher {launcher:5.1f}, relaunch {total - launcher:5.1f}, "
+                  f"Triton's run {full - launcher:5.1f} ({n_args} runtime arguments)")
     finally:
         if not cuda:
             driver.set_active(previous)

@@ -40,11 +40,11 @@ TESTS="$PY -m pytest -q -rfE -p no:cacheprovider $XDIST"
 # name, seconds, command
 STEPS=(
   "env|10|nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))'"
-  "tests_gpu|40|$TESTS -m gpu"
+  "tests_gpu|35|$TESTS -m gpu"
   "tests_kernels|95|$TESTS -vv --maxfail=20 tests/test_codec.py tests/test_rnn_kernels.py tests/test_triton_layers_reference.py tests/test_cuda_graphs.py"
   "bench_codec|20|$PY scripts/bench_codec.py --device cuda --numel $((1 << 28)) --skip-compile --out $DEST/bench_codec/bench_codec_cuda.csv"
   "tune_codec|35|$PY scripts/tune_codec.py --out $DEST/tune_codec.csv"
-  "bench_launch|10|$PY scripts/bench_launch.py --device cuda --calls 1000 --rounds 3 --out $DEST/bench_launch.csv"
+  "bench_launch|15|$PY scripts/bench_launch.py --device cuda --calls 1000 --rounds 3 --out $DEST/bench_launch.csv"
   "bench_rnn|85|$PY scripts/bench_rnn.py --device cuda --hidden 1024 --batch 64 --steps 1024 --dtype float32 --levels 64 --cuda-graphs --tf32 --trace --repeats 5 --memory-jobs 6 --out $DEST/bench_rnn/bench_rnn_cuda.csv"
   "bench_rnn_bf16|50|$PY scripts/bench_rnn.py --device cuda --hidden 1024 --batch 64 --steps 1024 --dtype bfloat16 --levels 64 --cuda-graphs --trace --repeats 5 --memory-jobs 6 --out $DEST/bench_rnn/bench_rnn_cuda_bf16.csv"
   "profile|115|$PY -m discrnn.profile --device cuda --lengths 1024 --variants lstm lstm-ckpt-sqrt lstm-bf16 dlstm-64 dlstm-64-ckpt-sqrt dlstm-64-graph --budget-variants lstm dlstm-64 --steps 5 --warmup 1 --resolution 0.25 --max-length 65536 --out $DEST/profile"

@@ -1,5 +1,5 @@
 """Smoke run of scripts/bench_launch.py: the step launchers' host cost per call, split into
-discrnn's launcher and Triton's run, through a stand-in sm_90 driver (the kernels are compiled for
+discrnn's launcher, the relaunch and Triton's run, through a stand-in sm_90 driver (the kernels are compiled for
 real; nothing is launched)."""
 
 import csv
@@ -23,8 +23,9 @@ def test_bench_launch_writes_every_launcher(tmp_path):
     assert [r["launcher_fn"] for r in rows] == ["lstm_step_forward", "lstm_step_backward",
                                                 "gru_step_forward", "gru_step_backward"]
     for r in rows:
-        total, launcher, run = (float(r[k]) for k in ("total_us", "launcher_us", "triton_run_us"))
-        assert 0 < launcher < total and run > 0, r
+        total, launcher, run, relaunch, full = (float(r[k]) for k in (
+            "total_us", "launcher_us", "triton_run_us", "relaunch_us", "full_total_us"))
+        assert 0 < launcher < total and run > 0 and relaunch > 0 and full > launcher, r
         assert int(r["runtime_args"]) >= 8, r
 
 
