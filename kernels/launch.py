@@ -6,8 +6,7 @@ binds and specialises the arguments (its binder), reads its knobs and hooks, loo
 by a cache key built from the specialisation and the options, checks the kernel's globals, asks
 for the device and the stream and calls the compiled variant's launcher. Measured through a
 stand-in sm_90 driver on a Zen 4 core (``scripts/bench_launch.py``, Triton 3.6 and 3.9) that is
-10-15 us per step
-kernel, of which the binder is about half.
+10-15 us per step kernel, of which the binder is about half.
 
 A relaunch keeps the binder, so the specialisation (argument dtypes, 16-byte alignment, integers
 equal to 1 or divisible by 16, the constexprs) is Triton's own answer for these arguments, and
